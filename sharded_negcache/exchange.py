@@ -1,0 +1,152 @@
+"""Every collective the engine calls, and nothing else: the only layer that can hang.
+
+A ``Comm`` wraps one process group (or no group: one process holds the whole cache and every
+collective is the identity). It also counts the bytes this rank sends, per collective, so that the
+benchmarks measure communication instead of estimating it. Counting rule: all_gather and
+all_to_all count the payload this rank hands to *other* ranks; all_reduce counts the tensor once.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Comm", "RowRoute", "BatchRejected"]
+
+
+class BatchRejected(ValueError):
+    """Raised on every rank when any rank's input failed validation (nothing was written)."""
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+@dataclass
+class RowRoute:
+    """Who asked whom for which rows in one step; the write-back reuses it in reverse."""
+
+    send_counts: list[int]  # rows this rank requested from each owner
+    recv_counts: list[int]  # rows each home rank requested from this rank
+    served_slots: torch.Tensor  # local slots this rank served, in the order received
+
+
+class Comm:
+    """Collectives over one process group, with per-collective byte counters."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.group = group
+        self.world_size = dist.get_world_size(group) if self.distributed else 1
+        self.rank = dist.get_rank(group) if self.distributed else 0
+        self.bytes_sent: dict[str, int] = defaultdict(int)
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    def reset_counters(self) -> None:
+        self.bytes_sent.clear()
+
+    # ---- agreement -------------------------------------------------------------------------
+    def agree(
+        self,
+        status: torch.Tensor,
+        describe: Callable[[int], str | None],
+    ) -> torch.Tensor:
+        """All-gathers an int64 ``status`` row [code, *stats]; raises on every rank if any code != 0.
+
+        ``describe(code)`` turns this rank's code into its message. Returns [W, len(status)] on host.
+        """
+        if self.active:
+            out = torch.empty(self.world_size, status.numel(), dtype=status.dtype, device=status.device)
+            dist.all_gather_into_tensor(out, status, group=self.group)
+            self.bytes_sent["agree"] += _nbytes(status) * (self.world_size - 1)
+        else:
+            out = status.unsqueeze(0)
+        table = out.cpu()
+        codes = table[:, 0].tolist()
+        if any(codes):
+            mine = describe(codes[self.rank]) if codes[self.rank] else None
+            messages = self.all_gather_object(mine) if self.active else [mine]
+            bad = [f"rank {r}: {msg}" for r, msg in enumerate(messages) if msg]
+            raise BatchRejected("batch rejected, cache unchanged; " + "; ".join(bad))
+        return table
+
+    def all_gather_object(self, obj: object) -> list:
+        if not self.active:
+            return [obj]
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    # ---- queries and partials --------------------------------------------------------------
+    def gather_rows(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Concatenation over ranks of each rank's ``x`` [sizes[r], ...] (rank order)."""
+        if not self.active:
+            return x
+        pad = max(sizes)
+        buf = x.new_zeros(pad, *x.shape[1:])
+        buf[: x.shape[0]] = x
+        out = x.new_empty(self.world_size * pad, *x.shape[1:])
+        dist.all_gather_into_tensor(out, buf.contiguous(), group=self.group)
+        self.bytes_sent["gather_queries"] += _nbytes(buf) * (self.world_size - 1)
+        out = out.view(self.world_size, pad, *x.shape[1:])
+        return torch.cat([out[r, : sizes[r]] for r in range(self.world_size)])
+
+    def all_to_all(self, x: torch.Tensor, send_counts: list[int], recv_counts: list[int], tag: str) -> torch.Tensor:
+        """Rows of ``x`` split by ``send_counts`` go to ranks 0..W-1; returns the rows received."""
+        if not self.active:
+            return x
+        out = x.new_empty(sum(recv_counts), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts, group=self.group)
+        row = _nbytes(x[:1]) if x.shape[0] else 0
+        self.bytes_sent[tag] += row * (sum(send_counts) - send_counts[self.rank])
+        return out
+
+    def partials_to_home(self, partials: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """[B_g, c] partials of every gathered query → [W, B_own, c]: each rank's view of my queries."""
+        own = sizes[self.rank]
+        out = self.all_to_all(partials, sizes, [own] * self.world_size, "partials")
+        return out.view(self.world_size, own, partials.shape[1])
+
+    # ---- rows ------------------------------------------------------------------------------
+    def exchange_counts(self, send_counts: list[int], device: torch.device) -> list[int]:
+        if not self.active:
+            return list(send_counts)
+        send = torch.tensor(send_counts, dtype=torch.int64, device=device)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)
+        self.bytes_sent["row_counts"] += 8 * (self.world_size - 1)
+        return recv.tolist()
+
+    def fetch_rows(
+        self,
+        owners: torch.Tensor,
+        local_slots: torch.Tensor,
+        pack: Callable[[torch.Tensor], torch.Tensor],
+    ) -> tuple[torch.Tensor, RowRoute]:
+        """Asks each row's owner for it. ``owners`` must be sorted ascending (rows grouped by owner).
+
+        Returns the packed rows in the order requested, and the route for :meth:`write_back`.
+        """
+        send_counts = torch.bincount(owners, minlength=self.world_size).tolist()
+        recv_counts = self.exchange_counts(send_counts, local_slots.device)
+        served = self.all_to_all(local_slots, send_counts, recv_counts, "row_ids")
+        rows = self.all_to_all(pack(served), recv_counts, send_counts, "row_fetch")
+        return rows, RowRoute(send_counts, recv_counts, served)
+
+    def write_back(self, route: RowRoute, fresh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sends fresh rows (request order) back to their owners; returns (local slots, rows) received."""
+        got = self.all_to_all(fresh, route.send_counts, route.recv_counts, "write_back")
+        return route.served_slots, got
+
+    # ---- statistics ------------------------------------------------------------------------
+    def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+        if self.active:
+            dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.group)
+            self.bytes_sent["stats"] += _nbytes(x)
+        return x

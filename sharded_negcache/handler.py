@@ -1,0 +1,364 @@
+"""``ShardedCacheLossHandler``: one training step of the negative cache, as the protocol of design §3.
+
+The handler only orchestrates. Validation lives in ``specs``, the partition in ``layout``, rows in
+``store``, the hot loop in ``scoring``, collectives in ``exchange``, merging in ``combine`` and the
+formulas in ``loss``. Read :meth:`update_cache_and_compute_loss` top to bottom: it is the protocol.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import metrics
+from .codecs import EmbeddingCodec, make_codec
+from .combine import HomePartials, merge_partials, pack_partials
+from .exchange import BatchRejected, Comm
+from .layout import ShardLayout
+from .loss import cache_losses, staleness
+from .scoring import ScoreFn, make_score_fn, score_shard
+from .specs import CacheSchema, FieldSpec
+from .store import FetchedRows, ShardStore
+
+__all__ = ["ShardedCacheLossHandler", "StepResult", "BatchRejected"]
+
+DEFAULT_CHUNK_BYTES = 8 << 20  # score matrix bytes per chunk: bounds scoring memory, stays cache-friendly
+
+Reduction = Literal["mean", "global_mean", "sum"]
+
+_ERR_INPUT, _ERR_QUERY_NONFINITE, _ERR_DOC_NONFINITE = 1, 2, 4
+
+
+@dataclass
+class StepResult:
+    """What one step did, for this rank (detached). ``metrics`` holds global means (same on every rank)."""
+
+    loss: torch.Tensor
+    training_loss: torch.Tensor  # [B] per query
+    interpretable_loss: torch.Tensor  # [B] -log P
+    prob_positive: torch.Tensor  # [B] P
+    lse: torch.Tensor  # [B] log Z over the candidates
+    sampled_rows: torch.Tensor  # [B, m] global row ids, -1 where nothing was sampled
+    staleness: torch.Tensor  # [B, m], NaN where nothing was sampled
+    refreshed_rows: torch.Tensor  # global ids this rank (as owner) rewrote
+    inserted_rows: torch.Tensor  # global ids of this rank's new rows
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class ShardedCacheLossHandler(nn.Module):
+    """Negative-cache loss over a cache sharded row-wise across the ranks of a process group.
+
+    Args:
+      specs: field name -> FieldSpec (or any object with ``shape`` and ``dtype``), the embedding included.
+      cache_size: global number of rows; each rank holds ``cache_size / world_size``.
+      embedding_key, data_keys: the embedding field and the fields the document network reads.
+      score_transform: T applied to dot products: a callable (elementwise) or a float scale (faster:
+        folded into the queries).
+      top_k: restrict each query's candidates to its exact global top-k cached rows.
+      num_negatives: m draws per query, with replacement.
+      seed: with the step counter, fixes every random number (independent of world size).
+      use_lru: a refreshed row's age resets (True) or keeps its insertion age (False, FIFO).
+      doc_id_key: spec field with a document id; rows holding a query's own positive are excluded.
+      process_group: the group the cache is sharded over (default: WORLD when initialised).
+      device: where the cache lives; by default it follows the first batch's embeddings.
+      embedding_codec: storage of cached embeddings ('fp32', 'bf16', 'fp16'); default the spec dtype.
+      block_size: rows per sampling block (must divide the rows per rank; default gcd(256, rows)).
+      chunk_bytes: size of the score matrix scored at once (memory bound of scoring).
+      reduction: 'mean' over this rank's queries (the reference), 'global_mean' (scaled so that DDP's
+        gradient average equals the mean over the global batch) or 'sum'.
+    """
+
+    def __init__(
+        self,
+        specs: Mapping[str, FieldSpec | Any],
+        cache_size: int,
+        embedding_key: str,
+        data_keys: Sequence[str],
+        score_transform: Callable[[torch.Tensor], torch.Tensor] | float | None = None,
+        top_k: int | None = None,
+        num_negatives: int = 1,
+        seed: int = 0,
+        *,
+        use_lru: bool = True,
+        doc_id_key: str | None = None,
+        process_group: dist.ProcessGroup | None = None,
+        device: torch.device | str | None = None,
+        embedding_codec: str | torch.dtype | EmbeddingCodec | None = None,
+        block_size: int | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        reduction: Reduction = "mean",
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_negatives, int) or num_negatives < 1:
+            raise ValueError(f"num_negatives must be an int >= 1, got {num_negatives!r}")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+        if reduction not in ("mean", "global_mean", "sum"):
+            raise ValueError(f"reduction must be 'mean', 'global_mean' or 'sum', got {reduction!r}")
+        if not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        self.schema = CacheSchema(specs, embedding_key, data_keys, doc_id_key)
+        self.comm = Comm(process_group)
+        self.layout = ShardLayout.build(cache_size, process_group, block_size)
+        self.score_fn: ScoreFn = make_score_fn(score_transform)
+        self.top_k, self.num_negatives, self.use_lru = top_k, num_negatives, use_lru
+        self.chunk_bytes, self.reduction = int(chunk_bytes), reduction
+        codec = embedding_codec if isinstance(embedding_codec, EmbeddingCodec) else make_codec(
+            embedding_codec if embedding_codec is not None else self.schema.specs[embedding_key].dtype
+        )
+        self._device_fixed = device is not None
+        self.store = ShardStore(
+            self.layout.rows_per_rank, self.schema.dim, self.schema.feature_specs(), codec, device
+        )
+        self.register_buffer("step_count", torch.zeros((), dtype=torch.int64, device=device))
+        self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64, device=device))
+        self._step, self._seed, self._global_batch = 0, seed, 0
+        self.register_load_state_dict_post_hook(_sync_host_counters)
+        self.last_step: StepResult | None = None
+
+    # ---- properties ------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.store.device
+
+    @property
+    def steps_done(self) -> int:
+        return self._step
+
+    def config(self) -> dict[str, Any]:
+        """Settings every rank must share (checked at each step)."""
+        fn = self.score_fn.fn
+        return {
+            "specs": {k: (s.shape, str(s.dtype)) for k, s in self.schema.specs.items()},
+            "embedding_key": self.schema.embedding_key,
+            "data_keys": self.schema.data_keys,
+            "doc_id_key": self.schema.doc_id_key,
+            "cache_size": self.layout.cache_size,
+            "block_size": self.layout.block_size,
+            "seed": self._seed,
+            "step": self._step,
+            "score_transform": self.score_fn.scale if fn is None else getattr(fn, "__qualname__", repr(fn)),
+            "top_k": self.top_k,
+            "num_negatives": self.num_negatives,
+            "use_lru": self.use_lru,
+            "codec": self.store.codec.name,
+        }
+
+    # ---- the step --------------------------------------------------------------------------
+    def update_cache_and_compute_loss(
+        self,
+        document_network: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+        query_embeddings: torch.Tensor,
+        document_embeddings: torch.Tensor,
+        document_data: Mapping[str, torch.Tensor],
+        writer: Any = None,
+    ) -> torch.Tensor:
+        """Loss of this rank's queries against positives plus the whole sharded cache; updates the cache.
+
+        ``document_network`` maps a dict of the ``data_keys`` fields of some rows to their embeddings.
+        Every rank must call this together (it runs collectives), with any batch size, zero included.
+        """
+        self._follow_device(query_embeddings)
+        sizes = self._agree_on_inputs(query_embeddings, document_embeddings, document_data)
+        rank, step, m = self.comm.rank, self._step, self.num_negatives
+        own, first = sizes[rank], sum(sizes[:rank])
+        self._global_batch = sum(sizes)
+        query_pos = torch.arange(first, first + own, device=self.device)
+
+        # 1. gather every rank's queries (and their positives' ids).
+        with torch.no_grad():
+            queries = self.comm.gather_rows(query_embeddings.detach().float(), sizes)
+            exclude = self._gather_positive_ids(document_data, sizes)
+            # 2. score them against the local rows, chunk by chunk.
+            partials = score_shard(
+                self.store, self.layout, queries, self.score_fn,
+                num_draws=m, top_k=self.top_k, seed=self._seed, step=step,
+                chunk_rows=self._chunk_rows(sum(sizes)),
+                exclude_key=self.schema.doc_id_key, exclude_ids=exclude,
+            )
+            # 3. send each query's partials to its home rank and combine them there.
+            received = self.comm.partials_to_home(pack_partials(partials), sizes)
+            home = merge_partials(
+                received, num_draws=m, top_k=self.top_k, seed=self._seed, step=step, query_pos=query_pos
+            )
+        # 4. fetch the sampled rows from their owners and re-encode them with gradient.
+        sampled = home.rows >= 0
+        unique_rows, which = torch.unique(home.rows[sampled], return_inverse=True)
+        owners = self.layout.owner_of(unique_rows)
+        packed, route = self.comm.fetch_rows(
+            owners, unique_rows - owners * self.layout.rows_per_rank, self.store.pack
+        )
+        fetched = self.store.unpack(packed)
+        fresh = self._reencode(document_network, fetched, query_embeddings)
+        # 5. the losses.
+        result = self._losses(query_embeddings, document_embeddings, home, sampled, which, fresh, fetched)
+        # 6. fresh embeddings back to the owners, written in place; 7. insert the positives.
+        slots, rows = self.comm.write_back(route, fresh.detach().float())
+        refreshed = self.store.refresh(slots, rows, self.use_lru)
+        inserted = self.store.insert(
+            document_embeddings.detach().float(),
+            {k: document_data[k] for k in self.schema.feature_keys},
+        )
+        self.store.tick()
+        self._advance_step()
+        result.refreshed_rows = self.layout.to_global(refreshed)
+        result.inserted_rows = self.layout.to_global(inserted)
+        result.metrics = self._global_metrics(result, fetched, which, sampled)
+        log_to, log_step = metrics.resolve_writer(writer, step)
+        metrics.write_scalars(log_to, log_step, result.metrics, rank)
+        self.last_step = result
+        return result.loss
+
+    forward = update_cache_and_compute_loss
+
+    # ---- steps of the protocol -------------------------------------------------------------
+    def _follow_device(self, query_embeddings: torch.Tensor) -> None:
+        """Before the first step, a cache without an explicit device moves to the embeddings' device."""
+        if self._device_fixed or not isinstance(query_embeddings, torch.Tensor):
+            return
+        if query_embeddings.device != self.device:
+            self.to(query_embeddings.device)
+        self._device_fixed = True
+
+    def _agree_on_inputs(
+        self,
+        query_embeddings: torch.Tensor,
+        document_embeddings: torch.Tensor,
+        document_data: Mapping[str, torch.Tensor],
+    ) -> list[int]:
+        """Validates locally, then one all-gather makes every rank raise together or go on. Returns batch sizes."""
+        problem = self.schema.check_batch(
+            query_embeddings, document_embeddings, document_data, self.device, self.layout.rows_per_rank
+        )
+        batch = query_embeddings.shape[0] if problem is None else 0
+        config_crc = zlib.crc32(repr(sorted(self.config().items())).encode())
+        status = torch.tensor([_ERR_INPUT if problem else 0, batch, config_crc], device=self.device)
+        if problem is None:
+            status[0] += (~torch.isfinite(query_embeddings)).any().to(torch.int64) * _ERR_QUERY_NONFINITE
+            status[0] += (~torch.isfinite(document_embeddings)).any().to(torch.int64) * _ERR_DOC_NONFINITE
+
+        def describe(code: int) -> str:
+            parts = [problem] if code & _ERR_INPUT else []
+            if code & _ERR_QUERY_NONFINITE:
+                parts.append("query_embeddings contain NaN or Inf")
+            if code & _ERR_DOC_NONFINITE:
+                parts.append("document_embeddings contain NaN or Inf")
+            return "; ".join(p for p in parts if p)
+
+        table = self.comm.agree(status, describe)
+        if len(set(table[:, 2].tolist())) > 1:
+            self._raise_config_mismatch()
+        return table[:, 1].tolist()
+
+    def _raise_config_mismatch(self) -> None:
+        configs = self.comm.all_gather_object(self.config())
+        diffs = [
+            f"{key}: " + ", ".join(f"rank {r}={c[key]!r}" for r, c in enumerate(configs))
+            for key in configs[0]
+            if any(c[key] != configs[0][key] for c in configs)
+        ]
+        raise BatchRejected("ranks disagree on the cache configuration, cache unchanged; " + "; ".join(diffs))
+
+    def _gather_positive_ids(self, document_data: Mapping[str, torch.Tensor], sizes: list[int]) -> torch.Tensor | None:
+        key = self.schema.doc_id_key
+        if key is None:
+            return None
+        own = document_data[key].reshape(-1).to(self.store.feature(key).dtype)
+        return self.comm.gather_rows(own, sizes)
+
+    def _chunk_rows(self, num_queries: int) -> int:
+        return max(self.layout.block_size, self.chunk_bytes // (4 * max(num_queries, 1)))
+
+    def _reencode(
+        self,
+        document_network: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+        fetched: FetchedRows,
+        query_embeddings: torch.Tensor,
+    ) -> torch.Tensor:
+        """Current-tower embeddings of the sampled rows (with gradient); not called when none was sampled."""
+        count = fetched.embeddings.shape[0]
+        if count == 0:
+            return query_embeddings.new_zeros(0, self.schema.dim)
+        fresh = document_network({k: fetched.features[k] for k in self.schema.data_keys})
+        if not isinstance(fresh, torch.Tensor) or tuple(fresh.shape) != (count, self.schema.dim):
+            got = tuple(fresh.shape) if isinstance(fresh, torch.Tensor) else type(fresh).__name__
+            raise ValueError(f"document_network must return [{count}, {self.schema.dim}] embeddings, got {got}")
+        return fresh
+
+    def _losses(
+        self,
+        query_embeddings: torch.Tensor,
+        document_embeddings: torch.Tensor,
+        home: HomePartials,
+        sampled: torch.Tensor,
+        which: torch.Tensor,
+        fresh: torch.Tensor,
+        fetched: FetchedRows,
+    ) -> StepResult:
+        q, p = query_embeddings.float(), document_embeddings.float()
+        pos_scores = self.score_fn.on_dots((q * p).sum(-1))
+        index = torch.zeros_like(home.rows)
+        index[sampled] = which
+        if fresh.shape[0]:
+            neg_scores = self.score_fn.on_dots(torch.einsum("bd,bmd->bm", q, fresh.float()[index]))
+            stale = staleness(fetched.embeddings, fresh)[index]
+        else:
+            neg_scores = q.new_zeros(home.rows.shape)
+            stale = q.new_zeros(home.rows.shape)
+        training, interpretable, prob = cache_losses(pos_scores, home.lse, neg_scores, sampled)
+        total = training.sum()
+        if self.reduction == "mean":
+            loss = total / max(training.shape[0], 1)
+        elif self.reduction == "global_mean":
+            loss = total * self.comm.world_size / max(self._global_batch, 1)
+        else:
+            loss = total
+        nan = torch.full_like(stale, float("nan"))
+        return StepResult(
+            loss=loss,
+            training_loss=training.detach(),
+            interpretable_loss=interpretable,
+            prob_positive=prob,
+            lse=home.lse,
+            sampled_rows=home.rows,
+            staleness=torch.where(sampled, stale, nan),
+            refreshed_rows=home.rows.new_empty(0),
+            inserted_rows=home.rows.new_empty(0),
+        )
+
+    def _advance_step(self) -> None:
+        self._step += 1
+        self.step_count.fill_(self._step)
+
+    def _global_metrics(
+        self, result: StepResult, fetched: FetchedRows, which: torch.Tensor, sampled: torch.Tensor
+    ) -> dict[str, float]:
+        """One all-reduce of sums, then global means (every rank gets the same numbers)."""
+        ages = fetched.ages.to(torch.float64)[which] if which.numel() else fetched.ages.new_zeros(0, dtype=torch.float64)
+        sums = torch.stack([
+            result.interpretable_loss.double().sum(),
+            torch.tensor(float(result.interpretable_loss.numel()), dtype=torch.float64, device=self.device),
+            result.staleness[sampled].double().sum(),
+            sampled.sum().double(),
+            ages.sum(),
+            self.store.filled.sum().double(),
+        ])
+        il, nq, st, ns, age, filled = self.comm.all_reduce_sum(sums).tolist()
+        return {
+            "interpretable_loss": il / max(nq, 1),
+            "staleness": st / ns if ns else 0.0,
+            "fill_fraction": filled / self.layout.cache_size,
+            "sampled_age": age / ns if ns else 0.0,
+            "sampled": ns,
+        }
+
+
+def _sync_host_counters(module: nn.Module, incompatible_keys: Any) -> None:
+    """After load_state_dict, the host mirrors of the step counter and seed follow the loaded buffers."""
+    if isinstance(module, ShardedCacheLossHandler):
+        module._step = int(module.step_count)
+        module._seed = int(module.seed)

@@ -1,0 +1,65 @@
+"""Counter-based randomness: every uniform is a hash of (seed, step, stream, query, item, draw).
+
+Nothing depends on the rank, the chunking or the order of evaluation, so one step samples the same
+rows for every world size. The hash is Chris Wellons' ``lowbias32`` on int64 tensors holding 32-bit
+values (pure torch: runs on any device).
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["Stream", "draw_keys", "uniform", "gumbel"]
+
+_M32 = 0xFFFFFFFF
+
+
+class Stream:
+    """Independent random streams of one step."""
+
+    BLOCK_GUMBEL = 1  # stage 1: a Gumbel per (query, block, draw)
+    ROW_UNIFORM = 2  # stage 2: one uniform per (query, draw) for the inverse CDF inside a block
+    TOPK_GUMBEL = 3  # top_k mode: a Gumbel per (query, global row, draw)
+
+
+def _mix_int(x: int) -> int:
+    x &= _M32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    x ^= x >> 16
+    return x
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    x = x & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def draw_keys(seed: int, step: int, stream: int, query_pos: torch.Tensor, num_draws: int) -> torch.Tensor:
+    """int64 keys [B, num_draws] for global query positions ``query_pos`` [B]."""
+    base = _mix_int(_mix_int(_mix_int(seed) ^ (step & _M32)) ^ ((step >> 32) + 0x9E3779B9 * stream))
+    draws = torch.arange(num_draws, device=query_pos.device, dtype=torch.int64)
+    q = _mix(query_pos.to(torch.int64) ^ base)
+    return _mix(q[:, None] ^ _mix(draws + 0x68E31DA4)[None, :])
+
+
+def _hash(keys: torch.Tensor, items: torch.Tensor | None) -> torch.Tensor:
+    if items is None:
+        return _mix(keys + 0x1B56C4E9)
+    return _mix(keys ^ _mix(items.to(torch.int64) + 0x5BD1E995))
+
+
+def uniform(keys: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 uniforms in (0, 1) from keys (broadcast with ``items`` when given)."""
+    h = _hash(keys, items)
+    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def gumbel(keys: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise keyed by ``keys`` broadcast against ``items`` (e.g. global block ids)."""
+    return -torch.log(-torch.log(uniform(keys, items)))

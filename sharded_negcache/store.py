@@ -1,0 +1,151 @@
+"""One rank's rows of the cache: encoded embeddings, feature fields, ages and filled flags.
+
+All state is registered as buffers, so ``state_dict()`` holds the cache and ``.to()`` moves it.
+No collectives here: the exchange layer moves the packed bytes this module produces.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from .codecs import EmbeddingCodec
+from .specs import FieldSpec
+
+__all__ = ["ShardStore", "FetchedRows", "first_occurrence"]
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def first_occurrence(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unique ``keys`` (sorted) and, for each, the position of its first occurrence in ``keys``."""
+    uniq, inverse = torch.unique(keys, return_inverse=True)
+    pos = torch.arange(keys.numel(), device=keys.device)
+    first = torch.full_like(uniq, keys.numel()).scatter_reduce_(0, inverse, pos, reduce="amin")
+    return uniq, first
+
+
+class FetchedRows:
+    """Rows read from a shard: features per field, stale fp32 embeddings and ages."""
+
+    def __init__(self, features: dict[str, torch.Tensor], embeddings: torch.Tensor, ages: torch.Tensor) -> None:
+        self.features = features
+        self.embeddings = embeddings
+        self.ages = ages
+
+
+class ShardStore(nn.Module):
+    """The rows of one shard and the cache policy applied to them (reference semantics, design §4)."""
+
+    def __init__(
+        self,
+        rows: int,
+        dim: int,
+        feature_specs: Mapping[str, FieldSpec],
+        codec: EmbeddingCodec,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        for key in feature_specs:
+            if "." in key or not key:
+                raise ValueError(f"feature key {key!r} must be non-empty and contain no '.'")
+        self.rows, self.dim, self.codec = rows, dim, codec
+        self.feature_specs = dict(feature_specs)
+        self.register_buffer("embeddings", torch.zeros(rows, codec.width(dim), dtype=codec.storage_dtype, device=device))
+        self.register_buffer("age", torch.zeros(rows, dtype=torch.int64, device=device))
+        self.register_buffer("filled", torch.zeros(rows, dtype=torch.bool, device=device))
+        self.features = nn.Module()
+        for key, spec in self.feature_specs.items():
+            self.features.register_buffer(key, torch.zeros(rows, *spec.shape, dtype=spec.dtype, device=device))
+
+    @property
+    def device(self) -> torch.device:
+        return self.age.device
+
+    def feature(self, key: str) -> torch.Tensor:
+        return getattr(self.features, key)
+
+    # ---- reading ---------------------------------------------------------------------------
+    def decode(self, start: int, end: int) -> torch.Tensor:
+        """fp32 embeddings of local rows [start, end) (a scoring chunk)."""
+        return self.codec.decode(self.embeddings[start:end], self.dim)
+
+    def filled_per_chunk(self, chunk_rows: int) -> list[int]:
+        """Filled rows in each scoring chunk (one host sync): full chunks skip the empty-row mask."""
+        counts = [self.filled[s : s + chunk_rows].sum() for s in range(0, self.rows, chunk_rows)]
+        return torch.stack(counts).tolist() if counts else []
+
+    def read(self, slots: torch.Tensor) -> FetchedRows:
+        """Features, decoded embeddings and ages of local ``slots``."""
+        feats = {k: self.feature(k)[slots] for k in self.feature_specs}
+        return FetchedRows(feats, self.codec.decode(self.embeddings[slots], self.dim), self.age[slots])
+
+    # ---- packing rows for transfer ---------------------------------------------------------
+    def _parts(self) -> list[tuple[str, torch.dtype, tuple[int, ...], int]]:
+        """(name, dtype, shape, bytes) of each packed column group: fields, stored embedding, age."""
+        parts = [(k, s.dtype, s.shape) for k, s in self.feature_specs.items()]
+        parts.append(("__embedding__", self.codec.storage_dtype, (self.codec.width(self.dim),)))
+        parts.append(("__age__", torch.int64, ()))
+        return [(n, dt, sh, _itemsize(dt) * _numel(sh)) for n, dt, sh in parts]
+
+    def pack(self, slots: torch.Tensor) -> torch.Tensor:
+        """Rows at ``slots`` as one uint8 tensor [k, row_bytes]: every field, the stored embedding, the age."""
+        tensors = [self.feature(k)[slots] for k in self.feature_specs]
+        tensors += [self.embeddings[slots], self.age[slots]]
+        k = slots.numel()
+        cols = [t.reshape(k, -1 if k else nbytes // _itemsize(t.dtype)).contiguous().view(torch.uint8)
+                for t, (_, _, _, nbytes) in zip(tensors, self._parts())]
+        return torch.cat(cols, dim=1)
+
+    def unpack(self, packed: torch.Tensor) -> FetchedRows:
+        """Inverse of :meth:`pack` (on any rank: all ranks share specs and codec)."""
+        k, out, col = packed.shape[0], {}, 0
+        for name, dtype, shape, nbytes in self._parts():
+            out[name] = packed[:, col : col + nbytes].contiguous().view(dtype).reshape(k, *shape)
+            col += nbytes
+        emb = self.codec.decode(out.pop("__embedding__"), self.dim)
+        age = out.pop("__age__")
+        return FetchedRows(out, emb, age)
+
+    def row_bytes(self) -> int:
+        """Bytes of one packed row (what a fetch moves per sampled row)."""
+        return sum(p[3] for p in self._parts())
+
+    # ---- writing ---------------------------------------------------------------------------
+    def refresh(self, slots: torch.Tensor, embeddings: torch.Tensor, use_lru: bool) -> torch.Tensor:
+        """Writes fresh embeddings in place; with duplicates the first occurrence wins. Returns unique slots."""
+        uniq, first = first_occurrence(slots)
+        self.embeddings[uniq] = self.codec.encode(embeddings[first])
+        if use_lru:
+            self.age[uniq] = -1  # +1 at the end of the step: age 0, like a new item
+        return uniq
+
+    def oldest_slots(self, n: int) -> torch.Tensor:
+        """The n rows to evict: empty rows first, then highest age, ties to the lowest slot."""
+        slot = torch.arange(self.rows, device=self.device)
+        key = (~self.filled).to(torch.int64) * (1 << 62) + (self.age + 1) * self.rows + (self.rows - 1 - slot)
+        return torch.topk(key, n, sorted=True).indices
+
+    def insert(self, embeddings: torch.Tensor, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Writes new rows over the oldest ones (age -1 before the tick). Returns the slots written."""
+        slots = self.oldest_slots(embeddings.shape[0])
+        self.embeddings[slots] = self.codec.encode(embeddings)
+        for key, spec in self.feature_specs.items():
+            self.feature(key)[slots] = features[key].reshape(-1, *spec.shape)
+        self.filled[slots] = True
+        self.age[slots] = -1
+        return slots
+
+    def tick(self) -> None:
+        """End of an update call: every row is one call older."""
+        self.age += 1
