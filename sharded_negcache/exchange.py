@@ -21,6 +21,10 @@ class BatchRejected(ValueError):
     """Raised on every rank when any rank's input failed validation (nothing was written)."""
 
 
+# torch >= 2.13 renamed all_gather_into_tensor to all_gather_single (the old name warns).
+_all_gather_concat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -63,7 +67,7 @@ class Comm:
         """
         if self.active:
             out = torch.empty(self.world_size, status.numel(), dtype=status.dtype, device=status.device)
-            dist.all_gather_into_tensor(out, status, group=self.group)
+            _all_gather_concat(out, status.unsqueeze(0), group=self.group)
             self.bytes_sent["agree"] += _nbytes(status) * (self.world_size - 1)
         else:
             out = status.unsqueeze(0)
@@ -92,10 +96,16 @@ class Comm:
         buf = x.new_zeros(pad, *x.shape[1:])
         buf[: x.shape[0]] = x
         out = x.new_empty(self.world_size * pad, *x.shape[1:])
-        dist.all_gather_into_tensor(out, buf.contiguous(), group=self.group)
+        _all_gather_concat(out, buf.contiguous(), group=self.group)
         self.bytes_sent["gather_queries"] += _nbytes(buf) * (self.world_size - 1)
         out = out.view(self.world_size, pad, *x.shape[1:])
         return torch.cat([out[r, : sizes[r]] for r in range(self.world_size)])
+
+    def gather_rows_with_grad(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Like :meth:`gather_rows`, differentiable: the backward sums every rank's gradient (all-reduce)."""
+        if not self.active:
+            return x
+        return _GatherRowsWithGrad.apply(x, self, sizes)
 
     def all_to_all(self, x: torch.Tensor, send_counts: list[int], recv_counts: list[int], tag: str) -> torch.Tensor:
         """Rows of ``x`` split by ``send_counts`` go to ranks 0..W-1; returns the rows received."""
@@ -150,3 +160,21 @@ class Comm:
             dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.group)
             self.bytes_sent["stats"] += _nbytes(x)
         return x
+
+
+class _GatherRowsWithGrad(torch.autograd.Function):
+    """Padded all-gather forward; all-reduce of the gathered gradient, own slice backward (any backend)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: "Comm", sizes: list[int]) -> torch.Tensor:  # type: ignore[override]
+        ctx.comm, ctx.sizes = comm, sizes
+        return comm.gather_rows(x.detach(), sizes)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        comm, sizes = ctx.comm, ctx.sizes
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=comm.group)
+        comm.bytes_sent["gather_grad"] += _nbytes(grad)
+        start = sum(sizes[: comm.rank])
+        return grad[start : start + sizes[comm.rank]], None, None

@@ -70,6 +70,8 @@ class ShardedCacheLossHandler(nn.Module):
       chunk_bytes: size of the score matrix scored at once (memory bound of scoring).
       reduction: 'mean' over this rank's queries (the reference), 'global_mean' (scaled so that DDP's
         gradient average equals the mean over the global batch) or 'sum'.
+      in_batch_negatives: also use the other positives of the global batch as fresh candidates (design
+        §2 "cache plus in-batch negatives"); their gradient flows back to every rank's document tower.
     """
 
     def __init__(
@@ -91,6 +93,7 @@ class ShardedCacheLossHandler(nn.Module):
         block_size: int | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         reduction: Reduction = "mean",
+        in_batch_negatives: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(num_negatives, int) or num_negatives < 1:
@@ -107,6 +110,7 @@ class ShardedCacheLossHandler(nn.Module):
         self.score_fn: ScoreFn = make_score_fn(score_transform)
         self.top_k, self.num_negatives, self.use_lru = top_k, num_negatives, use_lru
         self.chunk_bytes, self.reduction = int(chunk_bytes), reduction
+        self.in_batch_negatives = bool(in_batch_negatives)
         codec = embedding_codec if isinstance(embedding_codec, EmbeddingCodec) else make_codec(
             embedding_codec if embedding_codec is not None else self.schema.specs[embedding_key].dtype
         )
@@ -146,7 +150,23 @@ class ShardedCacheLossHandler(nn.Module):
             "num_negatives": self.num_negatives,
             "use_lru": self.use_lru,
             "codec": self.store.codec.name,
+            "in_batch_negatives": self.in_batch_negatives,
         }
+
+    # ---- whole-cache views (tests and resharding; gathers everything, not for the hot path) ----
+    def gather_global_rows(self) -> dict[str, torch.Tensor]:
+        """The whole cache in global row order, on every rank (see :meth:`ShardStore.export_rows`)."""
+        local = self.store.export_rows()
+        sizes = [self.layout.rows_per_rank] * self.comm.world_size
+        return {k: self.comm.gather_rows(v, sizes) for k, v in local.items()}
+
+    def load_global_rows(self, rows: Mapping[str, torch.Tensor]) -> None:
+        """Sets this rank's shard from whole-cache tensors in global row order (each rank takes its slice)."""
+        lo, hi = self.layout.row_offset, self.layout.row_offset + self.layout.rows_per_rank
+        for key, t in rows.items():
+            if t.shape[0] != self.layout.cache_size:
+                raise ValueError(f"rows[{key!r}] has {t.shape[0]} rows, the cache has {self.layout.cache_size}")
+        self.store.import_rows({k: v[lo:hi].to(self.device) for k, v in rows.items()})
 
     # ---- the step --------------------------------------------------------------------------
     def update_cache_and_compute_loss(
@@ -194,8 +214,9 @@ class ShardedCacheLossHandler(nn.Module):
         )
         fetched = self.store.unpack(packed)
         fresh = self._reencode(document_network, fetched, query_embeddings)
-        # 5. the losses.
-        result = self._losses(query_embeddings, document_embeddings, home, sampled, which, fresh, fetched)
+        # 5. the losses (optionally with the global batch's other positives as fresh candidates).
+        in_batch = self._in_batch_scores(query_embeddings, document_embeddings, document_data, exclude, sizes)
+        result = self._losses(query_embeddings, document_embeddings, home, sampled, which, fresh, fetched, in_batch)
         # 6. fresh embeddings back to the owners, written in place; 7. insert the positives.
         slots, rows = self.comm.write_back(route, fresh.detach().float())
         refreshed = self.store.refresh(slots, rows, self.use_lru)
@@ -289,6 +310,31 @@ class ShardedCacheLossHandler(nn.Module):
             raise ValueError(f"document_network must return [{count}, {self.schema.dim}] embeddings, got {got}")
         return fresh
 
+    def _in_batch_scores(
+        self,
+        query_embeddings: torch.Tensor,
+        document_embeddings: torch.Tensor,
+        document_data: Mapping[str, torch.Tensor],
+        positive_ids: torch.Tensor | None,
+        sizes: list[int],
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Scores [B, B_g] of my queries against every rank's positives (with gradient) and their mask.
+
+        A query's own positive is not its negative, nor is any positive with the same document id.
+        """
+        if not self.in_batch_negatives:
+            return None
+        positives = self.comm.gather_rows_with_grad(document_embeddings.float(), sizes)
+        scores = self.score_fn.on_dots(query_embeddings.float() @ positives.t())
+        own = sizes[self.comm.rank]
+        first = sum(sizes[: self.comm.rank])
+        cols = torch.arange(positives.shape[0], device=self.device)
+        rows = torch.arange(first, first + own, device=self.device)
+        mask = cols.unsqueeze(0) != rows.unsqueeze(1)
+        if positive_ids is not None:
+            mask &= positive_ids.unsqueeze(0) != positive_ids[first : first + own].unsqueeze(1)
+        return scores, mask
+
     def _losses(
         self,
         query_embeddings: torch.Tensor,
@@ -298,6 +344,7 @@ class ShardedCacheLossHandler(nn.Module):
         which: torch.Tensor,
         fresh: torch.Tensor,
         fetched: FetchedRows,
+        in_batch: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> StepResult:
         q, p = query_embeddings.float(), document_embeddings.float()
         pos_scores = self.score_fn.on_dots((q * p).sum(-1))
@@ -309,7 +356,10 @@ class ShardedCacheLossHandler(nn.Module):
         else:
             neg_scores = q.new_zeros(home.rows.shape)
             stale = q.new_zeros(home.rows.shape)
-        training, interpretable, prob = cache_losses(pos_scores, home.lse, neg_scores, sampled)
+        batch_scores, batch_mask = in_batch if in_batch is not None else (None, None)
+        training, interpretable, prob = cache_losses(
+            pos_scores, home.lse, neg_scores, sampled, batch_scores, batch_mask
+        )
         total = training.sum()
         if self.reduction == "mean":
             loss = total / max(training.shape[0], 1)

@@ -121,6 +121,27 @@ class ShardStore(nn.Module):
         """Bytes of one packed row (what a fetch moves per sampled row)."""
         return sum(p[3] for p in self._parts())
 
+    # ---- whole-shard views (tests, resharding, checkpoints; not the hot path) -----------------
+    def export_rows(self) -> dict[str, torch.Tensor]:
+        """Every local row: fp32 'embedding', each feature field, 'age', 'filled'."""
+        out = {"embedding": self.codec.decode(self.embeddings, self.dim), "age": self.age.clone(), "filled": self.filled.clone()}
+        out.update({k: self.feature(k).clone() for k in self.feature_specs})
+        return out
+
+    def import_rows(self, rows: Mapping[str, torch.Tensor]) -> None:
+        """Overwrites every local row from :meth:`export_rows`-shaped tensors (checked before writing)."""
+        expected = {"embedding", "age", "filled", *self.feature_specs}
+        if set(rows) != expected:
+            raise ValueError(f"rows must have exactly the keys {sorted(expected)}, got {sorted(rows)}")
+        for key, t in rows.items():
+            if t.shape[0] != self.rows:
+                raise ValueError(f"rows[{key!r}] has {t.shape[0]} rows, the shard has {self.rows}")
+        self.embeddings.copy_(self.codec.encode(rows["embedding"].to(self.device)))
+        self.age.copy_(rows["age"])
+        self.filled.copy_(rows["filled"])
+        for key in self.feature_specs:
+            self.feature(key).copy_(rows[key].reshape(self.feature(key).shape))
+
     # ---- writing ---------------------------------------------------------------------------
     def refresh(self, slots: torch.Tensor, embeddings: torch.Tensor, use_lru: bool) -> torch.Tensor:
         """Writes fresh embeddings in place; with duplicates the first occurrence wins. Returns unique slots."""
