@@ -57,8 +57,10 @@ def _merge_topk(
     vals, pick = vals.topk(min(k, w * k), dim=1)
     rows = rows.gather(1, pick).to(torch.int64)
     lse = torch.logsumexp(vals, dim=1)
-    keys = keyed_random.draw_keys(seed, step, Stream.TOPK_GUMBEL, query_pos, m).unsqueeze(-1)
-    perturbed = vals.float().unsqueeze(1) + keyed_random.gumbel(keys, rows.unsqueeze(1))
+    keys = keyed_random.draw_keys(seed, step, Stream.TOPK_GUMBEL, query_pos, m)
+    # one Gumbel per (query, draw, candidate row), keyed by the global row id
+    u = keyed_random.uniform(keys.unsqueeze(-1), rows.unsqueeze(1))
+    perturbed = vals.float().unsqueeze(1) - torch.log(-torch.log(u))
     val, idx = perturbed.max(dim=-1)
     row = rows.gather(1, idx)
     row = torch.where(torch.isfinite(val), row, torch.full_like(row, -1))

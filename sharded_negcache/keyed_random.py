@@ -61,5 +61,11 @@ def uniform(keys: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tens
 
 
 def gumbel(keys: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-    """Standard Gumbel noise keyed by ``keys`` broadcast against ``items`` (e.g. global block ids)."""
-    return -torch.log(-torch.log(uniform(keys, items)))
+    """Standard Gumbel noise [*keys.shape, n] for ``keys`` crossed with the 1-D ``items`` (e.g. block ids).
+
+    Computed on a 2-D [keys, items] grid: elementwise kernels are much slower on shapes with size-1
+    middle dimensions on CPU.
+    """
+    flat = keys.reshape(-1, 1)
+    u = uniform(flat, items.reshape(1, -1))
+    return u.log_().neg_().log_().neg_().view(*keys.shape, items.numel())

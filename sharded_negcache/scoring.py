@@ -103,8 +103,8 @@ def _block_lse_and_weights(scores: torch.Tensor, block: int) -> tuple[torch.Tens
 def _pick_rows_in_blocks(weights: torch.Tensor, block_idx: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Stage 2: inside each chosen block, the row of inverse CDF at ``u`` [B, m] (float64 sums)."""
     b, m = block_idx.shape
-    chosen = weights.gather(1, block_idx.unsqueeze(-1).expand(b, m, weights.shape[-1]))
-    cdf = chosen.to(torch.float64).cumsum_(-1)
+    query = torch.arange(b, device=weights.device).unsqueeze(1).expand(b, m)
+    cdf = weights[query, block_idx].to(torch.float64).cumsum_(-1)  # [B, m, block]
     target = u.to(torch.float64).unsqueeze(-1) * cdf[..., -1:]
     row = torch.searchsorted(cdf, target, right=True).squeeze(-1)
     return row.clamp_(max=weights.shape[-1] - 1)
@@ -137,7 +137,7 @@ def score_shard(
         best_row = torch.full((b, k), -1, dtype=torch.int64, device=device)
     else:
         m = num_draws
-        block_keys = keyed_random.draw_keys(seed, step, Stream.BLOCK_GUMBEL, pos, m).unsqueeze(-1)
+        block_keys = keyed_random.draw_keys(seed, step, Stream.BLOCK_GUMBEL, pos, m)
         row_u = keyed_random.uniform(keyed_random.draw_keys(seed, step, Stream.ROW_UNIFORM, pos, m))
         lse = torch.full((b,), _NEG_INF, device=device)
         best_val = torch.full((b, m), _NEG_INF, device=device)
@@ -159,7 +159,7 @@ def score_shard(
         block_lse, weights = _block_lse_and_weights(scores, bs)
         lse = torch.logaddexp(lse, torch.logsumexp(block_lse, dim=1))
         block_ids = torch.arange(block_lse.shape[1], device=device) + first_row // bs
-        perturbed = block_lse.unsqueeze(1) + keyed_random.gumbel(block_keys, block_ids)
+        perturbed = keyed_random.gumbel(block_keys, block_ids).add_(block_lse.unsqueeze(1))
         val, blk = perturbed.max(dim=-1)
         better = val > best_val  # strict: on a tie the lower block id (seen first) keeps the draw
         row = first_row + blk * bs + _pick_rows_in_blocks(weights, blk, row_u)

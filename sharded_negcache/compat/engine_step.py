@@ -1,0 +1,171 @@
+"""Runs one step of the sharded engine over a cache shard that the caller owns (the compat distributed loss).
+
+The reference's API is functional: the loss reads the cache and *returns* the updates, and the
+caller applies them with ``CacheManager``. So the engine borrows this rank's rows without copying
+(``BorrowedShard``); the rows it would refresh in place are recorded and returned instead, and it
+inserts nothing (the caller inserts its own positives). Everything else is the engine's step: all
+queries scored against every rank's shard in chunks, exact merge of the partials, fetch of the
+sampled rows from their owners, write-back of the fresh embeddings to the owners.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..codecs import make_codec
+from ..handler import ShardedCacheLossHandler
+from ..specs import FieldSpec
+from ..store import ShardStore, first_occurrence
+
+__all__ = ["BorrowedShard", "EngineOutcome", "EngineStep"]
+
+
+class BorrowedShard(ShardStore):
+    """A ShardStore whose rows are the caller's tensors; refreshes are recorded, inserts and ticks skipped."""
+
+    def __init__(self, rows: int, dim: int, feature_specs: Mapping[str, FieldSpec], embedding_dtype: torch.dtype) -> None:
+        super().__init__(rows, dim, feature_specs, make_codec(embedding_dtype), device="meta")  # allocates nothing
+        self.recorded: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def bind(self, embeddings: torch.Tensor, features: Mapping[str, torch.Tensor], filled: torch.Tensor) -> None:
+        """Points the store at this step's rows (no copy). Ages are not part of the loss: zeros."""
+        self.embeddings = embeddings
+        for key in self.feature_specs:
+            setattr(self.features, key, features[key])
+        self.filled = filled.to(torch.bool)
+        if self.age.device != embeddings.device:
+            self.age = torch.zeros(self.rows, dtype=torch.int64, device=embeddings.device)
+        self.recorded = None
+
+    def refresh(self, slots: torch.Tensor, embeddings: torch.Tensor, use_lru: bool) -> torch.Tensor:
+        uniq, first = first_occurrence(slots)
+        self.recorded = (uniq, embeddings[first])
+        return uniq
+
+    def insert(self, embeddings: torch.Tensor, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return torch.empty(0, dtype=torch.int64, device=self.device)
+
+    def tick(self) -> None:
+        return None
+
+
+@dataclass
+class EngineOutcome:
+    """Per query of this rank: P, -log P, staleness (NaN if nothing sampled), the fresh negative (with grad)."""
+
+    prob_positive: torch.Tensor  # [B]
+    interpretable_loss: torch.Tensor  # [B]
+    staleness: torch.Tensor  # [B]
+    sampled: torch.Tensor  # [B] bool
+    fresh_negatives: torch.Tensor  # [B, d], zero rows where nothing was sampled
+    refreshed_slots: torch.Tensor  # local rows of this shard that some rank re-encoded
+    refreshed_embeddings: torch.Tensor  # their fresh embeddings (detached)
+
+
+class _Capture:
+    """Wraps the document network to keep its output (the engine re-encodes the sampled rows in sorted id order)."""
+
+    def __init__(self, fn: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> None:
+        self.fn, self.output = fn, None
+
+    def __call__(self, data: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.output = self.fn(data)
+        return self.output
+
+
+def world_size(group: dist.ProcessGroup | None) -> int:
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+class EngineStep:
+    """One engine per cache layout, reused across calls (its step counter keys the randomness)."""
+
+    def __init__(self) -> None:
+        self._engine: ShardedCacheLossHandler | None = None
+        self._key: tuple | None = None
+
+    def run(
+        self,
+        doc_network: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+        query_embeddings: torch.Tensor,
+        pos_doc_embeddings: torch.Tensor,
+        embeddings: torch.Tensor,
+        features: Mapping[str, torch.Tensor],
+        filled: torch.Tensor,
+        *,
+        embedding_key: str,
+        data_keys: Sequence[str],
+        score_transform: Callable[[torch.Tensor], torch.Tensor] | None,
+        top_k: int | None,
+        seed: int,
+        process_group: dist.ProcessGroup | None,
+    ) -> EngineOutcome:
+        """Loss partials of this rank's queries against the shards of every rank; nothing is written."""
+        engine = self._engine_for(embeddings, features, embedding_key, data_keys, score_transform, top_k, seed, process_group)
+        store: BorrowedShard = engine.store  # type: ignore[assignment]
+        store.bind(embeddings, features, filled)
+        batch = query_embeddings.shape[0] if isinstance(query_embeddings, torch.Tensor) and query_embeddings.dim() else 0
+        placeholders = {  # the engine validates the positives' features; BorrowedShard.insert ignores them
+            k: torch.zeros((batch, *s.shape), dtype=s.dtype, device=embeddings.device)
+            for k, s in store.feature_specs.items()
+        }
+        capture = _Capture(doc_network)
+        engine.update_cache_and_compute_loss(capture, query_embeddings, pos_doc_embeddings, placeholders)
+        res = engine.last_step
+        rows = res.sampled_rows[:, 0]
+        sampled = rows >= 0
+        fresh = query_embeddings.new_zeros((batch, embeddings.shape[1]))
+        if capture.output is not None:
+            uniq = torch.unique(rows[sampled])
+            if capture.output.shape[0] != uniq.numel():
+                raise RuntimeError("engine re-encoded rows in an unexpected order; compat needs sorted unique rows")
+            which = torch.searchsorted(uniq, rows[sampled])
+            fresh = fresh.index_put((sampled.nonzero().squeeze(1),), capture.output[which].to(fresh.dtype))
+        if store.recorded is None:
+            slots = torch.empty(0, dtype=torch.int64, device=embeddings.device)
+            written = embeddings.new_zeros((0, embeddings.shape[1]))
+        else:
+            slots, written = store.recorded
+        return EngineOutcome(
+            prob_positive=res.prob_positive,
+            interpretable_loss=res.interpretable_loss,
+            staleness=res.staleness[:, 0],
+            sampled=sampled,
+            fresh_negatives=fresh,
+            refreshed_slots=slots,
+            refreshed_embeddings=written.to(embeddings.dtype),
+        )
+
+    def _engine_for(
+        self,
+        embeddings: torch.Tensor,
+        features: Mapping[str, torch.Tensor],
+        embedding_key: str,
+        data_keys: Sequence[str],
+        score_transform: Any,
+        top_k: int | None,
+        seed: int,
+        process_group: dist.ProcessGroup | None,
+    ) -> ShardedCacheLossHandler:
+        if embeddings.dim() != 2:
+            raise ValueError(f"cache field {embedding_key!r} must be [rows, d], got {list(embeddings.shape)}")
+        rows, dim = embeddings.shape
+        feature_specs = {k: FieldSpec(tuple(features[k].shape[1:]), features[k].dtype) for k in data_keys}
+        key = (rows, dim, embeddings.dtype, embeddings.device, tuple(feature_specs.items()),
+               id(score_transform), top_k, seed, id(process_group))
+        if key != self._key:
+            specs = {embedding_key: FieldSpec((dim,), embeddings.dtype), **feature_specs}
+            engine = ShardedCacheLossHandler(
+                specs, rows * world_size(process_group), embedding_key, tuple(data_keys), score_transform, top_k,
+                num_negatives=1, seed=seed, process_group=process_group, device="meta",
+                embedding_codec=embeddings.dtype,
+            )
+            engine.store = BorrowedShard(rows, dim, feature_specs, embeddings.dtype)
+            for name, buf in list(engine.named_buffers(recurse=False)):  # counters: off the meta device
+                setattr(engine, name, torch.zeros_like(buf, device=embeddings.device))
+            self._engine, self._key = engine, key
+        assert self._engine is not None
+        return self._engine

@@ -1,0 +1,388 @@
+"""Checkpoints of the sharded cache: save with W ranks, load with W' ranks, refuse what does not fit.
+
+The reshard matrix runs in one spawn of 4 gloo processes: world sizes 1, 2 and 3 are process groups
+of the first ranks (the handler and DCP both run over the group), 4 is the whole world. A fifth
+"world" is this test process without torch.distributed (W = 1, plain tensors), which saves a
+checkpoint loaded by the spawned ranks and loads the ones they saved. Expected values never come
+from the checkpoint code: the cache is read back with the engine's all-gather
+(``gather_global_rows``) and the next step is compared with the run that was never interrupted.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+
+from dist_utils import run_ranks
+from engine_cases import FEAT, Tower, global_batch, global_cache, make_handler, run_step, specs
+from sharded_negcache import FieldSpec, ShardedCacheLossHandler
+from sharded_negcache.checkpoint import (
+    MANIFEST_NAME,
+    CacheCheckpoint,
+    CheckpointError,
+    latest_checkpoint,
+    load,
+    row_hashes,
+    save,
+    verify_checkpoint,
+)
+
+CACHE, BATCH = 48, 12  # 48 rows divide by 1..4; rows per rank multiples of block_size=4
+SPLITS = {1: [12], 2: [5, 7], 3: [0, 6, 6], 4: [3, 3, 6, 0]}
+CONFIG = dict(with_ids=True, num_negatives=3, embedding_codec="bf16")
+SOURCES = ["w0", "w1", "w2", "w3", "w4"]  # w0: this process without torch.distributed
+STEP_FIELDS = ("training", "interpretable", "lse", "sampled")
+
+
+def new_handler(seed: int, group=None) -> ShardedCacheLossHandler:
+    cfg = dict(CONFIG)
+    return make_handler(CACHE, with_ids=cfg.pop("with_ids"), seed=seed, process_group=group, **cfg)
+
+
+def step_on(handler: ShardedCacheLossHandler, tower: Tower, batch: dict, world: int, rank: int) -> dict:
+    """One step on this rank's share of ``batch``; the per-query results of the whole group, in global order."""
+    sizes = SPLITS[world]
+    lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
+    run_step(handler, tower, batch, lo, hi, with_ids=True)
+    res = handler.last_step
+    own = {"training": res.training_loss, "interpretable": res.interpretable_loss, "lse": res.lse,
+           "sampled": res.sampled_rows}
+    return {k: handler.comm.gather_rows(v, sizes) for k, v in own.items()}
+
+
+def first_batch(tower: Tower) -> dict:
+    return global_batch(BATCH, tower, seed=11, with_ids=True)
+
+
+def next_batch(tower: Tower) -> dict:
+    return global_batch(BATCH, tower, seed=13, with_ids=True)
+
+
+def train_and_save(path: str, world: int, rank: int, group=None) -> tuple[dict, dict]:
+    """Step 0, save, then the uninterrupted step 1. Returns (cache rows as saved, step-1 results)."""
+    tower = Tower()
+    handler = new_handler(seed=5, group=group)
+    handler.load_global_rows(global_cache(CACHE, tower, empty_every=2, with_ids=True))
+    step_on(handler, tower, first_batch(tower), world, rank)
+    save({"cache": CacheCheckpoint(handler)}, path, process_group=group)
+    rows = handler.gather_global_rows()
+    return rows, step_on(handler, tower, next_batch(tower), world, rank)
+
+
+def load_and_step(path: str, world: int, rank: int, group=None) -> tuple[dict, tuple[int, int], dict]:
+    """A fresh handler (other seed, empty cache) loads ``path``; returns its rows, (step, seed) and step 1."""
+    tower = Tower()
+    handler = new_handler(seed=99, group=group)
+    load({"cache": CacheCheckpoint(handler)}, path, process_group=group)
+    rows = handler.gather_global_rows()
+    counters = (handler.steps_done, int(handler.seed))
+    return rows, counters, step_on(handler, tower, next_batch(tower), world, rank)
+
+
+def assert_same_rows(got: dict, want: dict, label: str) -> None:
+    assert sorted(got) == sorted(want), label
+    for key in want:
+        assert torch.equal(got[key], want[key]), f"{label}: field {key!r} differs"
+
+
+def assert_same_step(got: dict, want: dict, label: str) -> None:
+    assert torch.equal(got["sampled"], want["sampled"]), label
+    for key in ("training", "interpretable", "lse"):
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5, msg=f"{label}: {key}")
+
+
+# ---- damaging a checkpoint -----------------------------------------------------------------
+def damaged_copy(src: str, dst: str, how: str, value: float | None = None) -> None:
+    """Copy of ``src`` with rank 1's data file deleted, truncated, or with one byte of ``value`` flipped."""
+    shutil.copytree(src, dst)
+    data = Path(dst) / "__1_0.distcp"
+    if how == "missing":
+        data.unlink()
+    elif how == "truncated":
+        with open(data, "r+b") as f:
+            f.truncate(data.stat().st_size // 2)
+    elif how == "flipped":
+        blob = bytearray(data.read_bytes())
+        pattern = torch.tensor([value], dtype=torch.float32).numpy().tobytes()
+        at = blob.find(pattern)
+        assert at >= 0 and blob.find(pattern, at + 1) < 0, "the value must occur exactly once"
+        blob[at] ^= 0x01  # one bit of the lowest mantissa byte: torch.load does not notice
+        data.write_bytes(bytes(blob))
+    elif how == "no_manifest":
+        (Path(dst) / MANIFEST_NAME).unlink()
+    else:
+        raise ValueError(how)
+
+
+CORRUPT_ROW = 31  # owned by rank 1 when saved with W = 2 (rows 24..47) and when loaded with W' = 3 (16..31)
+
+
+# ---- the spawned worker: the whole W x W' matrix and damaged checkpoints on 3 ranks ---------
+def matrix_worker(rank: int, world_size: int, root: str) -> dict:
+    import time
+    t0 = time.time()
+    torch.manual_seed(0)
+    groups = {1: dist.new_group([0]), 2: dist.new_group([0, 1]), 3: dist.new_group([0, 1, 2]), 4: None}
+    out: dict = {"saved": {}, "loaded": {}, "damaged": {}}
+    for w in (1, 2, 3, 4):
+        if rank < w:
+            rows, after = train_and_save(os.path.join(root, f"w{w}"), w, rank, groups[w])
+            if rank == 0:
+                out["saved"][f"w{w}"] = (rows, after)
+        dist.barrier()
+    print("saves", time.time() - t0, flush=True)
+    for w_new in (1, 2, 3, 4):
+        if rank < w_new:
+            for src in SOURCES:
+                rows, counters, after = load_and_step(os.path.join(root, src), w_new, rank, groups[w_new])
+                if rank == 0:
+                    out["loaded"][(src, w_new)] = (rows, counters, after)
+        dist.barrier()
+
+    print("loads", time.time() - t0, flush=True)
+    # Damaged copies of the W = 2 checkpoint, loaded by 3 ranks: every rank must refuse, cache untouched.
+    if rank == 0:
+        value = float(out["saved"]["w2"][0]["x"][CORRUPT_ROW, 2])
+        for how in ("missing", "truncated", "flipped", "no_manifest"):
+            damaged_copy(os.path.join(root, "w2"), os.path.join(root, f"bad_{how}"), how, value)
+    dist.barrier()
+    if rank < 3:
+        tower = Tower()
+        handler = new_handler(seed=99, group=groups[3])
+        handler.load_global_rows(global_cache(CACHE, tower, seed=21, with_ids=True))
+        before = handler.store.export_rows()
+        for how in ("missing", "truncated", "flipped", "no_manifest"):
+            try:
+                load({"cache": CacheCheckpoint(handler)}, os.path.join(root, f"bad_{how}"), process_group=groups[3])
+                outcome = "loaded"
+            except CheckpointError as exc:
+                outcome = f"CheckpointError: {exc}"
+            unchanged = all(torch.equal(v, before[k]) for k, v in handler.store.export_rows().items())
+            out["damaged"][how] = (outcome, unchanged, handler.steps_done)
+        # A bare dcp.load (no manifest check) of the copy with a missing file: DCP refuses, cache untouched.
+        try:
+            dcp.load({"cache": CacheCheckpoint(handler)}, checkpoint_id=os.path.join(root, "bad_missing"),
+                     process_group=groups[3])
+            outcome = "loaded"
+        except CheckpointException as exc:
+            outcome = f"CheckpointException: {exc}"
+        unchanged = all(torch.equal(v, before[k]) for k, v in handler.store.export_rows().items())
+        out["damaged"]["bare_dcp_missing"] = (outcome, unchanged, handler.steps_done)
+    print("damaged", time.time() - t0, flush=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def single_process(root) -> dict:
+    """The checkpoint saved by this process without torch.distributed (W = 1, plain tensors)."""
+    rows, after = train_and_save(os.path.join(root, "w0"), 1, 0)
+    return {"w0": (rows, after)}
+
+
+@pytest.fixture(scope="module")
+def spawned(root, single_process) -> list[dict]:
+    return run_ranks(4, matrix_worker, root, timeout=300)
+
+
+def test_saved_caches_are_not_trivial(single_process, spawned):
+    saved = {**single_process, **spawned[0]["saved"]}
+    assert sorted(saved) == SOURCES
+    for src, (rows, after) in saved.items():
+        filled = int(rows["filled"].sum())
+        assert 0 < filled < CACHE, f"{src}: a full or empty cache would hide row-order mistakes"
+        assert len(set(rows["age"][rows["filled"]].tolist())) > 2, src
+        assert (after["sampled"] >= 0).sum() > 0, f"{src}: nothing sampled after the save"
+    # Same global batch, same seed: the step before the save is world-size independent, but *which*
+    # rows the positives went into depends on how the batch was split, so the caches differ.
+    assert not torch.equal(saved["w2"][0]["age"], saved["w3"][0]["age"])
+
+
+@pytest.mark.parametrize("w_new", [1, 2, 3, 4])
+@pytest.mark.parametrize("src", SOURCES)
+def test_reshard_keeps_every_row_and_the_next_step(single_process, spawned, src, w_new):
+    saved = {**single_process, **spawned[0]["saved"]}
+    want_rows, want_after = saved[src]
+    rows, counters, after = spawned[0]["loaded"][(src, w_new)]
+    label = f"saved by {src}, loaded by {w_new} ranks"
+    assert_same_rows(rows, want_rows, label)  # global row j stays row j: order, ages, features, embedding bits
+    assert counters == (1, 5), f"{label}: step counter and seed must be the saved run's"
+    assert_same_step(after, want_after, label)
+
+
+@pytest.mark.parametrize("src", ["w1", "w2", "w3", "w4"])
+def test_single_process_loads_what_ranks_saved(spawned, src, root):
+    want_rows, want_after = spawned[0]["saved"][src]
+    rows, counters, after = load_and_step(os.path.join(root, src), 1, 0)
+    assert_same_rows(rows, want_rows, src)
+    assert counters == (1, 5)
+    assert_same_step(after, want_after, src)
+
+
+def test_damaged_checkpoints_are_refused_by_every_rank(spawned):
+    by_rank = [r["damaged"] for r in spawned[:3]]
+    expect = {
+        "missing": "file __1_0.distcp is missing",
+        "truncated": "file __1_0.distcp has",
+        "flipped": f"1 rows from global row {CORRUPT_ROW}",
+        "no_manifest": f"has no {MANIFEST_NAME}",
+        "bare_dcp_missing": "CheckpointException",
+    }
+    for how, phrase in expect.items():
+        for rank, damaged in enumerate(by_rank):
+            outcome, unchanged, steps = damaged[how]
+            assert phrase in outcome, (how, rank, outcome)
+            assert unchanged and steps == 0, f"{how}: rank {rank} wrote part of a refused checkpoint"
+    # The flipped byte lives on rank 1 (rows 16..31 of 3): ranks 0 and 2 refuse because rank 1 did.
+    assert "rank 1: 1 rows" in by_rank[0]["flipped"][0]
+
+
+# ---- single-process tests ------------------------------------------------------------------
+def test_plain_state_dict_round_trip_same_world_size():
+    """``handler.state_dict()`` holds the shard, step and seed: a fresh handler continues identically."""
+    tower = Tower()
+    a = new_handler(seed=5)
+    a.load_global_rows(global_cache(CACHE, tower, with_ids=True))
+    step_on(a, tower, first_batch(tower), 1, 0)
+    state = a.state_dict()
+    assert {"step_count", "seed", "store.embeddings", "store.age", "store.filled", "store.features.x",
+            "store.features.doc_id"} <= set(state)
+    b = new_handler(seed=99)
+    b.load_state_dict(state)
+    assert (b.steps_done, int(b.seed)) == (1, 5)
+    want, got = step_on(a, tower, next_batch(tower), 1, 0), step_on(b, tower, next_batch(tower), 1, 0)
+    for key in STEP_FIELDS:
+        assert torch.equal(got[key], want[key]), key
+
+
+def mismatched(kind: str) -> ShardedCacheLossHandler:
+    """A handler that differs from the saved one in one respect."""
+    s = specs(with_ids=True)
+    kw: dict = dict(score_transform=3.0, block_size=4, embedding_codec="bf16", doc_id_key="doc_id")
+    size = CACHE
+    if kind == "shape":
+        s["x"] = FieldSpec((FEAT + 1,), torch.float32)
+    elif kind == "dtype":
+        s["x"] = FieldSpec((FEAT,), torch.float64)
+    elif kind == "field":
+        del s["doc_id"]
+        kw["doc_id_key"] = None
+    elif kind == "cache_size":
+        size = 2 * CACHE
+    elif kind == "codec":
+        kw["embedding_codec"] = "fp32"
+    elif kind == "block_size":
+        kw["block_size"] = 8
+    return ShardedCacheLossHandler(s, size, "embedding", ("x",), **kw)
+
+
+@pytest.mark.parametrize("kind, phrases", [
+    ("shape", ["specs['x'].shape: checkpoint [6], handler [7]"]),
+    ("dtype", ["specs['x'].dtype: checkpoint torch.float32, handler torch.float64"]),
+    ("field", ["specs: field 'doc_id' is in the checkpoint but not in the handler",
+               "doc_id_key: checkpoint 'doc_id', handler None"]),
+    ("cache_size", ["cache_size: checkpoint 48, handler 96"]),
+    ("codec", ["codec: checkpoint 'bf16', handler 'fp32'"]),
+    ("block_size", ["block_size: checkpoint 4, handler 8", "block_size=4"]),
+])
+def test_mismatch_is_refused_naming_the_difference(single_process, root, kind, phrases):
+    handler = mismatched(kind)
+    before = {k: v.clone() for k, v in handler.state_dict().items()}
+    with pytest.raises(CheckpointError) as info:
+        load({"cache": CacheCheckpoint(handler)}, os.path.join(root, "w0"))
+    for phrase in phrases:
+        assert phrase in str(info.value)
+    assert "nothing was loaded" in str(info.value)
+    after = handler.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_block_size_change_can_be_allowed(single_process, root):
+    handler = mismatched("block_size")
+    load({"cache": CacheCheckpoint(handler, allow_block_size_change=True)}, os.path.join(root, "w0"))
+    assert_same_rows(handler.gather_global_rows(), single_process["w0"][0], "block_size 8")
+
+
+@pytest.mark.parametrize("how", ["missing", "truncated", "flipped", "no_manifest"])
+def test_damaged_checkpoint_is_refused_in_one_process(spawned, root, how):
+    """Copies of the W = 2 checkpoint, loaded without torch.distributed: refused, cache untouched."""
+    value = float(spawned[0]["saved"]["w2"][0]["x"][CORRUPT_ROW, 2])
+    bad = os.path.join(root, f"single_{how}")
+    damaged_copy(os.path.join(root, "w2"), bad, how, value)
+    handler = new_handler(seed=99)
+    tower = Tower()
+    handler.load_global_rows(global_cache(CACHE, tower, seed=21, with_ids=True))
+    before = {k: v.clone() for k, v in handler.state_dict().items()}
+    with pytest.raises(CheckpointError) as info:
+        load({"cache": CacheCheckpoint(handler)}, bad)
+    if how == "flipped":
+        assert f"1 cache rows do not match their stored hash (rank 0: 1 rows from global row {CORRUPT_ROW})" in str(info.value)
+    after = handler.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert verify_checkpoint(bad) if how != "flipped" else not verify_checkpoint(bad)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_bare_dcp_load_of_a_corrupted_cache_leaves_it_untouched(spawned, root):
+    """Without :func:`load` (no manifest check) the row hashes still refuse a flipped byte."""
+    value = float(spawned[0]["saved"]["w2"][0]["x"][CORRUPT_ROW, 2])
+    bad = os.path.join(root, "bare_flipped")
+    damaged_copy(os.path.join(root, "w2"), bad, "flipped", value)
+    handler = new_handler(seed=99)
+    before = {k: v.clone() for k, v in handler.state_dict().items()}
+    with pytest.raises(CheckpointError, match="do not match their stored hash"):
+        dcp.load({"cache": CacheCheckpoint(handler)}, checkpoint_id=bad, no_dist=True)
+    after = handler.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_latest_checkpoint_skips_incomplete(tmp_path):
+    tower = Tower()
+    handler = new_handler(seed=5)
+    handler.load_global_rows(global_cache(CACHE, tower, with_ids=True))
+    for step in range(3):
+        save({"cache": CacheCheckpoint(handler)}, tmp_path / f"step_{step}")
+        step_on(handler, tower, global_batch(BATCH, tower, seed=30 + step, with_ids=True), 1, 0)
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "step_2")
+    assert json.loads((tmp_path / "step_2" / MANIFEST_NAME).read_text())["step"] == 2
+    (tmp_path / "step_2" / "__0_0.distcp").unlink()  # cut short: fall back to the previous one
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "step_1")
+    (tmp_path / "step_1" / MANIFEST_NAME).unlink()  # never finished
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "step_0")
+    assert latest_checkpoint(tmp_path / "nothing_here") is None
+
+
+def test_row_hashes_see_every_byte_and_ignore_the_sharding():
+    g = torch.Generator().manual_seed(3)
+    fields = [torch.randn(12, 3, generator=g).to(torch.bfloat16), torch.randint(0, 9, (12,), generator=g),
+              torch.rand(12, generator=g) > 0.5, torch.randn(12, 2, 2, generator=g)]
+    whole = row_hashes(fields, 0)
+    # Hashing shards (any split, any offset) gives the slices of the whole-cache hashes.
+    for lo, hi in ((0, 4), (4, 12), (5, 6)):
+        assert torch.equal(row_hashes([f[lo:hi] for f in fields], lo), whole[lo:hi])
+    # A row moved to another position no longer matches.
+    assert not torch.equal(row_hashes([f[1:2] for f in fields], 0), whole[1:2])
+    # Every single-bit change of every byte of row 7 changes row 7's hash and only that one.
+    for index, f in enumerate(fields):
+        raw = f.clone().reshape(12, -1).contiguous().view(torch.uint8)
+        for col in range(raw.shape[1]):
+            for bit in (0, 7):
+                changed = raw.clone()
+                changed[7, col] ^= 1 << bit
+                if f.dtype == torch.bool and bit == 7:
+                    continue  # a bool byte must stay 0 or 1
+                altered = list(fields)
+                altered[index] = changed.view(f.dtype).reshape(f.shape)
+                h = row_hashes(altered, 0)
+                assert h[7] != whole[7] and torch.equal(h[:7], whole[:7]) and torch.equal(h[8:], whole[8:])
