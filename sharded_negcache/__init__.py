@@ -1,7 +1,11 @@
 """sharded_negcache: the negative cache of Lindgren et al. (NeurIPS 2021), sharded row-wise across ranks."""
-from .exchange import BatchRejected
-from .handler import ShardedCacheLossHandler, StepResult
+from .exchange import BatchRejected, CollectiveFailed
+from .handler import NonFiniteRows, ShardedCacheLossHandler, StepResult
 from .specs import FieldSpec
+from .store import CacheTooLarge
 
-__all__ = ["FieldSpec", "ShardedCacheLossHandler", "StepResult", "BatchRejected"]
+__all__ = [
+    "FieldSpec", "ShardedCacheLossHandler", "StepResult",
+    "BatchRejected", "CollectiveFailed", "NonFiniteRows", "CacheTooLarge",
+]
 __version__ = "0.1.0"

@@ -9,16 +9,23 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Comm", "RowRoute", "BatchRejected"]
+__all__ = ["Comm", "RowRoute", "BatchRejected", "CollectiveFailed", "DEFAULT_TIMEOUT_S"]
+
+DEFAULT_TIMEOUT_S = 300.0  # a step's collective that has not completed by then names itself and fails
 
 
 class BatchRejected(ValueError):
     """Raised on every rank when any rank's input failed validation (nothing was written)."""
+
+
+class CollectiveFailed(RuntimeError):
+    """A collective did not complete (a rank died, stalled or disconnected): names the step and the collective."""
 
 
 # torch >= 2.13 renamed all_gather_into_tensor to all_gather_single (the old name warns).
@@ -41,12 +48,27 @@ class RowRoute:
 class Comm:
     """Collectives over one process group, with per-collective byte counters."""
 
-    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(self, group: dist.ProcessGroup | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.distributed = dist.is_available() and dist.is_initialized()
         self.group = group
         self.world_size = dist.get_world_size(group) if self.distributed else 1
         self.rank = dist.get_rank(group) if self.distributed else 0
         self.bytes_sent: dict[str, int] = defaultdict(int)
+        if not timeout_s > 0:
+            raise ValueError(f"collective_timeout_s must be positive, got {timeout_s!r}")
+        self.timeout_s = float(timeout_s)
+        self.step = 0  # set by the handler, for error messages
+
+    def _run(self, name: str, launch: Callable[[], "dist.Work"]) -> None:
+        """Launches an async collective and waits at most ``timeout_s``; failures name the step and collective."""
+        try:
+            work = launch()
+            work.wait(timedelta(seconds=self.timeout_s))
+        except Exception as exc:  # gloo/NCCL raise RuntimeError subclasses with transport details
+            raise CollectiveFailed(
+                f"step {self.step}: collective '{name}' on rank {self.rank} of {self.world_size} did not complete "
+                f"within {self.timeout_s:g} s (a rank died, stalled or disconnected): {exc}"
+            ) from exc
 
     @property
     def active(self) -> bool:
@@ -67,7 +89,7 @@ class Comm:
         """
         if self.active:
             out = torch.empty(self.world_size, status.numel(), dtype=status.dtype, device=status.device)
-            _all_gather_concat(out, status.unsqueeze(0), group=self.group)
+            self._run("agree", lambda: _all_gather_concat(out, status.unsqueeze(0), group=self.group, async_op=True))
             self.bytes_sent["agree"] += _nbytes(status) * (self.world_size - 1)
         else:
             out = status.unsqueeze(0)
@@ -88,7 +110,7 @@ class Comm:
         return out
 
     # ---- queries and partials --------------------------------------------------------------
-    def gather_rows(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    def gather_rows(self, x: torch.Tensor, sizes: list[int], tag: str = "gather_queries") -> torch.Tensor:
         """Concatenation over ranks of each rank's ``x`` [sizes[r], ...] (rank order)."""
         if not self.active:
             return x
@@ -96,8 +118,9 @@ class Comm:
         buf = x.new_zeros(pad, *x.shape[1:])
         buf[: x.shape[0]] = x
         out = x.new_empty(self.world_size * pad, *x.shape[1:])
-        _all_gather_concat(out, buf.contiguous(), group=self.group)
-        self.bytes_sent["gather_queries"] += _nbytes(buf) * (self.world_size - 1)
+        buf = buf.contiguous()
+        self._run(tag, lambda: _all_gather_concat(out, buf, group=self.group, async_op=True))
+        self.bytes_sent[tag] += _nbytes(buf) * (self.world_size - 1)
         out = out.view(self.world_size, pad, *x.shape[1:])
         return torch.cat([out[r, : sizes[r]] for r in range(self.world_size)])
 
@@ -112,7 +135,9 @@ class Comm:
         if not self.active:
             return x
         out = x.new_empty(sum(recv_counts), *x.shape[1:])
-        dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts, group=self.group)
+        x = x.contiguous()
+        self._run(tag, lambda: dist.all_to_all_single(
+            out, x, recv_counts, send_counts, group=self.group, async_op=True))
         row = _nbytes(x[:1]) if x.shape[0] else 0
         self.bytes_sent[tag] += row * (sum(send_counts) - send_counts[self.rank])
         return out
@@ -129,7 +154,7 @@ class Comm:
             return list(send_counts)
         send = torch.tensor(send_counts, dtype=torch.int64, device=device)
         recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.group)
+        self._run("row_counts", lambda: dist.all_to_all_single(recv, send, group=self.group, async_op=True))
         self.bytes_sent["row_counts"] += 8 * (self.world_size - 1)
         return recv.tolist()
 
@@ -157,7 +182,7 @@ class Comm:
     # ---- statistics ------------------------------------------------------------------------
     def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
         if self.active:
-            dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.group)
+            self._run("stats", lambda: dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
             self.bytes_sent["stats"] += _nbytes(x)
         return x
 
@@ -168,13 +193,13 @@ class _GatherRowsWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, comm: "Comm", sizes: list[int]) -> torch.Tensor:  # type: ignore[override]
         ctx.comm, ctx.sizes = comm, sizes
-        return comm.gather_rows(x.detach(), sizes)
+        return comm.gather_rows(x.detach(), sizes, tag="gather_positives")
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         comm, sizes = ctx.comm, ctx.sizes
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=comm.group)
+        comm._run("gather_grad", lambda: dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=comm.group, async_op=True))
         comm.bytes_sent["gather_grad"] += _nbytes(grad)
         start = sum(sizes[: comm.rank])
         return grad[start : start + sizes[comm.rank]], None, None

@@ -17,20 +17,26 @@ from torch import nn
 from . import metrics
 from .codecs import EmbeddingCodec, make_codec
 from .combine import HomePartials, merge_partials, pack_partials
-from .exchange import BatchRejected, Comm
+from .exchange import DEFAULT_TIMEOUT_S, BatchRejected, CollectiveFailed, Comm
 from .layout import ShardLayout
 from .loss import cache_losses, staleness
 from .scoring import ScoreFn, make_score_fn, score_shard
 from .specs import CacheSchema, FieldSpec
-from .store import FetchedRows, ShardStore
+from .store import CacheTooLarge, FetchedRows, ShardStore, check_capacity
 
-__all__ = ["ShardedCacheLossHandler", "StepResult", "BatchRejected"]
+__all__ = [
+    "ShardedCacheLossHandler", "StepResult", "BatchRejected", "NonFiniteRows", "CollectiveFailed", "CacheTooLarge",
+]
 
 DEFAULT_CHUNK_BYTES = 8 << 20  # score matrix bytes per chunk: bounds scoring memory, stays cache-friendly
 
 Reduction = Literal["mean", "global_mean", "sum"]
 
 _ERR_INPUT, _ERR_QUERY_NONFINITE, _ERR_DOC_NONFINITE = 1, 2, 4
+
+
+class NonFiniteRows(FloatingPointError):
+    """The document tower produced NaN/Inf for some rows (policy 'raise'); raised on every rank, nothing written."""
 
 
 @dataclass
@@ -72,6 +78,12 @@ class ShardedCacheLossHandler(nn.Module):
         gradient average equals the mean over the global batch) or 'sum'.
       in_batch_negatives: also use the other positives of the global batch as fresh candidates (design
         §2 "cache plus in-batch negatives"); their gradient flows back to every rank's document tower.
+      nonfinite: NaN/Inf from the document tower. 'raise' (default): non-finite document embeddings are
+        rejected with the batch, and non-finite re-encoded rows raise NonFiniteRows on every rank before
+        anything is written. 'skip': such rows are neither inserted nor refreshed, their terms leave the
+        loss, and they are counted in ``cache/rejected_rows``.
+      collective_timeout_s: a collective that does not complete in this time (a rank died or stalled)
+        raises CollectiveFailed naming the step and the collective.
     """
 
     def __init__(
@@ -94,6 +106,8 @@ class ShardedCacheLossHandler(nn.Module):
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         reduction: Reduction = "mean",
         in_batch_negatives: bool = False,
+        nonfinite: Literal["raise", "skip"] = "raise",
+        collective_timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         super().__init__()
         if not isinstance(num_negatives, int) or num_negatives < 1:
@@ -102,10 +116,13 @@ class ShardedCacheLossHandler(nn.Module):
             raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
         if reduction not in ("mean", "global_mean", "sum"):
             raise ValueError(f"reduction must be 'mean', 'global_mean' or 'sum', got {reduction!r}")
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         if not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
         self.schema = CacheSchema(specs, embedding_key, data_keys, doc_id_key)
-        self.comm = Comm(process_group)
+        self.comm = Comm(process_group, collective_timeout_s)
+        self.nonfinite = nonfinite
         self.layout = ShardLayout.build(cache_size, process_group, block_size)
         self.score_fn: ScoreFn = make_score_fn(score_transform)
         self.top_k, self.num_negatives, self.use_lru = top_k, num_negatives, use_lru
@@ -115,6 +132,7 @@ class ShardedCacheLossHandler(nn.Module):
             embedding_codec if embedding_codec is not None else self.schema.specs[embedding_key].dtype
         )
         self._device_fixed = device is not None
+        check_capacity(self.layout.rows_per_rank, self.schema.dim, self.schema.feature_specs(), codec, device)
         self.store = ShardStore(
             self.layout.rows_per_rank, self.schema.dim, self.schema.feature_specs(), codec, device
         )
@@ -151,6 +169,7 @@ class ShardedCacheLossHandler(nn.Module):
             "use_lru": self.use_lru,
             "codec": self.store.codec.name,
             "in_batch_negatives": self.in_batch_negatives,
+            "nonfinite": self.nonfinite,
         }
 
     # ---- whole-cache views (tests and resharding; gathers everything, not for the hot path) ----
@@ -183,6 +202,7 @@ class ShardedCacheLossHandler(nn.Module):
         Every rank must call this together (it runs collectives), with any batch size, zero included.
         """
         self._follow_device(query_embeddings)
+        self.comm.step = self._step
         sizes = self._agree_on_inputs(query_embeddings, document_embeddings, document_data)
         rank, step, m = self.comm.rank, self._step, self.num_negatives
         own, first = sizes[rank], sum(sizes[:rank])
@@ -214,21 +234,38 @@ class ShardedCacheLossHandler(nn.Module):
         )
         fetched = self.store.unpack(packed)
         fresh = self._reencode(document_network, fetched, query_embeddings)
-        # 5. the losses (optionally with the global batch's other positives as fresh candidates).
-        in_batch = self._in_batch_scores(query_embeddings, document_embeddings, document_data, exclude, sizes)
-        result = self._losses(query_embeddings, document_embeddings, home, sampled, which, fresh, fetched, in_batch)
-        # 6. fresh embeddings back to the owners, written in place; 7. insert the positives.
-        slots, rows = self.comm.write_back(route, fresh.detach().float())
-        refreshed = self.store.refresh(slots, rows, self.use_lru)
-        inserted = self.store.insert(
-            document_embeddings.detach().float(),
-            {k: document_data[k] for k in self.schema.feature_keys},
+        fresh_ok = torch.isfinite(fresh.detach()).all(1)
+        positive_ok = torch.isfinite(document_embeddings.detach()).all(1)
+        # 5. the losses (rows the tower made non-finite are left out; optionally in-batch negatives).
+        positives = torch.where(positive_ok.unsqueeze(1), document_embeddings.float(), 0.0)
+        in_batch = self._in_batch_scores(query_embeddings, positives, exclude, sizes)
+        result = self._losses(
+            query_embeddings, positives, positive_ok, home, which, fresh_ok,
+            torch.where(fresh_ok.unsqueeze(1), fresh.float(), 0.0), fetched, in_batch,
         )
+        # 6. global statistics; every rank learns of non-finite rows before anything is written.
+        rejected = (~fresh_ok).sum() + (~positive_ok).sum()
+        result.metrics = self._global_metrics(result, fetched, which, rejected, positive_ok.sum())
+        if result.metrics["rejected_rows"] and self.nonfinite == "raise":
+            raise NonFiniteRows(
+                f"step {step}: the document tower produced NaN/Inf for {int(result.metrics['rejected_rows'])} "
+                "row(s) (sampled rows or positives, all ranks); cache unchanged. Use nonfinite='skip' to drop them."
+            )
+        # 7. fresh embeddings back to the owners, written in place; 8. insert the positives.
+        slots, rows = self.comm.write_back(route, fresh.detach().float())
+        new_rows = {k: document_data[k] for k in self.schema.feature_keys}
+        new_emb = document_embeddings.detach().float()
+        if self.nonfinite == "skip":
+            ok = torch.isfinite(rows).all(1)
+            slots, rows = slots[ok], rows[ok]
+            new_rows = {k: v[positive_ok] for k, v in new_rows.items()}
+            new_emb = new_emb[positive_ok]
+        refreshed = self.store.refresh(slots, rows, self.use_lru)
+        inserted = self.store.insert(new_emb, new_rows)
         self.store.tick()
         self._advance_step()
         result.refreshed_rows = self.layout.to_global(refreshed)
         result.inserted_rows = self.layout.to_global(inserted)
-        result.metrics = self._global_metrics(result, fetched, which, sampled)
         log_to, log_step = metrics.resolve_writer(writer, step)
         metrics.write_scalars(log_to, log_step, result.metrics, rank)
         self.last_step = result
@@ -242,6 +279,8 @@ class ShardedCacheLossHandler(nn.Module):
         if self._device_fixed or not isinstance(query_embeddings, torch.Tensor):
             return
         if query_embeddings.device != self.device:
+            s = self.store
+            check_capacity(s.rows, s.dim, s.feature_specs, s.codec, query_embeddings.device)
             self.to(query_embeddings.device)
         self._device_fixed = True
 
@@ -260,7 +299,8 @@ class ShardedCacheLossHandler(nn.Module):
         status = torch.tensor([_ERR_INPUT if problem else 0, batch, config_crc], device=self.device)
         if problem is None:
             status[0] += (~torch.isfinite(query_embeddings)).any().to(torch.int64) * _ERR_QUERY_NONFINITE
-            status[0] += (~torch.isfinite(document_embeddings)).any().to(torch.int64) * _ERR_DOC_NONFINITE
+            if self.nonfinite == "raise":
+                status[0] += (~torch.isfinite(document_embeddings)).any().to(torch.int64) * _ERR_DOC_NONFINITE
 
         def describe(code: int) -> str:
             parts = [problem] if code & _ERR_INPUT else []
@@ -314,7 +354,6 @@ class ShardedCacheLossHandler(nn.Module):
         self,
         query_embeddings: torch.Tensor,
         document_embeddings: torch.Tensor,
-        document_data: Mapping[str, torch.Tensor],
         positive_ids: torch.Tensor | None,
         sizes: list[int],
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -324,7 +363,7 @@ class ShardedCacheLossHandler(nn.Module):
         """
         if not self.in_batch_negatives:
             return None
-        positives = self.comm.gather_rows_with_grad(document_embeddings.float(), sizes)
+        positives = self.comm.gather_rows_with_grad(document_embeddings, sizes)
         scores = self.score_fn.on_dots(query_embeddings.float() @ positives.t())
         own = sizes[self.comm.rank]
         first = sum(sizes[: self.comm.rank])
@@ -338,28 +377,29 @@ class ShardedCacheLossHandler(nn.Module):
     def _losses(
         self,
         query_embeddings: torch.Tensor,
-        document_embeddings: torch.Tensor,
+        positives: torch.Tensor,
+        positive_ok: torch.Tensor,
         home: HomePartials,
-        sampled: torch.Tensor,
         which: torch.Tensor,
+        fresh_ok: torch.Tensor,
         fresh: torch.Tensor,
         fetched: FetchedRows,
         in_batch: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> StepResult:
-        q, p = query_embeddings.float(), document_embeddings.float()
-        pos_scores = self.score_fn.on_dots((q * p).sum(-1))
-        index = torch.zeros_like(home.rows)
-        index[sampled] = which
+        """Per-query losses; ``positives`` and ``fresh`` are finite (non-finite rows zeroed and masked out)."""
+        q = query_embeddings.float()
+        pos_scores = self.score_fn.on_dots((q * positives).sum(-1))
+        rows = home.rows
+        drawn = _spread(fresh_ok, rows, which, False)  # a real draw whose re-encoding is finite
         if fresh.shape[0]:
-            neg_scores = self.score_fn.on_dots(torch.einsum("bd,bmd->bm", q, fresh.float()[index]))
-            stale = staleness(fetched.embeddings, fresh)[index]
+            index = _spread(torch.arange(fresh.shape[0], device=rows.device), rows, which, 0)
+            neg_scores = self.score_fn.on_dots(torch.einsum("bd,bmd->bm", q, fresh[index]))
         else:
-            neg_scores = q.new_zeros(home.rows.shape)
-            stale = q.new_zeros(home.rows.shape)
+            neg_scores = q.new_zeros(rows.shape)
+        stale = _spread(staleness(fetched.embeddings, fresh), rows, which, float("nan"))
         batch_scores, batch_mask = in_batch if in_batch is not None else (None, None)
-        training, interpretable, prob = cache_losses(
-            pos_scores, home.lse, neg_scores, sampled, batch_scores, batch_mask
-        )
+        training, interpretable, prob = cache_losses(pos_scores, home.lse, neg_scores, drawn, batch_scores, batch_mask)
+        training = torch.where(positive_ok, training, 0.0)  # a query whose positive is non-finite is left out
         total = training.sum()
         if self.reduction == "mean":
             loss = total / max(training.shape[0], 1)
@@ -367,17 +407,16 @@ class ShardedCacheLossHandler(nn.Module):
             loss = total * self.comm.world_size / max(self._global_batch, 1)
         else:
             loss = total
-        nan = torch.full_like(stale, float("nan"))
         return StepResult(
             loss=loss,
             training_loss=training.detach(),
-            interpretable_loss=interpretable,
+            interpretable_loss=torch.where(positive_ok, interpretable, float("nan")),
             prob_positive=prob,
             lse=home.lse,
-            sampled_rows=home.rows,
-            staleness=torch.where(sampled, stale, nan),
-            refreshed_rows=home.rows.new_empty(0),
-            inserted_rows=home.rows.new_empty(0),
+            sampled_rows=rows,
+            staleness=torch.where(drawn, stale, float("nan")),
+            refreshed_rows=rows.new_empty(0),
+            inserted_rows=rows.new_empty(0),
         )
 
     def _advance_step(self) -> None:
@@ -385,26 +424,44 @@ class ShardedCacheLossHandler(nn.Module):
         self.step_count.fill_(self._step)
 
     def _global_metrics(
-        self, result: StepResult, fetched: FetchedRows, which: torch.Tensor, sampled: torch.Tensor
+        self,
+        result: StepResult,
+        fetched: FetchedRows,
+        which: torch.Tensor,
+        rejected: torch.Tensor,
+        inserting: torch.Tensor,
     ) -> dict[str, float]:
-        """One all-reduce of sums, then global means (every rank gets the same numbers)."""
-        ages = fetched.ages.to(torch.float64)[which] if which.numel() else fetched.ages.new_zeros(0, dtype=torch.float64)
+        """One all-reduce of sums, then global means (the same on every rank); runs before any write."""
+        drawn = torch.isfinite(result.staleness)
+        ages = _spread(fetched.ages.double(), result.sampled_rows, which, 0.0)
+        filled = self.store.filled.sum()
+        filled_after = filled + torch.minimum(inserting, self.layout.rows_per_rank - filled)
+        il = result.interpretable_loss.double()
         sums = torch.stack([
-            result.interpretable_loss.double().sum(),
-            torch.tensor(float(result.interpretable_loss.numel()), dtype=torch.float64, device=self.device),
-            result.staleness[sampled].double().sum(),
-            sampled.sum().double(),
-            ages.sum(),
-            self.store.filled.sum().double(),
+            torch.nan_to_num(il, nan=0.0).sum(),
+            torch.isfinite(il).sum().double(),
+            torch.where(drawn, result.staleness.double(), 0.0).sum(),
+            drawn.sum().double(),
+            torch.where(drawn, ages, 0.0).sum(),
+            filled_after.double(),
+            rejected.double(),
         ])
-        il, nq, st, ns, age, filled = self.comm.all_reduce_sum(sums).tolist()
+        il_sum, nq, st, ns, age, filled, rej = self.comm.all_reduce_sum(sums).tolist()
         return {
-            "interpretable_loss": il / max(nq, 1),
+            "interpretable_loss": il_sum / max(nq, 1),
             "staleness": st / ns if ns else 0.0,
             "fill_fraction": filled / self.layout.cache_size,
             "sampled_age": age / ns if ns else 0.0,
             "sampled": ns,
+            "rejected_rows": rej,
         }
+
+
+def _spread(values: torch.Tensor, rows: torch.Tensor, which: torch.Tensor, fill: float | bool | int) -> torch.Tensor:
+    """Values of the unique fetched rows spread to each (query, draw) [B, m]; ``fill`` where nothing was drawn."""
+    out = torch.full(rows.shape, fill, dtype=values.dtype, device=rows.device)
+    out[rows >= 0] = values[which]
+    return out
 
 
 def _sync_host_counters(module: nn.Module, incompatible_keys: Any) -> None:

@@ -10,6 +10,7 @@ TAGS = {
     "staleness": "cache/staleness",
     "fill_fraction": "cache/fill_fraction",
     "sampled_age": "cache/sampled_age_mean",
+    "rejected_rows": "cache/rejected_rows",
 }
 
 

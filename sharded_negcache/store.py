@@ -13,7 +13,49 @@ from torch import nn
 from .codecs import EmbeddingCodec
 from .specs import FieldSpec
 
-__all__ = ["ShardStore", "FetchedRows", "first_occurrence"]
+__all__ = ["ShardStore", "FetchedRows", "first_occurrence", "CacheTooLarge", "check_capacity", "shard_bytes"]
+
+
+class CacheTooLarge(MemoryError):
+    """The shard would not fit in the device's free memory: refused at construction, not mid-training."""
+
+
+def shard_bytes(rows: int, dim: int, feature_specs: Mapping[str, FieldSpec], codec: EmbeddingCodec) -> int:
+    """Bytes one shard's buffers take: stored embeddings, every feature field, ages (8) and flags (1)."""
+    per_row = codec.bytes_per_row(dim) + 8 + 1
+    per_row += sum(_itemsize(s.dtype) * _numel(s.shape) for s in feature_specs.values())
+    return rows * per_row
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    """Free memory of a CUDA device, or MemAvailable of the host for CPU; None when unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def check_capacity(
+    rows: int, dim: int, feature_specs: Mapping[str, FieldSpec], codec: EmbeddingCodec, device: torch.device | str | None
+) -> None:
+    """Raises CacheTooLarge (with the computed size) when a shard cannot fit in the free memory of ``device``."""
+    device = torch.device(device if device is not None else "cpu")
+    need = shard_bytes(rows, dim, feature_specs, codec)
+    free = _free_bytes(device)
+    if free is not None and need > free:
+        raise CacheTooLarge(
+            f"a cache shard of {rows} rows needs {need / 2**30:.2f} GiB on {device} "
+            f"({need // rows} bytes per row) but only {free / 2**30:.2f} GiB are free; "
+            "use more ranks, a smaller cache_size or a compact embedding_codec"
+        )
 
 
 def _itemsize(dtype: torch.dtype) -> int:

@@ -45,7 +45,8 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, ou
 def run_ranks(world_size: int, fn: Callable, *args: Any, timeout: float = DEFAULT_TIMEOUT_S, allow_errors: bool = False) -> list:
     """Runs ``fn(rank, world_size, *args)`` in ``world_size`` gloo processes; returns the results by rank.
 
-    A rank that raised makes this raise (or, with ``allow_errors``, its slot holds ``("error", text)``).
+    A rank that raised makes this raise (or, with ``allow_errors``, its slot holds ``("error", text)``,
+    and a rank that died without a result holds ``("died", exit code)``).
     ``fn`` must be importable (a module-level function).
     """
     ctx = mp.get_context("spawn")
@@ -66,6 +67,9 @@ def run_ranks(world_size: int, fn: Callable, *args: Any, timeout: float = DEFAUL
         for r in range(world_size):
             path = os.path.join(out_dir, f"rank{r}.pkl")
             if not os.path.exists(path):
+                if allow_errors:
+                    results.append(("died", procs[r].exitcode))
+                    continue
                 raise RuntimeError(f"rank {r} exited with code {procs[r].exitcode} without a result")
             with open(path, "rb") as f:
                 status, value = pickle.load(f)

@@ -126,8 +126,6 @@ CORRUPT_ROW = 31  # owned by rank 1 when saved with W = 2 (rows 24..47) and when
 
 # ---- the spawned worker: the whole W x W' matrix and damaged checkpoints on 3 ranks ---------
 def matrix_worker(rank: int, world_size: int, root: str) -> dict:
-    import time
-    t0 = time.time()
     torch.manual_seed(0)
     groups = {1: dist.new_group([0]), 2: dist.new_group([0, 1]), 3: dist.new_group([0, 1, 2]), 4: None}
     out: dict = {"saved": {}, "loaded": {}, "damaged": {}}
@@ -137,7 +135,6 @@ def matrix_worker(rank: int, world_size: int, root: str) -> dict:
             if rank == 0:
                 out["saved"][f"w{w}"] = (rows, after)
         dist.barrier()
-    print("saves", time.time() - t0, flush=True)
     for w_new in (1, 2, 3, 4):
         if rank < w_new:
             for src in SOURCES:
@@ -146,7 +143,6 @@ def matrix_worker(rank: int, world_size: int, root: str) -> dict:
                     out["loaded"][(src, w_new)] = (rows, counters, after)
         dist.barrier()
 
-    print("loads", time.time() - t0, flush=True)
     # Damaged copies of the W = 2 checkpoint, loaded by 3 ranks: every rank must refuse, cache untouched.
     if rank == 0:
         value = float(out["saved"]["w2"][0]["x"][CORRUPT_ROW, 2])
@@ -175,7 +171,6 @@ def matrix_worker(rank: int, world_size: int, root: str) -> dict:
             outcome = f"CheckpointException: {exc}"
         unchanged = all(torch.equal(v, before[k]) for k, v in handler.store.export_rows().items())
         out["damaged"]["bare_dcp_missing"] = (outcome, unchanged, handler.steps_done)
-    print("damaged", time.time() - t0, flush=True)
     return out
 
 

@@ -70,7 +70,8 @@ def test_insertion_order_empty_first_then_oldest_ties_to_lowest_slot():
 
 def full_cache(ids: list[int], ages: list[int]) -> NegativeCache:
     t = torch.tensor(ids)
-    return NegativeCache({"id": t[:, None].clone(), "emb": t[:, None].float().repeat(1, 2)}, torch.tensor(ages, dtype=torch.int32))
+    data = {"id": t[:, None].clone(), "emb": t[:, None].float().repeat(1, 2)}
+    return NegativeCache(data, torch.tensor(ages, dtype=torch.int32))
 
 
 def test_lru_refresh_happens_before_insert():
@@ -166,7 +167,8 @@ def test_update_cache_does_not_modify_its_input():
 
 def test_short_rows_are_zero_padded_and_ints_cast():
     m = CacheManager({"tok": FixedLenFeature([4], torch.int32), "emb": FixedLenFeature([1], torch.float32)}, 2)
-    c = m.update_cache(m.init_cache(), new_items={"tok": torch.tensor([[5, 6]], dtype=torch.int64), "emb": torch.ones(1, 1)})
+    short = {"tok": torch.tensor([[5, 6]], dtype=torch.int64), "emb": torch.ones(1, 1)}
+    c = m.update_cache(m.init_cache(), new_items=short)
     assert c.data["tok"].dtype == torch.int32
     assert c.data["tok"][0].tolist() == [5, 6, 0, 0]
 

@@ -26,7 +26,9 @@ __all__ = ["BorrowedShard", "EngineOutcome", "EngineStep"]
 class BorrowedShard(ShardStore):
     """A ShardStore whose rows are the caller's tensors; refreshes are recorded, inserts and ticks skipped."""
 
-    def __init__(self, rows: int, dim: int, feature_specs: Mapping[str, FieldSpec], embedding_dtype: torch.dtype) -> None:
+    def __init__(
+        self, rows: int, dim: int, feature_specs: Mapping[str, FieldSpec], embedding_dtype: torch.dtype
+    ) -> None:
         super().__init__(rows, dim, feature_specs, make_codec(embedding_dtype), device="meta")  # allocates nothing
         self.recorded: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -104,10 +106,12 @@ class EngineStep:
         process_group: dist.ProcessGroup | None,
     ) -> EngineOutcome:
         """Loss partials of this rank's queries against the shards of every rank; nothing is written."""
-        engine = self._engine_for(embeddings, features, embedding_key, data_keys, score_transform, top_k, seed, process_group)
+        engine = self._engine_for(
+            embeddings, features, embedding_key, data_keys, score_transform, top_k, seed, process_group
+        )
         store: BorrowedShard = engine.store  # type: ignore[assignment]
         store.bind(embeddings, features, filled)
-        batch = query_embeddings.shape[0] if isinstance(query_embeddings, torch.Tensor) and query_embeddings.dim() else 0
+        batch = query_embeddings.shape[0]
         placeholders = {  # the engine validates the positives' features; BorrowedShard.insert ignores them
             k: torch.zeros((batch, *s.shape), dtype=s.dtype, device=embeddings.device)
             for k, s in store.feature_specs.items()

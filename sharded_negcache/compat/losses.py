@@ -36,7 +36,7 @@ CacheLossReturn = collections.namedtuple(
         "topk_features",
     ],
 )
-CacheLossReturn.__doc__ = "What a cache loss returns: the losses, the cache refreshes per source, staleness, top-k features."
+CacheLossReturn.__doc__ = "A cache loss's result: losses, per-source cache refreshes, staleness, top-k features."
 
 Reducer = Callable[[torch.Tensor], torch.Tensor]
 DocNetwork = Callable[[dict[str, torch.Tensor]], torch.Tensor]
@@ -57,7 +57,9 @@ class CacheLoss(metaclass=abc.ABCMeta):
         raise NotImplementedError
 
 
-def _check_settings(embedding_key: Any, data_keys: Any, score_transform: Any, top_k: Any, reducer: Any) -> tuple[str, ...]:
+def _check_settings(
+    embedding_key: Any, data_keys: Any, score_transform: Any, top_k: Any, reducer: Any
+) -> tuple[str, ...]:
     if not isinstance(embedding_key, str):
         raise TypeError(f"embedding_key must be a str, got {embedding_key!r}")
     if isinstance(data_keys, str) or not data_keys:
@@ -82,7 +84,8 @@ def _check_batch(query_embeddings: Any, pos_doc_embeddings: Any) -> None:
             raise ValueError(f"{name} must be a [batch, d] tensor, got {getattr(t, 'shape', type(t).__name__)}")
     if query_embeddings.shape != pos_doc_embeddings.shape:
         raise ValueError(
-            f"query_embeddings {list(query_embeddings.shape)} and pos_doc_embeddings {list(pos_doc_embeddings.shape)} differ"
+            f"query_embeddings {list(query_embeddings.shape)} and pos_doc_embeddings "
+            f"{list(pos_doc_embeddings.shape)} differ"
         )
 
 
@@ -121,7 +124,7 @@ def _updates_per_source(
 
 
 class CacheClassificationLoss(CacheLoss):
-    """The reference's single-process cache loss over ``{source: NegativeCache}`` (sources concatenated in sorted order).
+    """The reference's single-process cache loss over ``{source: NegativeCache}``, sources concatenated in sorted order.
 
     ``top_k`` keeps the reference's meaning: the maximum of each of top_k consecutive row groups
     (``util.approximate_top_k_with_indices``), not the exact top-k. Rows not ``filled`` are never
@@ -175,7 +178,8 @@ class CacheClassificationLoss(CacheLoss):
             pick = torch.as_tensor(self._retrieval_fn(cand_scores), device=q.device).reshape(-1, 1).long()
             if pick.shape[0] != q.shape[0] or (pick.numel() and (pick.min() < 0 or pick.max() >= cand_scores.shape[1])):
                 raise ValueError(
-                    f"_retrieval_fn must return [{q.shape[0]}, 1] indices in [0, {cand_scores.shape[1]}), got {pick.tolist()}"
+                    f"_retrieval_fn must return [{q.shape[0]}, 1] indices in [0, {cand_scores.shape[1]}), "
+                    f"got {pick.tolist()}"
                 )
             sampled = torch.isfinite(cand_scores.gather(1, pick)).squeeze(1)
             rows = torch.where(sampled, cand_rows.gather(1, pick).squeeze(1), torch.full_like(pick[:, 0], -1))
@@ -189,7 +193,9 @@ class CacheClassificationLoss(CacheLoss):
         training = _training_loss(log_p.exp(), pos, neg, sampled)
         stale = _staleness(cached[rows.clamp(min=0)], fresh, sampled)
         training, interpretable, stale = _reduce(self.reducer, training, -log_p, stale, sampled)
-        data, indices, mask = _updates_per_source(list(caches), offsets, rows, sampled, fresh.detach(), self.embedding_key)
+        data, indices, mask = _updates_per_source(
+            list(caches), offsets, rows, sampled, fresh.detach(), self.embedding_key
+        )
         topk = self._top_candidates(cand_scores, cand_rows, fields, return_topk) if return_topk else None
         return CacheLossReturn(training, interpretable, data, indices, mask, stale, topk)
 
@@ -247,7 +253,9 @@ class DistributedCacheClassificationLoss(CacheLoss):
     ) -> CacheLossReturn:
         _check_batch(query_embeddings, pos_doc_embeddings)
         if return_topk:
-            raise NotImplementedError("return_topk is not supported by the engine-backed DistributedCacheClassificationLoss")
+            raise NotImplementedError(
+                "return_topk is not supported by the engine-backed DistributedCacheClassificationLoss"
+            )
         fn = self._retrieval_fn
         if type(fn) is not retrieval_fns.GumbelMaxRetrievalFn or fn.inv_temp != 1.0:
             raise NotImplementedError(

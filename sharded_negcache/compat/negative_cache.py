@@ -57,20 +57,19 @@ class NegativeCache(_CacheFields):
 
     def __repr__(self) -> str:
         shapes = {k: tuple(v.shape) for k, v in self.data.items()}
-        return f"NegativeCache(data={shapes}, age={getattr(self.age, 'shape', self.age)}, filled={self.filled is not None})"
+        age = getattr(self.age, "shape", self.age)
+        return f"NegativeCache(data={shapes}, age={age}, filled={self.filled is not None})"
 
     @property
     def num_rows(self) -> int:
         """Rows of the cache (read from the first data field)."""
         return next(iter(self.data.values())).shape[0]
 
-    def to(self, *args: Any, **kwargs: Any) -> "NegativeCache":
-        """A copy with every tensor moved/cast like ``Tensor.to`` (dtype casts apply to ``data`` only)."""
-        moved = {k: v.to(*args, **kwargs) for k, v in self.data.items()}
-        device = next(iter(moved.values())).device if moved else None
+    def to(self, device: torch.device | str) -> "NegativeCache":
+        """A copy with every tensor on ``device`` (dtypes unchanged: integer fields stay integer)."""
         age = self.age.to(device) if isinstance(self.age, torch.Tensor) else self.age
         filled = self.filled.to(device) if self.filled is not None else None
-        return NegativeCache(moved, age, filled)
+        return NegativeCache({k: v.to(device) for k, v in self.data.items()}, age, filled)
 
 
 def normalize_spec_shapes(specs: Mapping[str, Any]) -> dict[str, FieldSpec]:
@@ -107,7 +106,9 @@ def fit_rows(value: Any, name: str, spec: FieldSpec, rows: int, device: torch.de
     tail = tuple(value.shape[1:])
     if tail != spec.shape:
         if len(tail) != len(spec.shape) or any(t > s for t, s in zip(tail, spec.shape)):
-            raise CacheUpdateError(f"{name} must have rows of shape {list(spec.shape)} (or shorter, zero-padded), got {list(tail)}")
+            raise CacheUpdateError(
+                f"{name} must have rows of shape {list(spec.shape)} (or shorter, zero-padded), got {list(tail)}"
+            )
         padded = torch.zeros((rows, *spec.shape), dtype=spec.dtype, device=device)
         padded[(slice(None), *(slice(0, t) for t in tail))] = value.to(device=device, dtype=spec.dtype)
         return padded
@@ -202,7 +203,9 @@ class CacheManager:
         if not isinstance(cache, tuple) or not hasattr(cache, "data") or not hasattr(cache, "age"):
             raise TypeError(f"cache must be a NegativeCache, got {type(cache).__name__}")
         if set(cache.data) != set(self.field_specs):
-            raise ValueError(f"cache.data keys {sorted(cache.data)} differ from the spec keys {sorted(self.field_specs)}")
+            raise ValueError(
+                f"cache.data keys {sorted(cache.data)} differ from the spec keys {sorted(self.field_specs)}"
+            )
         rows = {k: v.shape[0] for k, v in cache.data.items()}
         if len(set(rows.values())) != 1:
             raise ValueError(f"cache.data fields have different row counts: {rows}")
@@ -264,14 +267,21 @@ class CacheManager:
         data = {} if data is None else data
         unknown = set(data) - set(self.field_specs)
         if unknown:
-            raise ValueError(f"updated_item_data keys {sorted(unknown)} are not in the cache specs {sorted(self.field_specs)}")
+            raise ValueError(
+                f"updated_item_data keys {sorted(unknown)} are not in the cache specs {sorted(self.field_specs)}"
+            )
         idx = _as_index(indices, "updated_item_indices", device)
         keep = _as_mask(mask, idx.numel(), "updated_item_mask", device)
-        values = {k: fit_rows(v, f"updated_item_data[{k!r}]", self.field_specs[k], idx.numel(), device) for k, v in data.items()}
+        values = {
+            k: fit_rows(v, f"updated_item_data[{k!r}]", self.field_specs[k], idx.numel(), device)
+            for k, v in data.items()
+        }
         positions = keep.nonzero().squeeze(1)
         rows = idx[positions]
         if rows.numel() and (rows.min() < 0 or rows.max() >= n_rows):
-            raise CacheUpdateError(f"updated_item_indices must lie in [0, {n_rows}) where unmasked, got {rows.tolist()}")
+            raise CacheUpdateError(
+                f"updated_item_indices must lie in [0, {n_rows}) where unmasked, got {rows.tolist()}"
+            )
         rows, last = _last_occurrence(rows)
         return rows, {k: v[positions[last]] for k, v in values.items()}
 
@@ -283,7 +293,8 @@ class CacheManager:
             return None
         if set(items) != set(self.field_specs):
             raise ValueError(
-                f"Value `new_items` must have the same keys ({sorted(items)}) as the cache specs ({sorted(self.field_specs)})"
+                f"Value `new_items` must have the same keys ({sorted(items)}) as the cache specs "
+                f"({sorted(self.field_specs)})"
             )
         first = next(iter(items.values()))
         count = first.shape[0] if isinstance(first, torch.Tensor) and first.dim() else -1
@@ -298,7 +309,9 @@ class CacheManager:
 def as_cache_dict(cache: Any, name: str = "cache") -> dict[str, NegativeCache]:
     """The reference's losses take ``{source: NegativeCache}``; returns it with sorted keys after checks."""
     if not isinstance(cache, Mapping) or not cache:
-        raise TypeError(f"{name} must be a non-empty dict of NegativeCache (e.g. {{'cache': cache}}), got {type(cache).__name__}")
+        raise TypeError(
+            f"{name} must be a non-empty dict of NegativeCache (e.g. {{'cache': cache}}), got {type(cache).__name__}"
+        )
     for key, value in cache.items():
         if not hasattr(value, "data") or not isinstance(value.data, Mapping):
             raise TypeError(f"{name}[{key!r}] must be a NegativeCache, got {type(value).__name__}")
@@ -323,7 +336,7 @@ def concat_sources(
     sizes = [c.data[keys[0]].shape[0] for c in caches.values()]
     device = data[keys[0]].device
     filled = [
-        c.filled.to(device) if getattr(c, "filled", None) is not None else torch.ones(n, dtype=torch.bool, device=device)
+        torch.ones(n, dtype=torch.bool, device=device) if getattr(c, "filled", None) is None else c.filled.to(device)
         for c, n in zip(caches.values(), sizes)
     ]
     offsets = [0]

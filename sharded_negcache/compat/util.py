@@ -1,4 +1,4 @@
-"""Helpers of the reference's ``negative_cache.util`` that users call: block-max "top-k", gather_nd, cross-replica concat."""
+"""Helpers of the reference's ``negative_cache.util``: block-max "top-k", gather_nd, cross-replica concat."""
 from __future__ import annotations
 
 import torch
@@ -8,7 +8,7 @@ __all__ = ["approximate_top_k_with_indices", "gather_nd", "cross_replica_concat"
 
 
 def approximate_top_k_with_indices(negative_scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference's approximate top-k: the columns are cut into k consecutive groups and each group's maximum is kept.
+    """The reference's approximate top-k: the maximum of each of k consecutive column groups.
 
     Returns ``(scores, indices)``, both [B, k], group order (not sorted by score). Group g holds columns
     ``[g*C//k, (g+1)*C//k)``: for ``C % k == 0`` these are the reference's groups; other C (which the

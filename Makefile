@@ -1,0 +1,21 @@
+# Two commands do everything on a fresh machine (each sets up .venv first, idempotently):
+#   make train   - a small real training run with the sharded cache under torchrun (2 ranks, CPU)
+#   make test    - the whole test suite
+PY := .venv/bin/python
+
+.PHONY: setup train test bench clean
+
+setup:
+	./scripts/setup.sh
+
+train: setup
+	./examples/code_search/run_comparison.sh
+
+test: setup
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) benchmarks/bench_step.py
+
+clean:
+	rm -rf .venv runs .pytest_cache
