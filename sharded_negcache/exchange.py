@@ -162,17 +162,27 @@ class Comm:
         self,
         owners: torch.Tensor,
         local_slots: torch.Tensor,
-        pack: Callable[[torch.Tensor], torch.Tensor],
-    ) -> tuple[torch.Tensor, RowRoute]:
+        pack: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+        jagged_lengths: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], RowRoute]:
         """Asks each row's owner for it. ``owners`` must be sorted ascending (rows grouped by owner).
 
-        Returns the packed rows in the order requested, and the route for :meth:`write_back`.
+        Returns the packed fixed-size rows in the order requested, the values of each jagged field
+        (one more all-to-all per field, sized from the lengths inside the packed rows), and the
+        route for :meth:`write_back`.
         """
         send_counts = torch.bincount(owners, minlength=self.world_size).tolist()
         recv_counts = self.exchange_counts(send_counts, local_slots.device)
         served = self.all_to_all(local_slots, send_counts, recv_counts, "row_ids")
-        rows = self.all_to_all(pack(served), recv_counts, send_counts, "row_fetch")
-        return rows, RowRoute(send_counts, recv_counts, served)
+        fixed, var = pack(served)
+        rows = self.all_to_all(fixed, recv_counts, send_counts, "row_fetch")
+        if var:
+            sent, got = jagged_lengths(fixed), jagged_lengths(rows)
+            for key in var:
+                out_sizes = _segment_sums(sent[key], recv_counts)
+                in_sizes = _segment_sums(got[key], send_counts)
+                var[key] = self.all_to_all(var[key], out_sizes, in_sizes, "row_fetch_jagged")
+        return rows, var, RowRoute(send_counts, recv_counts, served)
 
     def write_back(self, route: RowRoute, fresh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sends fresh rows (request order) back to their owners; returns (local slots, rows) received."""
@@ -185,6 +195,15 @@ class Comm:
             self._run("stats", lambda: dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
             self.bytes_sent["stats"] += _nbytes(x)
         return x
+
+
+def _segment_sums(values: torch.Tensor, counts: list[int]) -> list[int]:
+    """Sums of consecutive segments of ``values`` with the given lengths (one host read)."""
+    if not counts:
+        return []
+    ids = torch.repeat_interleave(torch.arange(len(counts), device=values.device),
+                                  torch.tensor(counts, device=values.device), output_size=values.numel())
+    return torch.zeros(len(counts), dtype=values.dtype, device=values.device).index_add_(0, ids, values).tolist()
 
 
 class _GatherRowsWithGrad(torch.autograd.Function):

@@ -22,6 +22,7 @@ from .layout import ShardLayout
 from .loss import cache_losses, staleness
 from .scoring import ScoreFn, make_score_fn, score_shard
 from .specs import CacheSchema, FieldSpec
+from .jagged import Jagged
 from .store import CacheTooLarge, FetchedRows, ShardStore, check_capacity
 
 __all__ = [
@@ -71,7 +72,8 @@ class ShardedCacheLossHandler(nn.Module):
       doc_id_key: spec field with a document id; rows holding a query's own positive are excluded.
       process_group: the group the cache is sharded over (default: WORLD when initialised).
       device: where the cache lives; by default it follows the first batch's embeddings.
-      embedding_codec: storage of cached embeddings ('fp32', 'bf16', 'fp16'); default the spec dtype.
+      embedding_codec: storage of cached embeddings: 'fp32', 'bf16', 'fp16', 'int8' or 'int4' (row-wise,
+        fbgemm's fused layouts); default the spec dtype.
       block_size: rows per sampling block (must divide the rows per rank; default gcd(256, rows)).
       chunk_bytes: size of the score matrix scored at once (memory bound of scoring).
       reduction: 'mean' over this rank's queries (the reference), 'global_mean' (scaled so that DDP's
@@ -84,6 +86,8 @@ class ShardedCacheLossHandler(nn.Module):
         loss, and they are counted in ``cache/rejected_rows``.
       collective_timeout_s: a collective that does not complete in this time (a rank died or stalled)
         raises CollectiveFailed naming the step and the collective.
+      host_features: feature fields kept in host memory (pinned where CUDA is present) while the
+        embeddings stay on ``device``; only sampled rows' features are read each step.
     """
 
     def __init__(
@@ -108,6 +112,7 @@ class ShardedCacheLossHandler(nn.Module):
         in_batch_negatives: bool = False,
         nonfinite: Literal["raise", "skip"] = "raise",
         collective_timeout_s: float = DEFAULT_TIMEOUT_S,
+        host_features: Sequence[str] = (),
     ) -> None:
         super().__init__()
         if not isinstance(num_negatives, int) or num_negatives < 1:
@@ -132,10 +137,11 @@ class ShardedCacheLossHandler(nn.Module):
             embedding_codec if embedding_codec is not None else self.schema.specs[embedding_key].dtype
         )
         self._device_fixed = device is not None
-        check_capacity(self.layout.rows_per_rank, self.schema.dim, self.schema.feature_specs(), codec, device)
-        self.store = ShardStore(
-            self.layout.rows_per_rank, self.schema.dim, self.schema.feature_specs(), codec, device
-        )
+        if doc_id_key is not None and doc_id_key in host_features:
+            raise ValueError(f"host_features must not hold the doc_id_key {doc_id_key!r}: scoring reads it on the device")
+        specs = self.schema.feature_specs()
+        check_capacity(self.layout.rows_per_rank, self.schema.dim, specs, codec, device, host_features)
+        self.store = ShardStore(self.layout.rows_per_rank, self.schema.dim, specs, codec, device, host_features)
         self.register_buffer("step_count", torch.zeros((), dtype=torch.int64, device=device))
         self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64, device=device))
         self._step, self._seed, self._global_batch = 0, seed, 0
@@ -155,7 +161,7 @@ class ShardedCacheLossHandler(nn.Module):
         """Settings every rank must share (checked at each step)."""
         fn = self.score_fn.fn
         return {
-            "specs": {k: (s.shape, str(s.dtype)) for k, s in self.schema.specs.items()},
+            "specs": {k: repr(s) for k, s in self.schema.specs.items()},
             "embedding_key": self.schema.embedding_key,
             "data_keys": self.schema.data_keys,
             "doc_id_key": self.schema.doc_id_key,
@@ -168,6 +174,7 @@ class ShardedCacheLossHandler(nn.Module):
             "num_negatives": self.num_negatives,
             "use_lru": self.use_lru,
             "codec": self.store.codec.name,
+            "host_features": sorted(self.store.host_keys),
             "in_batch_negatives": self.in_batch_negatives,
             "nonfinite": self.nonfinite,
         }
@@ -203,7 +210,7 @@ class ShardedCacheLossHandler(nn.Module):
         """
         self._follow_device(query_embeddings)
         self.comm.step = self._step
-        sizes = self._agree_on_inputs(query_embeddings, document_embeddings, document_data)
+        sizes, features = self._agree_on_inputs(query_embeddings, document_embeddings, document_data)
         rank, step, m = self.comm.rank, self._step, self.num_negatives
         own, first = sizes[rank], sum(sizes[:rank])
         self._global_batch = sum(sizes)
@@ -229,10 +236,10 @@ class ShardedCacheLossHandler(nn.Module):
         sampled = home.rows >= 0
         unique_rows, which = torch.unique(home.rows[sampled], return_inverse=True)
         owners = self.layout.owner_of(unique_rows)
-        packed, route = self.comm.fetch_rows(
-            owners, unique_rows - owners * self.layout.rows_per_rank, self.store.pack
+        packed, jagged, route = self.comm.fetch_rows(
+            owners, unique_rows - owners * self.layout.rows_per_rank, self.store.pack, self.store.jagged_lengths
         )
-        fetched = self.store.unpack(packed)
+        fetched = self.store.unpack(packed, jagged)
         fresh = self._reencode(document_network, fetched, query_embeddings)
         fresh_ok = torch.isfinite(fresh.detach()).all(1)
         positive_ok = torch.isfinite(document_embeddings.detach()).all(1)
@@ -253,15 +260,14 @@ class ShardedCacheLossHandler(nn.Module):
             )
         # 7. fresh embeddings back to the owners, written in place; 8. insert the positives.
         slots, rows = self.comm.write_back(route, fresh.detach().float())
-        new_rows = {k: document_data[k] for k in self.schema.feature_keys}
         new_emb = document_embeddings.detach().float()
         if self.nonfinite == "skip":
             ok = torch.isfinite(rows).all(1)
             slots, rows = slots[ok], rows[ok]
-            new_rows = {k: v[positive_ok] for k, v in new_rows.items()}
+            features = {k: v.select(positive_ok) if isinstance(v, Jagged) else v[positive_ok] for k, v in features.items()}
             new_emb = new_emb[positive_ok]
         refreshed = self.store.refresh(slots, rows, self.use_lru)
-        inserted = self.store.insert(new_emb, new_rows)
+        inserted = self.store.insert(new_emb, features)
         self.store.tick()
         self._advance_step()
         result.refreshed_rows = self.layout.to_global(refreshed)
@@ -280,7 +286,7 @@ class ShardedCacheLossHandler(nn.Module):
             return
         if query_embeddings.device != self.device:
             s = self.store
-            check_capacity(s.rows, s.dim, s.feature_specs, s.codec, query_embeddings.device)
+            check_capacity(s.rows, s.dim, s.feature_specs, s.codec, query_embeddings.device, s.host_keys)
             self.to(query_embeddings.device)
         self._device_fixed = True
 
@@ -289,9 +295,12 @@ class ShardedCacheLossHandler(nn.Module):
         query_embeddings: torch.Tensor,
         document_embeddings: torch.Tensor,
         document_data: Mapping[str, torch.Tensor],
-    ) -> list[int]:
-        """Validates locally, then one all-gather makes every rank raise together or go on. Returns batch sizes."""
-        problem = self.schema.check_batch(
+    ) -> tuple[list[int], dict[str, Any]]:
+        """Validates locally, then one all-gather makes every rank raise together or go on.
+
+        Returns the batch sizes of all ranks and this batch's features (jagged fields normalised).
+        """
+        problem, features = self.schema.check_batch(
             query_embeddings, document_embeddings, document_data, self.device, self.layout.rows_per_rank
         )
         batch = query_embeddings.shape[0] if problem is None else 0
@@ -313,7 +322,7 @@ class ShardedCacheLossHandler(nn.Module):
         table = self.comm.agree(status, describe)
         if len(set(table[:, 2].tolist())) > 1:
             self._raise_config_mismatch()
-        return table[:, 1].tolist()
+        return table[:, 1].tolist(), features
 
     def _raise_config_mismatch(self) -> None:
         configs = self.comm.all_gather_object(self.config())
@@ -344,7 +353,7 @@ class ShardedCacheLossHandler(nn.Module):
         count = fetched.embeddings.shape[0]
         if count == 0:
             return query_embeddings.new_zeros(0, self.schema.dim)
-        fresh = document_network({k: fetched.features[k] for k in self.schema.data_keys})
+        fresh = document_network(self.schema.network_input(fetched.features))
         if not isinstance(fresh, torch.Tensor) or tuple(fresh.shape) != (count, self.schema.dim):
             got = tuple(fresh.shape) if isinstance(fresh, torch.Tensor) else type(fresh).__name__
             raise ValueError(f"document_network must return [{count}, {self.schema.dim}] embeddings, got {got}")

@@ -6,11 +6,13 @@ collective layer can make every rank agree before anything is written.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence, Union
 
 import torch
 
-__all__ = ["FieldSpec", "normalize_specs", "CacheSchema"]
+from .jagged import Jagged, JaggedFieldSpec, check_vocab, to_jagged
+
+__all__ = ["FieldSpec", "JaggedFieldSpec", "AnySpec", "normalize_specs", "CacheSchema"]
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,7 @@ class FieldSpec:
 
     shape: tuple[int, ...]
     dtype: torch.dtype
+    vocab_size: int | None = None  # integer ids must lie in [0, vocab_size); checked per batch
 
     def __post_init__(self) -> None:
         shape = tuple(int(s) for s in self.shape)  # lists, tuples and torch.Size are all fine
@@ -26,6 +29,7 @@ class FieldSpec:
             raise ValueError(f"FieldSpec.shape must hold positive sizes, got {self.shape}")
         if not isinstance(self.dtype, torch.dtype):
             raise TypeError(f"FieldSpec.dtype must be a torch.dtype, got {self.dtype!r}")
+        check_vocab(self.dtype, self.vocab_size, "FieldSpec")
         object.__setattr__(self, "shape", shape)
 
     @property
@@ -37,11 +41,14 @@ class FieldSpec:
         return n
 
 
-def normalize_specs(specs: Mapping[str, object]) -> dict[str, FieldSpec]:
-    """Accepts FieldSpec or any object with ``shape`` and ``dtype`` (e.g. ``FixedLenFeature``)."""
-    out: dict[str, FieldSpec] = {}
+AnySpec = Union[FieldSpec, JaggedFieldSpec]
+
+
+def normalize_specs(specs: Mapping[str, object]) -> dict[str, AnySpec]:
+    """Accepts FieldSpec, JaggedFieldSpec or any object with ``shape`` and ``dtype`` (e.g. ``FixedLenFeature``)."""
+    out: dict[str, AnySpec] = {}
     for key, spec in specs.items():
-        if isinstance(spec, FieldSpec):
+        if isinstance(spec, (FieldSpec, JaggedFieldSpec)):
             out[key] = spec
         elif hasattr(spec, "shape") and hasattr(spec, "dtype"):
             out[key] = FieldSpec(tuple(spec.shape), spec.dtype)
@@ -69,7 +76,7 @@ class CacheSchema:
         if embedding_key not in self.specs:
             raise ValueError(f"embedding_key {embedding_key!r} is not in specs {sorted(self.specs)}")
         emb = self.specs[embedding_key]
-        if len(emb.shape) != 1 or not emb.dtype.is_floating_point:
+        if not isinstance(emb, FieldSpec) or len(emb.shape) != 1 or not emb.dtype.is_floating_point:
             raise ValueError(
                 f"specs[{embedding_key!r}] must be a 1-D floating field (d,), got {emb.shape} {emb.dtype}"
             )
@@ -84,7 +91,7 @@ class CacheSchema:
             if doc_id_key not in self.specs:
                 raise ValueError(f"doc_id_key {doc_id_key!r} is not in specs {sorted(self.specs)}")
             ids = self.specs[doc_id_key]
-            if ids.shape != (1,) or ids.dtype not in (torch.int32, torch.int64):
+            if not isinstance(ids, FieldSpec) or ids.shape != (1,) or ids.dtype not in (torch.int32, torch.int64):
                 raise ValueError(
                     f"specs[{doc_id_key!r}] (the doc_id_key) must be FieldSpec((1,), torch.int64 or int32), "
                     f"got {ids.shape} {ids.dtype}"
@@ -108,8 +115,18 @@ class CacheSchema:
             keys = keys + (self.doc_id_key,)
         return keys
 
-    def feature_specs(self) -> dict[str, FieldSpec]:
+    def feature_specs(self) -> dict[str, AnySpec]:
         return {k: self.specs[k] for k in self.feature_keys}
+
+    def network_input(self, features: Mapping[str, Any]) -> dict[str, Any]:
+        """The ``data_keys`` fields of fetched rows, jagged ones in their spec's format."""
+        from .jagged import to_user_format
+
+        out = {}
+        for key in self.data_keys:
+            spec, value = self.specs[key], features[key]
+            out[key] = to_user_format(value, key, spec) if isinstance(spec, JaggedFieldSpec) else value
+        return out
 
     def check_batch(
         self,
@@ -118,8 +135,39 @@ class CacheSchema:
         document_data: Mapping[str, torch.Tensor],
         device: torch.device,
         max_batch: int,
+    ) -> tuple[str | None, dict[str, Any]]:
+        """(message naming the first bad field or None, the batch's features with jagged fields normalised).
+
+        Shapes, dtypes and devices are host-side facts; jagged lengths and id ranges need one
+        device read per field.
+        """
+        problem = self._check_batch(query_embeddings, document_embeddings, document_data, device, max_batch)
+        if problem is not None:
+            return problem, {}
+        batch, out = query_embeddings.shape[0], {}
+        for key in self.feature_keys:
+            spec, value = self.specs[key], document_data[key]
+            if isinstance(spec, JaggedFieldSpec):
+                j = to_jagged(value, key, spec, batch)
+                if isinstance(j, str):
+                    return j, {}
+                out[key] = j
+            else:
+                out[key] = value.reshape(batch, *spec.shape)
+                if spec.vocab_size is not None and batch:
+                    lo, hi = (int(v) for v in torch.aminmax(value))
+                    if lo < 0 or hi >= spec.vocab_size:
+                        return f"document_data[{key!r}] holds id {lo if lo < 0 else hi} outside [0, {spec.vocab_size})", {}
+        return None, out
+
+    def _check_batch(
+        self,
+        query_embeddings: torch.Tensor,
+        document_embeddings: torch.Tensor,
+        document_data: Mapping[str, torch.Tensor],
+        device: torch.device,
+        max_batch: int,
     ) -> str | None:
-        """Returns a message naming the first bad field, or None. Host-side checks only (no sync)."""
         for name, t in (("query_embeddings", query_embeddings), ("document_embeddings", document_embeddings)):
             if not isinstance(t, torch.Tensor):
                 return f"{name} must be a torch.Tensor, got {type(t).__name__}"
@@ -145,6 +193,8 @@ class CacheSchema:
             return f"document_data keys mismatch: missing {missing}, unexpected {extra}"
         for key in self.feature_keys:
             spec, t = self.specs[key], document_data[key]
+            if isinstance(spec, JaggedFieldSpec):
+                continue  # checked by to_jagged
             if not isinstance(t, torch.Tensor):
                 return f"document_data[{key!r}] must be a torch.Tensor, got {type(t).__name__}"
             want = (batch, *spec.shape)

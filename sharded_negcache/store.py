@@ -5,13 +5,14 @@ No collectives here: the exchange layer moves the packed bytes this module produ
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Collection, Mapping
 
 import torch
 from torch import nn
 
 from .codecs import EmbeddingCodec
-from .specs import FieldSpec
+from .jagged import Jagged, JaggedColumn, JaggedFieldSpec
+from .specs import AnySpec
 
 __all__ = ["ShardStore", "FetchedRows", "first_occurrence", "CacheTooLarge", "check_capacity", "shard_bytes"]
 
@@ -20,10 +21,20 @@ class CacheTooLarge(MemoryError):
     """The shard would not fit in the device's free memory: refused at construction, not mid-training."""
 
 
-def shard_bytes(rows: int, dim: int, feature_specs: Mapping[str, FieldSpec], codec: EmbeddingCodec) -> int:
-    """Bytes one shard's buffers take: stored embeddings, every feature field, ages (8) and flags (1)."""
+def shard_bytes(
+    rows: int, dim: int, feature_specs: Mapping[str, AnySpec], codec: EmbeddingCodec, host_keys: Collection[str] = ()
+) -> int:
+    """Bytes one shard's buffers take on the cache device: stored embeddings, ages (8), flags (1) and
+    the device-resident feature fields (a jagged one: offset and length, plus its initial value pool)."""
     per_row = codec.bytes_per_row(dim) + 8 + 1
-    per_row += sum(_itemsize(s.dtype) * _numel(s.shape) for s in feature_specs.values())
+    for key, s in feature_specs.items():
+        if key in host_keys:
+            continue
+        if isinstance(s, JaggedFieldSpec):
+            mean = s.mean_length or max(1, s.max_length // 4)
+            per_row += 16 + int(mean * 1.25 * _itemsize(s.dtype))
+        else:
+            per_row += _itemsize(s.dtype) * _numel(s.shape)
     return rows * per_row
 
 
@@ -44,11 +55,16 @@ def _free_bytes(device: torch.device) -> int | None:
 
 
 def check_capacity(
-    rows: int, dim: int, feature_specs: Mapping[str, FieldSpec], codec: EmbeddingCodec, device: torch.device | str | None
+    rows: int,
+    dim: int,
+    feature_specs: Mapping[str, AnySpec],
+    codec: EmbeddingCodec,
+    device: torch.device | str | None,
+    host_keys: Collection[str] = (),
 ) -> None:
     """Raises CacheTooLarge (with the computed size) when a shard cannot fit in the free memory of ``device``."""
     device = torch.device(device if device is not None else "cpu")
-    need = shard_bytes(rows, dim, feature_specs, codec)
+    need = shard_bytes(rows, dim, feature_specs, codec, host_keys)
     free = _free_bytes(device)
     if free is not None and need > free:
         raise CacheTooLarge(
@@ -78,44 +94,80 @@ def first_occurrence(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class FetchedRows:
-    """Rows read from a shard: features per field, stale fp32 embeddings and ages."""
+    """Rows read from a shard: features per field (``Jagged`` for jagged fields), stale fp32 embeddings, ages."""
 
-    def __init__(self, features: dict[str, torch.Tensor], embeddings: torch.Tensor, ages: torch.Tensor) -> None:
+    def __init__(self, features: dict[str, Any], embeddings: torch.Tensor, ages: torch.Tensor) -> None:
         self.features = features
         self.embeddings = embeddings
         self.ages = ages
 
 
+class _HostResident(nn.Module):
+    """Holds feature buffers in host memory (pinned when CUDA is present); ``.to()`` does not move them."""
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        return self
+
+
+def _host_device() -> torch.device:
+    return torch.device("cpu")
+
+
 class ShardStore(nn.Module):
-    """The rows of one shard and the cache policy applied to them (reference semantics, design §4)."""
+    """The rows of one shard and the cache policy applied to them (reference semantics, design §4).
+
+    ``host_keys`` names feature fields kept in host memory while embeddings, ages and flags live on
+    ``device``: only the sampled rows' features are read each step, so they need not occupy the GPU.
+    """
 
     def __init__(
         self,
         rows: int,
         dim: int,
-        feature_specs: Mapping[str, FieldSpec],
+        feature_specs: Mapping[str, AnySpec],
         codec: EmbeddingCodec,
         device: torch.device | str | None = None,
+        host_keys: Collection[str] = (),
     ) -> None:
         super().__init__()
         for key in feature_specs:
-            if "." in key or not key:
-                raise ValueError(f"feature key {key!r} must be non-empty and contain no '.'")
+            if "." in key or ":" in key or not key:
+                raise ValueError(f"feature key {key!r} must be non-empty and contain no '.' or ':'")
+        unknown = set(host_keys) - set(feature_specs)
+        if unknown:
+            raise ValueError(f"host_features {sorted(unknown)} are not feature fields {sorted(feature_specs)}")
+        codec.check_dim(dim)
         self.rows, self.dim, self.codec = rows, dim, codec
         self.feature_specs = dict(feature_specs)
+        self.host_keys = frozenset(host_keys)
         self.register_buffer("embeddings", torch.zeros(rows, codec.width(dim), dtype=codec.storage_dtype, device=device))
         self.register_buffer("age", torch.zeros(rows, dtype=torch.int64, device=device))
         self.register_buffer("filled", torch.zeros(rows, dtype=torch.bool, device=device))
         self.features = nn.Module()
+        self.host_features = _HostResident()
+        pin = torch.cuda.is_available()
         for key, spec in self.feature_specs.items():
-            self.features.register_buffer(key, torch.zeros(rows, *spec.shape, dtype=spec.dtype, device=device))
+            owner = self.host_features if key in self.host_keys else self.features
+            where = _host_device() if key in self.host_keys else device
+            if isinstance(spec, JaggedFieldSpec):
+                owner.add_module(key, JaggedColumn(rows, spec, where))
+            else:
+                t = torch.zeros(rows, *spec.shape, dtype=spec.dtype, device=where)
+                owner.register_buffer(key, t.pin_memory() if pin and key in self.host_keys else t)
 
     @property
     def device(self) -> torch.device:
         return self.age.device
 
-    def feature(self, key: str) -> torch.Tensor:
-        return getattr(self.features, key)
+    def feature(self, key: str) -> Any:
+        """A fixed field's buffer [rows, *shape], or a jagged field's ``JaggedColumn``."""
+        return getattr(self.host_features if key in self.host_keys else self.features, key)
+
+    def _jagged(self) -> list[str]:
+        return [k for k, s in self.feature_specs.items() if isinstance(s, JaggedFieldSpec)]
+
+    def _on(self, key: str, slots: torch.Tensor) -> torch.Tensor:
+        return slots.cpu() if key in self.host_keys else slots
 
     # ---- reading ---------------------------------------------------------------------------
     def decode(self, start: int, end: int) -> torch.Tensor:
@@ -128,51 +180,84 @@ class ShardStore(nn.Module):
         return torch.stack(counts).tolist() if counts else []
 
     def read(self, slots: torch.Tensor) -> FetchedRows:
-        """Features, decoded embeddings and ages of local ``slots``."""
-        feats = {k: self.feature(k)[slots] for k in self.feature_specs}
+        """Features, decoded embeddings and ages of local ``slots`` (on the store's device)."""
+        feats = {}
+        for key, spec in self.feature_specs.items():
+            f = self.feature(key)
+            if isinstance(spec, JaggedFieldSpec):
+                feats[key] = f.read(self._on(key, slots)).to(self.device)
+            else:
+                feats[key] = f[self._on(key, slots)].to(self.device)
         return FetchedRows(feats, self.codec.decode(self.embeddings[slots], self.dim), self.age[slots])
 
     # ---- packing rows for transfer ---------------------------------------------------------
     def _parts(self) -> list[tuple[str, torch.dtype, tuple[int, ...], int]]:
-        """(name, dtype, shape, bytes) of each packed column group: fields, stored embedding, age."""
-        parts = [(k, s.dtype, s.shape) for k, s in self.feature_specs.items()]
+        """(name, dtype, shape, bytes) of each packed column group: fields (a jagged one: its length),
+        the stored embedding, the age."""
+        parts = [(k, torch.int64, ()) if isinstance(s, JaggedFieldSpec) else (k, s.dtype, s.shape)
+                 for k, s in self.feature_specs.items()]
         parts.append(("__embedding__", self.codec.storage_dtype, (self.codec.width(self.dim),)))
         parts.append(("__age__", torch.int64, ()))
         return [(n, dt, sh, _itemsize(dt) * _numel(sh)) for n, dt, sh in parts]
 
-    def pack(self, slots: torch.Tensor) -> torch.Tensor:
-        """Rows at ``slots`` as one uint8 tensor [k, row_bytes]: every field, the stored embedding, the age."""
-        tensors = [self.feature(k)[slots] for k in self.feature_specs]
-        tensors += [self.embeddings[slots], self.age[slots]]
+    def pack(self, slots: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Rows at ``slots``: one uint8 tensor [k, row_bytes] (fixed fields, jagged lengths, stored
+        embedding, age) and, per jagged field, the rows' concatenated values."""
+        fixed, var = [], {}
+        for key, spec in self.feature_specs.items():
+            f = self.feature(key)
+            if isinstance(spec, JaggedFieldSpec):
+                j = f.read(self._on(key, slots))
+                fixed.append(j.lengths.to(self.device))
+                var[key] = j.values.to(self.device)
+            else:
+                fixed.append(f[self._on(key, slots)].to(self.device))
+        fixed += [self.embeddings[slots], self.age[slots]]
         k = slots.numel()
-        cols = [t.reshape(k, -1 if k else nbytes // _itemsize(t.dtype)).contiguous().view(torch.uint8)
-                for t, (_, _, _, nbytes) in zip(tensors, self._parts())]
-        return torch.cat(cols, dim=1)
+        cols = [t.reshape(k, nbytes // _itemsize(t.dtype)).contiguous().view(torch.uint8)
+                for t, (_, _, _, nbytes) in zip(fixed, self._parts())]
+        return torch.cat(cols, dim=1), var
 
-    def unpack(self, packed: torch.Tensor) -> FetchedRows:
-        """Inverse of :meth:`pack` (on any rank: all ranks share specs and codec)."""
+    def _columns(self, packed: torch.Tensor) -> dict[str, torch.Tensor]:
         k, out, col = packed.shape[0], {}, 0
         for name, dtype, shape, nbytes in self._parts():
             out[name] = packed[:, col : col + nbytes].contiguous().view(dtype).reshape(k, *shape)
             col += nbytes
+        return out
+
+    def jagged_lengths(self, packed: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per jagged field, the lengths of the packed rows (to size the values' transfer)."""
+        cols = self._columns(packed)
+        return {k: cols[k] for k in self._jagged()}
+
+    def unpack(self, packed: torch.Tensor, var: Mapping[str, torch.Tensor]) -> FetchedRows:
+        """Inverse of :meth:`pack` (on any rank: all ranks share specs and codec)."""
+        out = self._columns(packed)
         emb = self.codec.decode(out.pop("__embedding__"), self.dim)
         age = out.pop("__age__")
+        for key in self._jagged():
+            out[key] = Jagged(out[key], var[key])
         return FetchedRows(out, emb, age)
 
     def row_bytes(self) -> int:
-        """Bytes of one packed row (what a fetch moves per sampled row)."""
+        """Bytes of one packed row without jagged values (what a fetch moves per sampled row)."""
         return sum(p[3] for p in self._parts())
 
     # ---- whole-shard views (tests, resharding, checkpoints; not the hot path) -----------------
     def export_rows(self) -> dict[str, torch.Tensor]:
-        """Every local row: fp32 'embedding', each feature field, 'age', 'filled'."""
+        """Every local row: fp32 'embedding', 'age', 'filled', each fixed field, and each jagged field
+        as padded [rows, max_length] plus '<key>:lengths'."""
         out = {"embedding": self.codec.decode(self.embeddings, self.dim), "age": self.age.clone(), "filled": self.filled.clone()}
-        out.update({k: self.feature(k).clone() for k in self.feature_specs})
+        for key, spec in self.feature_specs.items():
+            if isinstance(spec, JaggedFieldSpec):
+                out[key], out[key + ":lengths"] = (t.to(self.device) for t in self.feature(key).padded())
+            else:
+                out[key] = self.feature(key).to(self.device, copy=True)
         return out
 
     def import_rows(self, rows: Mapping[str, torch.Tensor]) -> None:
         """Overwrites every local row from :meth:`export_rows`-shaped tensors (checked before writing)."""
-        expected = {"embedding", "age", "filled", *self.feature_specs}
+        expected = {"embedding", "age", "filled", *self.feature_specs, *(k + ":lengths" for k in self._jagged())}
         if set(rows) != expected:
             raise ValueError(f"rows must have exactly the keys {sorted(expected)}, got {sorted(rows)}")
         for key, t in rows.items():
@@ -181,8 +266,12 @@ class ShardStore(nn.Module):
         self.embeddings.copy_(self.codec.encode(rows["embedding"].to(self.device)))
         self.age.copy_(rows["age"])
         self.filled.copy_(rows["filled"])
-        for key in self.feature_specs:
-            self.feature(key).copy_(rows[key].reshape(self.feature(key).shape))
+        for key, spec in self.feature_specs.items():
+            f = self.feature(key)
+            if isinstance(spec, JaggedFieldSpec):
+                f.load_padded(rows[key].to(f.values.device), rows[key + ":lengths"].to(f.values.device))
+            else:
+                f.copy_(rows[key].reshape(f.shape))
 
     # ---- writing ---------------------------------------------------------------------------
     def refresh(self, slots: torch.Tensor, embeddings: torch.Tensor, use_lru: bool) -> torch.Tensor:
@@ -199,12 +288,20 @@ class ShardStore(nn.Module):
         key = (~self.filled).to(torch.int64) * (1 << 62) + (self.age + 1) * self.rows + (self.rows - 1 - slot)
         return torch.topk(key, n, sorted=True).indices
 
-    def insert(self, embeddings: torch.Tensor, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Writes new rows over the oldest ones (age -1 before the tick). Returns the slots written."""
+    def insert(self, embeddings: torch.Tensor, features: Mapping[str, Any]) -> torch.Tensor:
+        """Writes new rows over the oldest ones, item i into the i-th oldest (age -1 before the tick).
+
+        ``features`` holds every field: fixed ones as [n, *shape] tensors, jagged ones as ``Jagged``.
+        Returns the slots written.
+        """
         slots = self.oldest_slots(embeddings.shape[0])
         self.embeddings[slots] = self.codec.encode(embeddings)
         for key, spec in self.feature_specs.items():
-            self.feature(key)[slots] = features[key].reshape(-1, *spec.shape)
+            f, where = self.feature(key), self._on(key, slots)
+            if isinstance(spec, JaggedFieldSpec):
+                f.write(where, features[key])
+            else:
+                f[where] = features[key].reshape(-1, *spec.shape).to(f.device)
         self.filled[slots] = True
         self.age[slots] = -1
         return slots
