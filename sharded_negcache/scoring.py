@@ -1,16 +1,19 @@
 """Chunked scoring of all gathered queries against this rank's rows, producing per-query partials.
 
-Never materialises [queries, shard rows]: rows are decoded and scored ``chunk_rows`` at a time, and
-only running fp32 partials survive a chunk (design §3 step 2):
+Never materialises [queries, shard rows]: rows are decoded and scored ``chunk_rows`` at a time
+(design §3 step 2). Per chunk only the passes the log-partition needs anyway run: the product, the
+block max, ``exp(a - max)`` in place and the block sums, written into [queries, blocks] partials
+(B_g × rows / block_size floats). After the scan:
 
-* sampling mode: the local log-partition ``lse`` and, for each draw, the local winner of the
-  two-stage Gumbel sampler (stage 1 picks a global block with probability Z_b / Z via a Gumbel
-  keyed by the block id; stage 2 picks a row inside it by inverse CDF with a uniform keyed by the
-  query and draw). Stage 2 runs on the chunk that holds the block, so no block is scored twice.
-* top-k mode: the exact local top-k scores and their global row ids.
+* sampling mode: ``lse`` over the blocks, and for each draw the two-stage Gumbel sampler: stage 1
+  picks a global block with probability Z_b / Z (a Gumbel keyed by the block id on the block LSEs);
+  stage 2 re-scores only the winning block of each (query, draw) and picks a row by inverse CDF
+  with a uniform keyed by the query and draw;
+* top-k mode: the exact local top-k scores and their global row ids (kept running per chunk).
 
 Every random number is keyed by (seed, step, global query position, global block id, draw), so the
-partials, once combined, do not depend on the world size or the chunk size.
+partials, once combined, do not depend on the world size or the chunk size. Few, large tensor ops
+per chunk also keep the loop cheap when the CPU is oversubscribed (each op is an OpenMP region).
 """
 from __future__ import annotations
 
@@ -70,6 +73,18 @@ class LocalPartials:
     topk_row: torch.Tensor | None = None  # [B, k] int64, -1 padding
 
 
+def _candidate_mask(
+    store: ShardStore, rows: torch.Tensor, exclude_key: str | None, exclude_ids: torch.Tensor | None
+) -> torch.Tensor:
+    """Candidates among local ``rows`` [..., n] for the queries of the leading dimension: filled and
+    not holding the query's own positive."""
+    ok = store.filled[rows]
+    if exclude_ids is not None:
+        row_ids = store.feature(exclude_key)[rows].squeeze(-1)
+        ok &= row_ids != exclude_ids.view(-1, *([1] * (rows.dim() - 1)))
+    return ok
+
+
 def _mask_chunk(
     scores: torch.Tensor,
     store: ShardStore,
@@ -78,36 +93,68 @@ def _mask_chunk(
     filled: int,
     exclude_key: str | None,
     exclude_ids: torch.Tensor | None,
-) -> None:
-    """-inf for empty rows and for rows holding the query's own positive document (in place)."""
+) -> bool:
+    """-inf for empty rows and rows holding the query's own positive (in place); True if anything was masked."""
+    masked = False
     if filled < end - start:
         scores.masked_fill_(~store.filled[start:end][None, :], _NEG_INF)
+        masked = True
     if exclude_ids is not None:
         row_ids = store.feature(exclude_key)[start:end].reshape(-1)
         scores.masked_fill_(row_ids[None, :] == exclude_ids[:, None], _NEG_INF)
+        masked = True
+    return masked
 
 
-def _block_lse_and_weights(scores: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per (query, block): log-sum-exp and in-block weights exp(a - max_b), computed in place.
+def _block_max_and_sum(scores: torch.Tensor, block: int, masked: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (query, block): the max and sum(exp(a - max)); the chunk's scores are overwritten.
 
-    The max is per block, so the result for a block is the same whatever chunk holds it.
+    The max is per block, so a block's numbers do not depend on the chunk that holds it.
     """
-    b = scores.shape[0]
-    s3 = scores.view(b, -1, block)
+    s3 = scores.view(scores.shape[0], -1, block)
     bmax = s3.amax(dim=-1)
-    shift = torch.where(torch.isfinite(bmax), bmax, torch.zeros_like(bmax))
+    shift = torch.where(torch.isfinite(bmax), bmax, torch.zeros_like(bmax)) if masked else bmax
     s3.sub_(shift.unsqueeze(-1)).exp_()
-    return shift + s3.sum(dim=-1).log(), s3
+    return shift, s3.sum(dim=-1)
 
 
-def _pick_rows_in_blocks(weights: torch.Tensor, block_idx: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Stage 2: inside each chosen block, the row of inverse CDF at ``u`` [B, m] (float64 sums)."""
+def _pick_rows_in_blocks(
+    store: ShardStore,
+    queries: torch.Tensor,
+    score_fn: ScoreFn,
+    block_idx: torch.Tensor,
+    u: torch.Tensor,
+    block: int,
+    exclude_key: str | None,
+    exclude_ids: torch.Tensor | None,
+    budget_bytes: int,
+) -> torch.Tensor:
+    """Stage 2: for each (query, draw) re-score its winning local block and pick a row by inverse CDF.
+
+    ``queries`` [B, d] are prepared (scaled); ``block_idx`` [B, m] local block ids (any value where
+    the draw has no winner: the result is then ignored); ``u`` [B, m] uniforms. Returns local rows.
+    Works in pieces of (query, draw) pairs so that the gathered rows stay under ``budget_bytes``.
+    """
     b, m = block_idx.shape
-    query = torch.arange(b, device=weights.device).unsqueeze(1).expand(b, m)
-    cdf = weights[query, block_idx].to(torch.float64).cumsum_(-1)  # [B, m, block]
-    target = u.to(torch.float64).unsqueeze(-1) * cdf[..., -1:]
-    row = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    return row.clamp_(max=weights.shape[-1] - 1)
+    pairs_q = torch.arange(b, device=queries.device).repeat_interleave(m)
+    pairs_blk, pairs_u = block_idx.reshape(-1), u.reshape(-1)
+    offsets = torch.arange(block, device=queries.device)
+    per_pair = block * store.dim * 4
+    step = max(1, budget_bytes // per_pair)
+    picked = []
+    for lo in range(0, b * m, step):
+        qi, blk = pairs_q[lo : lo + step], pairs_blk[lo : lo + step]
+        rows = blk.unsqueeze(1) * block + offsets  # [P, block] local rows
+        emb = store.codec.decode(store.embeddings[rows.reshape(-1)], store.dim).view(rows.shape[0], block, store.dim)
+        a = score_fn.on_prepared(torch.bmm(emb, queries[qi].unsqueeze(-1)).squeeze(-1))
+        ok = _candidate_mask(store, rows, exclude_key, None if exclude_ids is None else exclude_ids[qi])
+        a = a.masked_fill(~ok, _NEG_INF)
+        shift = a.amax(dim=1, keepdim=True)
+        w = (a - torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))).exp()
+        cdf = w.to(torch.float64).cumsum_(1)
+        target = pairs_u[lo : lo + step].to(torch.float64).unsqueeze(1) * cdf[:, -1:]
+        picked.append(rows.gather(1, torch.searchsorted(cdf, target, right=True).clamp_(max=block - 1)))
+    return torch.cat(picked).view(b, m)
 
 
 def score_shard(
@@ -130,42 +177,58 @@ def score_shard(
     bs = layout.block_size
     chunk_rows = max(bs, chunk_rows // bs * bs)
     filled = store.filled_per_chunk(chunk_rows)
-    pos = torch.arange(b, device=device, dtype=torch.int64)
     if top_k:
-        k = top_k
-        best_val = torch.full((b, k), _NEG_INF, device=device)
-        best_row = torch.full((b, k), -1, dtype=torch.int64, device=device)
+        best_val = torch.full((b, top_k), _NEG_INF, device=device)
+        best_row = torch.full((b, top_k), -1, dtype=torch.int64, device=device)
     else:
-        m = num_draws
-        block_keys = keyed_random.draw_keys(seed, step, Stream.BLOCK_GUMBEL, pos, m)
-        row_u = keyed_random.uniform(keyed_random.draw_keys(seed, step, Stream.ROW_UNIFORM, pos, m))
-        lse = torch.full((b,), _NEG_INF, device=device)
-        best_val = torch.full((b, m), _NEG_INF, device=device)
-        best_row = torch.full((b, m), -1, dtype=torch.int64, device=device)
+        block_max = torch.full((b, layout.blocks_per_rank), _NEG_INF, device=device)
+        block_sum = torch.zeros((b, layout.blocks_per_rank), device=device)
 
     for c, start in enumerate(range(0, store.rows, chunk_rows)):
         if b == 0 or filled[c] == 0:
             continue
         end = min(start + chunk_rows, store.rows)
         scores = score_fn.on_prepared(q @ store.decode(start, end).t())
-        _mask_chunk(scores, store, start, end, filled[c], exclude_key, exclude_ids)
-        first_row = layout.row_offset + start
+        masked = _mask_chunk(scores, store, start, end, filled[c], exclude_key, exclude_ids)
         if top_k:
-            val, idx = scores.topk(min(k, end - start), dim=1)
-            row = torch.where(torch.isfinite(val), idx + first_row, torch.full_like(idx, -1))
-            val, pick = torch.cat([best_val, val], 1).topk(k, dim=1)
+            val, idx = scores.topk(min(top_k, end - start), dim=1)
+            row = torch.where(torch.isfinite(val), idx + (layout.row_offset + start), torch.full_like(idx, -1))
+            val, pick = torch.cat([best_val, val], 1).topk(top_k, dim=1)
             best_val, best_row = val, torch.cat([best_row, row], 1).gather(1, pick)
-            continue
-        block_lse, weights = _block_lse_and_weights(scores, bs)
-        lse = torch.logaddexp(lse, torch.logsumexp(block_lse, dim=1))
-        block_ids = torch.arange(block_lse.shape[1], device=device) + first_row // bs
-        perturbed = keyed_random.gumbel(block_keys, block_ids).add_(block_lse.unsqueeze(1))
-        val, blk = perturbed.max(dim=-1)
-        better = val > best_val  # strict: on a tie the lower block id (seen first) keeps the draw
-        row = first_row + blk * bs + _pick_rows_in_blocks(weights, blk, row_u)
-        best_val = torch.where(better, val, best_val)
-        best_row = torch.where(better, row, best_row)
+        else:
+            cols = slice(start // bs, end // bs)
+            block_max[:, cols], block_sum[:, cols] = _block_max_and_sum(scores, bs, masked)
 
     if top_k:
         return LocalPartials(topk_val=best_val, topk_row=best_row)
-    return LocalPartials(lse=lse, win_key=best_val, win_row=best_row)
+    return _sample_blocks(store, layout, q, score_fn, block_max, block_sum, num_draws, seed, step,
+                          exclude_key, exclude_ids, budget_bytes=chunk_rows * max(b, 1) * 4)
+
+
+def _sample_blocks(
+    store: ShardStore,
+    layout: ShardLayout,
+    q: torch.Tensor,
+    score_fn: ScoreFn,
+    block_max: torch.Tensor,
+    block_sum: torch.Tensor,
+    m: int,
+    seed: int,
+    step: int,
+    exclude_key: str | None,
+    exclude_ids: torch.Tensor | None,
+    budget_bytes: int,
+) -> LocalPartials:
+    """Local LSE and, per draw, the local winner of the two-stage sampler (stage 1 over all blocks at once)."""
+    b, device = q.shape[0], q.device
+    block_lse = block_max + block_sum.log()  # -inf for blocks without a candidate
+    lse = torch.logsumexp(block_lse, dim=1) if block_lse.shape[1] else torch.full((b,), _NEG_INF, device=device)
+    pos = torch.arange(b, device=device, dtype=torch.int64)
+    block_ids = torch.arange(layout.blocks_per_rank, device=device) + layout.row_offset // layout.block_size
+    keys = keyed_random.draw_keys(seed, step, Stream.BLOCK_GUMBEL, pos, m)
+    perturbed = keyed_random.gumbel(keys, block_ids).add_(block_lse.unsqueeze(1))  # [B, m, blocks]
+    key, blk = perturbed.max(dim=-1)  # first maximum: the lowest block id on ties
+    u = keyed_random.uniform(keyed_random.draw_keys(seed, step, Stream.ROW_UNIFORM, pos, m))
+    rows = _pick_rows_in_blocks(store, q, score_fn, blk, u, layout.block_size, exclude_key, exclude_ids, budget_bytes)
+    found = torch.isfinite(key)
+    return LocalPartials(lse=lse, win_key=key, win_row=torch.where(found, layout.to_global(rows), torch.full_like(rows, -1)))

@@ -64,6 +64,7 @@ def test_code_search_compare_all_three_losses_on_two_ranks(tmp_path: Path):
             for key in ("train_time_s", "last_train_loss", "last_cross_entropy"):
                 assert math.isfinite(one[key]), key
             assert one["train_time_s"] > 0 and one["last_cross_entropy"] > 0
+            assert one["replica_divergence"] == 0.0  # DDP kept both ranks' towers identical
             if loss != "in_batch":
                 assert one["cache_stats"]["fill_fraction"] == 1.0  # 4 steps x 16 pairs fill 64 rows
                 assert one["cache_stats"]["sampled"] == 16 * 2  # every query drew 2 negatives
@@ -97,3 +98,4 @@ def test_torchrec_two_tower_on_two_ranks(tmp_path: Path):
     assert stats["fill_fraction"] == 1.0 and stats["sampled"] == 32 * 2
     assert math.isfinite(result["last_cross_entropy"]) and result["last_cross_entropy"] > 0
     assert result["data"]["test_examples"] == 100  # one held-out interaction per user
+    assert result["dense_replica_divergence"] == 0.0  # DDP kept the MLPs identical on both ranks
