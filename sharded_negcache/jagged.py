@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-__all__ = ["JaggedFieldSpec", "Jagged", "JaggedColumn", "to_jagged", "to_user_format"]
+__all__ = ["JaggedFieldSpec", "Jagged", "JaggedColumn", "to_jagged", "to_user_format", "id_range_problem"]
 
 Format = Literal["kjt", "list", "padded"]
 
@@ -124,11 +124,17 @@ def to_jagged(value: Any, key: str, spec: JaggedFieldSpec, batch: int) -> Jagged
         return f"document_data[{key!r}] must have dtype {spec.dtype}, got {j.values.dtype}"
     if batch and int(j.lengths.max()) > spec.max_length:
         return f"document_data[{key!r}] has a row of length {int(j.lengths.max())} over max_length {spec.max_length}"
-    if spec.vocab_size is not None and j.values.numel():
-        lo, hi = (int(v) for v in torch.aminmax(j.values))
-        if lo < 0 or hi >= spec.vocab_size:
-            return f"document_data[{key!r}] holds id {lo if lo < 0 else hi} outside [0, {spec.vocab_size})"
-    return j
+    return id_range_problem(key, j.values, spec.vocab_size) or j
+
+
+def id_range_problem(key: str, ids: torch.Tensor, vocab_size: int | None) -> str | None:
+    """A message when an id lies outside [0, vocab_size) (one device read), else None."""
+    if vocab_size is None or not ids.numel():
+        return None
+    lo, hi = (int(v) for v in torch.aminmax(ids))
+    if lo < 0 or hi >= vocab_size:
+        return f"document_data[{key!r}] holds id {lo if lo < 0 else hi} outside [0, {vocab_size})"
+    return None
 
 
 def to_user_format(j: Jagged, key: str, spec: JaggedFieldSpec) -> Any:

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence, Union
 
 import torch
 
-from .jagged import Jagged, JaggedFieldSpec, check_vocab, to_jagged
+from .jagged import JaggedFieldSpec, check_vocab, id_range_problem, to_jagged
 
 __all__ = ["FieldSpec", "JaggedFieldSpec", "AnySpec", "normalize_specs", "CacheSchema"]
 
@@ -141,7 +141,7 @@ class CacheSchema:
         Shapes, dtypes and devices are host-side facts; jagged lengths and id ranges need one
         device read per field.
         """
-        problem = self._check_batch(query_embeddings, document_embeddings, document_data, device, max_batch)
+        problem = self._check_shapes(query_embeddings, document_embeddings, document_data, device, max_batch)
         if problem is not None:
             return problem, {}
         batch, out = query_embeddings.shape[0], {}
@@ -154,13 +154,12 @@ class CacheSchema:
                 out[key] = j
             else:
                 out[key] = value.reshape(batch, *spec.shape)
-                if spec.vocab_size is not None and batch:
-                    lo, hi = (int(v) for v in torch.aminmax(value))
-                    if lo < 0 or hi >= spec.vocab_size:
-                        return f"document_data[{key!r}] holds id {lo if lo < 0 else hi} outside [0, {spec.vocab_size})", {}
+                problem = id_range_problem(key, value, spec.vocab_size)
+                if problem:
+                    return problem, {}
         return None, out
 
-    def _check_batch(
+    def _check_shapes(
         self,
         query_embeddings: torch.Tensor,
         document_embeddings: torch.Tensor,
@@ -168,6 +167,7 @@ class CacheSchema:
         device: torch.device,
         max_batch: int,
     ) -> str | None:
+        """Keys, shapes, dtypes, devices and the batch size: host-side facts, no device read."""
         for name, t in (("query_embeddings", query_embeddings), ("document_embeddings", document_embeddings)):
             if not isinstance(t, torch.Tensor):
                 return f"{name} must be a torch.Tensor, got {type(t).__name__}"
