@@ -4,9 +4,10 @@ A plain ``handler.state_dict()`` holds this rank's shard only, so it reloads onl
 size. :class:`CacheCheckpoint` presents the cache in DCP's native sharded form instead: every per-row
 tensor (stored embeddings, ages, filled flags, each feature field, a per-row content hash) is a
 ``DTensor`` of global shape ``[cache_size, ...]`` placed ``Shard(0)`` over a 1-D mesh of the handler's
-process group, next to a small JSON record (specs, cache size, codec, block size, step, seed). DCP
-writes each rank's rows once and, on load, every rank reads exactly the rows of its new slice, so a
-cache saved by W ranks loads on W' ranks (W' must divide ``cache_size``).
+process group (a jagged field is written padded, ``[cache_size, max_length]`` plus lengths), next to
+a small JSON record (specs, cache size, codec, block size, step, seed). DCP writes each rank's rows
+once and, on load, every rank reads exactly the rows of its new slice, so a cache saved by W ranks
+loads on W' ranks (W' must divide ``cache_size``).
 
 Resharding keeps the global row order: global row ``j`` of the saved cache is global row ``j`` of
 the loaded one, with its age, filled flag, features and stored (codec-encoded) embedding, bit for
@@ -45,6 +46,9 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata
 
 from .handler import ShardedCacheLossHandler
+from .jagged import JaggedFieldSpec
+from .specs import AnySpec
+from .store import ShardStore
 
 __all__ = [
     "CacheCheckpoint",
@@ -54,6 +58,8 @@ __all__ = [
     "verify_checkpoint",
     "latest_checkpoint",
     "row_hashes",
+    "shard_rows",
+    "cache_record",
     "MANIFEST_NAME",
 ]
 
@@ -67,7 +73,10 @@ _UNREAD = "\x00sharded_negcache: not read from the checkpoint\x00"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that does not fit this handler or is damaged. Raised before the live cache is written."""
+    """A checkpoint that does not fit this handler, is damaged or incomplete, or could not be written.
+
+    On load it is raised on every rank before anything is written into the live cache.
+    """
 
 
 # ---- per-row content hash ------------------------------------------------------------------
@@ -96,29 +105,38 @@ def row_hashes(tensors: Sequence[torch.Tensor], first_row: int) -> torch.Tensor:
         cols = data.shape[1]
         if cols >= 1 << 24:
             raise ValueError("row_hashes: rows wider than 16 MiB are not supported")
-        col = torch.arange(cols, dtype=torch.int64, device=device)
+        col = torch.arange(cols, dtype=torch.int64, device=data.device)  # on the field's own device
         weight = _mix(col + 1 + 7919 * index, 1_103_515_245 % _P, 12_345)
         weight = weight + (weight == 0).to(torch.int64)  # in [1, P-1]: non-zero mod P
         step = max(1, _HASH_CHUNK_BYTES // (8 * max(cols, 1)))
-        field = torch.empty(n, dtype=torch.int64, device=device)
+        field = torch.empty(n, dtype=torch.int64, device=data.device)
         for lo in range(0, n, step):
             field[lo : lo + step] = (data[lo : lo + step].to(torch.int64) * weight).sum(1) % _P
-        h = (h * 1_000_003 + field + index + 1) % _P
+        h = (h * 1_000_003 + field.to(device) + index + 1) % _P
     rows = torch.arange(first_row, first_row + n, dtype=torch.int64, device=device)
     return (h * 2_654_435_761 % _P + _mix(rows % _P, 48_271, 1)) % _P
 
 
 # ---- the cache record ------------------------------------------------------------------------
+_SPEC_PARTS = ("kind", "shape", "max_length", "dtype", "vocab_size")
 _CHECKED = ("format", "specs", "embedding_key", "data_keys", "doc_id_key", "cache_size", "codec", "block_size")
+
+
+def _spec_record(spec: AnySpec) -> dict[str, Any]:
+    """What a field's stored rows depend on (a jagged field's format and pool sizing do not count)."""
+    if isinstance(spec, JaggedFieldSpec):
+        return {"kind": "jagged", "max_length": spec.max_length, "dtype": str(spec.dtype),
+                "vocab_size": spec.vocab_size}
+    return {"kind": "fixed", "shape": list(spec.shape), "dtype": str(spec.dtype),
+            "vocab_size": getattr(spec, "vocab_size", None)}
 
 
 def cache_record(handler: ShardedCacheLossHandler) -> dict[str, Any]:
     """JSON-able facts of the cache: the ones a load checks, the step and seed it restores, the rest for reading."""
     config = handler.config()
-    specs = handler.schema.specs
     return {
         "format": CACHE_FORMAT,
-        "specs": {k: {"shape": list(s.shape), "dtype": str(s.dtype)} for k, s in sorted(specs.items())},
+        "specs": {k: _spec_record(s) for k, s in sorted(handler.schema.specs.items())},
         "embedding_key": handler.schema.embedding_key,
         "data_keys": list(handler.schema.data_keys),
         "doc_id_key": handler.schema.doc_id_key,
@@ -129,7 +147,8 @@ def cache_record(handler: ShardedCacheLossHandler) -> dict[str, Any]:
         "seed": int(handler.seed),
         "saved_world_size": handler.layout.world_size,
         "settings": {  # free to change across a resume; recorded for reading only
-            k: config[k] for k in ("top_k", "num_negatives", "use_lru", "in_batch_negatives", "score_transform")
+            k: config.get(k) for k in
+            ("top_k", "num_negatives", "use_lru", "in_batch_negatives", "score_transform", "host_features")
         },
     }
 
@@ -144,17 +163,18 @@ def _differences(saved: Mapping[str, Any], mine: Mapping[str, Any], check_block_
             continue
         a, b = saved.get(key), mine[key]
         if key == "specs":
-            for field in sorted(set(a or {}) | set(b)):
+            a = a or {}
+            for field in sorted(set(a) | set(b)):
                 if field not in b:
                     out.append(f"specs: field {field!r} is in the checkpoint but not in the handler")
-                elif field not in (a or {}):
+                elif field not in a:
                     out.append(f"specs: field {field!r} is in the handler but not in the checkpoint")
                 else:
-                    for part in ("shape", "dtype"):
-                        if a[field][part] != b[field][part]:
-                            out.append(
-                                f"specs[{field!r}].{part}: checkpoint {a[field][part]}, handler {b[field][part]}"
-                            )
+                    parts = set(a[field]) | set(b[field])
+                    for part in [p for p in _SPEC_PARTS if p in parts] + sorted(parts - set(_SPEC_PARTS)):
+                        if a[field].get(part) != b[field].get(part):
+                            was, now = a[field].get(part), b[field].get(part)
+                            out.append(f"specs[{field!r}].{part}: checkpoint {was}, handler {now}")
         elif a != b:
             hint = ""
             if key == "block_size":
@@ -166,6 +186,44 @@ def _differences(saved: Mapping[str, Any], mine: Mapping[str, Any], check_block_
                 hint = " (the number of rows is fixed by the checkpoint; only the number of ranks may change)"
             out.append(f"{key}: checkpoint {a!r}, handler {b!r}{hint}")
     return out
+
+
+# ---- the per-row tensors of a shard ----------------------------------------------------------
+def shard_rows(store: ShardStore) -> dict[str, torch.Tensor]:
+    """Copies of every per-row tensor of ``store`` by checkpoint name, in the fixed hashing order.
+
+    The stored (codec-encoded) embeddings, ages and filled flags, then each feature field in name
+    order: a fixed field as [rows, *shape], a jagged one as ``<key>.padded`` [rows, max_length] (zeros
+    past each length) and ``<key>.lengths`` [rows]. Host-resident fields stay on the host.
+    """
+    rows = {"embeddings": store.embeddings.detach().clone(), "age": store.age.detach().clone(),
+            "filled": store.filled.detach().clone()}
+    for key in sorted(store.feature_specs):
+        column = store.feature(key)
+        if isinstance(store.feature_specs[key], JaggedFieldSpec):
+            padded, lengths = column.padded()
+            rows[f"features.{key}.padded"], rows[f"features.{key}.lengths"] = padded, lengths.to(torch.int64)
+        else:
+            rows[f"features.{key}"] = column.detach().clone()
+    return rows
+
+
+def _write_rows(store: ShardStore, rows: Mapping[str, torch.Tensor]) -> None:
+    """Overwrites every local row from :func:`shard_rows`-shaped tensors; embeddings as stored bytes.
+
+    (``ShardStore.import_rows`` takes fp32 embeddings and would re-encode them: not bitwise for int8/int4.)
+    """
+    with torch.no_grad():
+        store.embeddings.copy_(rows["embeddings"])
+        store.age.copy_(rows["age"])
+        store.filled.copy_(rows["filled"])
+        for key in sorted(store.feature_specs):
+            column = store.feature(key)
+            if isinstance(store.feature_specs[key], JaggedFieldSpec):
+                where = column.lengths.device
+                column.load_padded(rows[f"features.{key}.padded"].to(where), rows[f"features.{key}.lengths"].to(where))
+            else:
+                column.copy_(rows[f"features.{key}"])
 
 
 # ---- the Stateful --------------------------------------------------------------------------
@@ -193,28 +251,22 @@ class CacheCheckpoint:
             raise TypeError(f"CacheCheckpoint needs a ShardedCacheLossHandler, got {type(handler).__name__}")
         self.handler = handler
         self.allow_block_size_change = allow_block_size_change
-        self._mesh: Any = None
-
-    # ---- shapes of the per-row tensors ----
-    def _local_rows(self) -> dict[str, torch.Tensor]:
-        """Live local rows by field, in the fixed hashing order (embeddings, age, filled, features)."""
-        store = self.handler.store
-        rows = {"embeddings": store.embeddings, "age": store.age, "filled": store.filled}
-        rows.update({f"features.{k}": store.feature(k) for k in sorted(store.feature_specs)})
-        return rows
 
     def _global(self, local: torch.Tensor) -> torch.Tensor:
-        """``local`` as a DTensor of global shape [cache_size, ...] (a plain tensor without torch.distributed)."""
+        """``local`` as a DTensor of global shape [cache_size, ...] (a plain tensor without torch.distributed).
+
+        The mesh is the handler's process group, on the tensor's own device type (host-resident
+        feature fields stay on the host). DCP moves no tensor data through it: each rank writes and
+        reads its rows itself.
+        """
         if not self.handler.comm.distributed:
             return local
         from torch.distributed.device_mesh import DeviceMesh
         from torch.distributed.tensor import DTensor, Shard
 
-        if self._mesh is None:
-            group = self.handler.comm.group or dist.group.WORLD
-            self._mesh = DeviceMesh.from_group(group, local.device.type)
+        mesh = DeviceMesh.from_group(self.handler.comm.group or dist.group.WORLD, local.device.type)
         shape = torch.Size([self.handler.layout.cache_size, *local.shape[1:]])
-        return DTensor.from_local(local, self._mesh, [Shard(0)], run_check=False, shape=shape, stride=local.stride())
+        return DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=shape, stride=local.stride())
 
     def record(self) -> dict[str, Any]:
         """This handler's record: what a checkpoint of it says now."""
@@ -230,17 +282,17 @@ class CacheCheckpoint:
 
     # ---- Stateful ----
     def state_dict(self) -> dict[str, Any]:
-        """{'meta': JSON record, 'rows': {field: row-sharded copy}, 'row_hash': row-sharded hashes}.
+        """{'meta': JSON record, 'rows': {name: row-sharded copy}, 'row_hash': row-sharded hashes}.
 
         No collective: DCP's planning is the only coordination.
         """
-        first = self.handler.layout.row_offset
-        local = {k: v.detach().clone() for k, v in self._local_rows().items()}
-        hashes = row_hashes(list(local.values()), first)
-        record = self.record()
-        rows: dict[str, Any] = {k: self._global(v) for k, v in local.items() if not k.startswith("features.")}
-        rows["features"] = {k.split(".", 1)[1]: self._global(v) for k, v in local.items() if k.startswith("features.")}
-        return {"meta": json.dumps(record, sort_keys=True), "rows": rows, "row_hash": self._global(hashes)}
+        local = shard_rows(self.handler.store)
+        hashes = row_hashes(list(local.values()), self.handler.layout.row_offset)
+        return {
+            "meta": json.dumps(self.record(), sort_keys=True),
+            "rows": {k: self._global(v) for k, v in local.items()},
+            "row_hash": self._global(hashes),
+        }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Checks the record and the rows' hashes on every rank, then writes the rows, step and seed.
@@ -252,22 +304,23 @@ class CacheCheckpoint:
             raise CheckpointError("the checkpoint holds no cache record ('meta'); nothing was loaded")
         saved = json.loads(meta)
         self.check_record(saved)
-        rows = state_dict["rows"]
-        local = {k: _to_local(v) for k, v in rows.items() if k != "features"}
-        local.update({f"features.{k}": _to_local(v) for k, v in rows["features"].items()})
-        order = list(self._local_rows())
+        local = {k: _to_local(v) for k, v in state_dict["rows"].items()}
+        order = list(shard_rows_names(self.handler.store))
         if sorted(local) != sorted(order):
             raise CheckpointError(f"the checkpoint's rows have fields {sorted(local)}, expected {sorted(order)}")
         first = self.handler.layout.row_offset
-        expected = _to_local(state_dict["row_hash"])
-        bad = row_hashes([local[k] for k in order], first) != expected
+        bad = row_hashes([local[k] for k in order], first) != _to_local(state_dict["row_hash"])
         self._agree_rows(bad, first)
-        self._write(local, int(saved["step"]), int(saved["seed"]))
+        _write_rows(self.handler.store, local)
+        # The counters go through the module's own load path, whose post-hook updates the host mirrors.
+        self.handler.load_state_dict(
+            {"step_count": torch.tensor(int(saved["step"])), "seed": torch.tensor(int(saved["seed"]))}, strict=False
+        )
 
     def _agree_rows(self, bad: torch.Tensor, first: int) -> None:
         """All ranks learn how many rows failed their hash (and the first one): raise everywhere or nowhere."""
         comm = self.handler.comm
-        table = torch.zeros(comm.world_size, 2, dtype=torch.int64, device=bad.device)
+        table = torch.zeros(comm.world_size, 2, dtype=torch.int64, device=self.handler.device)
         count = int(bad.sum())
         table[comm.rank, 0] = count
         table[comm.rank, 1] = first + int(bad.nonzero()[0, 0]) if count else -1
@@ -282,26 +335,20 @@ class CacheCheckpoint:
                 f"({where}); nothing was loaded"
             )
 
-    def _write(self, local: Mapping[str, torch.Tensor], step: int, seed: int) -> None:
-        """Copies verified rows, step and seed in through ``handler.load_state_dict`` (host counters follow)."""
-        full = self.handler.state_dict()
-        prefix = _prefix_of(self.handler, self.handler.store)
-        for key, value in local.items():
-            full[prefix + key] = value
-        full["step_count"] = torch.tensor(step, dtype=torch.int64)
-        full["seed"] = torch.tensor(seed, dtype=torch.int64)
-        self.handler.load_state_dict(full)
+
+def shard_rows_names(store: ShardStore) -> list[str]:
+    """The names :func:`shard_rows` produces, in order, without copying anything."""
+    names = ["embeddings", "age", "filled"]
+    for key in sorted(store.feature_specs):
+        if isinstance(store.feature_specs[key], JaggedFieldSpec):
+            names += [f"features.{key}.padded", f"features.{key}.lengths"]
+        else:
+            names.append(f"features.{key}")
+    return names
 
 
 def _to_local(t: Any) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _prefix_of(root: torch.nn.Module, sub: torch.nn.Module) -> str:
-    for name, module in root.named_modules():
-        if module is sub:
-            return f"{name}." if name else ""
-    raise RuntimeError("the handler's store is not one of its submodules")
 
 
 # ---- whole checkpoints: manifest, verification, save / load ------------------------------
@@ -354,7 +401,8 @@ def verify_checkpoint(path: str | os.PathLike) -> list[str]:
     if not root.is_dir():
         return [f"{root} is not a directory"]
     if not manifest_path.is_file():
-        return [f"{root} has no {MANIFEST_NAME}: the save did not finish (or it was not written by sharded_negcache.checkpoint.save)"]
+        return [f"{root} has no {MANIFEST_NAME}: the save did not finish "
+                "(or the checkpoint was not written by sharded_negcache.checkpoint.save)"]
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError) as exc:
@@ -367,9 +415,8 @@ def verify_checkpoint(path: str | os.PathLike) -> list[str]:
         if not file.is_file():
             problems.append(f"file {name} is missing: the checkpoint is incomplete")
         elif file.stat().st_size != size:
-            problems.append(
-                f"file {name} has {file.stat().st_size} bytes, the manifest records {size}: the checkpoint is cut short or damaged"
-            )
+            problems.append(f"file {name} has {file.stat().st_size} bytes, the manifest records {size}: "
+                            "the checkpoint is cut short or damaged")
     return problems
 
 
@@ -426,8 +473,11 @@ def save(
     caches = _caches(state)
     if step is None and caches:
         step = next(iter(caches.values())).handler.steps_done
-    with _quiet_single_process():
-        metadata = dcp.save(state, checkpoint_id=str(root), process_group=process_group)
+    try:
+        with _quiet_single_process():
+            metadata = dcp.save(state, checkpoint_id=str(root), process_group=process_group)
+    except CheckpointException as exc:  # a BaseException in DCP: surface it as an ordinary error
+        raise CheckpointError(f"writing checkpoint {root} failed, it has no manifest: {_failures(exc)}") from None
     # dcp.save returns on every rank only after rank 0 wrote .metadata, i.e. after all data was written.
     problem = None
     if _is_coordinator(process_group):

@@ -6,6 +6,12 @@ of the first ranks (the handler and DCP both run over the group), 4 is the whole
 checkpoint loaded by the spawned ranks and loads the ones they saved. Expected values never come
 from the checkpoint code: the cache is read back with the engine's all-gather
 (``gather_global_rows``) and the next step is compared with the run that was never interrupted.
+
+The same spawn also reshards a cache with a jagged, host-resident field and int8-coded embeddings,
+and makes 3 ranks load damaged copies of a checkpoint (a file missing, truncated, one byte flipped,
+no manifest): all must refuse together and leave the cache untouched. The single-process tests
+cover the named mismatch errors, the plain ``state_dict`` round trip, ``latest_checkpoint`` and the
+row hash itself.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from dist_utils import run_ranks
 from engine_cases import FEAT, Tower, global_batch, global_cache, make_handler, run_step, specs
-from sharded_negcache import FieldSpec, ShardedCacheLossHandler
+from sharded_negcache import FieldSpec, JaggedFieldSpec, ShardedCacheLossHandler
 from sharded_negcache.checkpoint import (
     MANIFEST_NAME,
     CacheCheckpoint,
@@ -121,6 +127,48 @@ def damaged_copy(src: str, dst: str, how: str, value: float | None = None) -> No
         raise ValueError(how)
 
 
+# ---- a cache with a jagged field kept in host memory and int8-coded embeddings --------------
+J_CACHE, J_VOCAB = 24, 40
+
+
+def jagged_handler(seed: int, group=None, host: bool = True) -> ShardedCacheLossHandler:
+    specs = {"tokens": JaggedFieldSpec(5, torch.int32, vocab_size=J_VOCAB, mean_length=1, format="list"),
+             "doc": FieldSpec((1,), torch.int64), "embedding": FieldSpec((8,), torch.float32)}
+    return ShardedCacheLossHandler(specs, J_CACHE, "embedding", ("tokens", "doc"), score_transform=2.0,
+                                   num_negatives=2, seed=seed, block_size=2, embedding_codec="int8",
+                                   host_features=("tokens",) if host else (), process_group=group)
+
+
+class TokenTower:
+    """Mean of fixed token vectors."""
+
+    table = torch.randn(J_VOCAB, 8, generator=torch.Generator().manual_seed(9))
+
+    def __call__(self, data: dict) -> torch.Tensor:
+        return torch.stack([self.table[t.long()].mean(0) for t in data["tokens"]])
+
+
+def jagged_step(handler: ShardedCacheLossHandler, step: int, rank: int, n: int) -> torch.Tensor:
+    """One step with ``n`` documents of 1..5 tokens (a function of step and rank); returns the loss."""
+    g = torch.Generator().manual_seed(100 * step + rank)
+    tokens = [torch.randint(0, J_VOCAB, (int(k),), generator=g, dtype=torch.int32)
+              for k in torch.randint(1, 6, (n,), generator=g)]
+    tower = TokenTower()
+    q = torch.randn(n, 8, generator=g)
+    with torch.no_grad():
+        return handler.update_cache_and_compute_loss(
+            tower, q, tower({"tokens": tokens}), {"tokens": tokens, "doc": torch.randint(0, 10**6, (n, 1), generator=g)}
+        )
+
+
+def jagged_state(handler: ShardedCacheLossHandler) -> dict:
+    """The whole cache (engine's all-gather) plus the raw int8 bytes of every row."""
+    rows = handler.gather_global_rows()
+    sizes = [handler.layout.rows_per_rank] * handler.comm.world_size
+    rows["stored_embeddings"] = handler.comm.gather_rows(handler.store.embeddings, sizes)
+    return rows
+
+
 CORRUPT_ROW = 31  # owned by rank 1 when saved with W = 2 (rows 24..47) and when loaded with W' = 3 (16..31)
 
 
@@ -142,6 +190,19 @@ def matrix_worker(rank: int, world_size: int, root: str) -> dict:
                 if rank == 0:
                     out["loaded"][(src, w_new)] = (rows, counters, after)
         dist.barrier()
+
+    # Jagged host-resident field, int8 codec: saved by the 4 ranks, loaded by 3 with the field on the
+    # device (and by this test process, see test_jagged_host_int8_cache_reshards).
+    handler = jagged_handler(seed=5)
+    for step in range(4):
+        jagged_step(handler, step, rank, 1)  # 4 of each rank's 6 rows filled
+    save({"cache": CacheCheckpoint(handler)}, os.path.join(root, "jagged_w4"))
+    out["jagged_saved"] = jagged_state(handler)
+    if rank < 3:
+        fresh = jagged_handler(seed=99, group=groups[3], host=False)
+        load({"cache": CacheCheckpoint(fresh)}, os.path.join(root, "jagged_w4"), process_group=groups[3])
+        out["jagged_loaded_3"] = jagged_state(fresh)
+    dist.barrier()
 
     # Damaged copies of the W = 2 checkpoint, loaded by 3 ranks: every rank must refuse, cache untouched.
     if rank == 0:
@@ -243,6 +304,32 @@ def test_damaged_checkpoints_are_refused_by_every_rank(spawned):
     assert "rank 1: 1 rows" in by_rank[0]["flipped"][0]
 
 
+def test_jagged_host_int8_cache_reshards(spawned, root):
+    want = spawned[0]["jagged_saved"]
+    assert 0 < int(want["filled"].sum()) < J_CACHE and int(want["tokens:lengths"].max()) > 1
+    assert_same_rows(spawned[0]["jagged_loaded_3"], want, "jagged, 4 -> 3 ranks")
+    single = jagged_handler(seed=99)  # 4 -> 1 (no torch.distributed), host-resident again
+    load({"cache": CacheCheckpoint(single)}, os.path.join(root, "jagged_w4"))
+    assert_same_rows(jagged_state(single), want, "jagged, 4 -> 1 rank")
+    assert single.store.feature("tokens").values.device.type == "cpu"
+
+
+def test_jagged_round_trip_continues_identically(tmp_path):
+    """Same world size: the loaded cache (device-resident this time) takes the very same next steps."""
+    a = jagged_handler(seed=5)
+    for step in range(5):
+        jagged_step(a, step, 0, 3)
+    save({"cache": CacheCheckpoint(a)}, tmp_path / "ckpt")
+    b = jagged_handler(seed=99, host=False)
+    load({"cache": CacheCheckpoint(b)}, tmp_path / "ckpt")
+    assert_same_rows(jagged_state(b), jagged_state(a), "jagged round trip")
+    for step in range(5, 8):
+        assert torch.equal(jagged_step(b, step, 0, 3), jagged_step(a, step, 0, 3)), step
+        assert (a.last_step.sampled_rows >= 0).any(), "nothing sampled: the comparison would be vacuous"
+        for key in ("training_loss", "sampled_rows", "lse"):
+            assert torch.equal(getattr(b.last_step, key), getattr(a.last_step, key)), (step, key)
+
+
 # ---- single-process tests ------------------------------------------------------------------
 def test_plain_state_dict_round_trip_same_world_size():
     """``handler.state_dict()`` holds the shard, step and seed: a fresh handler continues identically."""
@@ -322,7 +409,8 @@ def test_damaged_checkpoint_is_refused_in_one_process(spawned, root, how):
     with pytest.raises(CheckpointError) as info:
         load({"cache": CacheCheckpoint(handler)}, bad)
     if how == "flipped":
-        assert f"1 cache rows do not match their stored hash (rank 0: 1 rows from global row {CORRUPT_ROW})" in str(info.value)
+        expected = f"1 cache rows do not match their stored hash (rank 0: 1 rows from global row {CORRUPT_ROW})"
+        assert expected in str(info.value)
     after = handler.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
     assert verify_checkpoint(bad) if how != "flipped" else not verify_checkpoint(bad)

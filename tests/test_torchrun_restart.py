@@ -40,7 +40,11 @@ def launch(workdir: Path, extra: list[str]) -> subprocess.Popen:
         "--ckpt-dir", str(workdir / "ckpt"), "--loss-log", str(workdir / "losses.jsonl"), *extra,
     ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1",
+               # torchrun shares its rendezvous TCPStore with the workers by default; after a restart the
+               # new workers can then read the previous attempt's gloo addresses (pytorch/pytorch#135712)
+               # and fail with "connectFullMesh ... Connection refused". A store per attempt avoids it.
+               TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     out = open(workdir / "torchrun.log", "w")
     # A session of its own: on timeout the whole job (agent and workers) is killed by its group id.
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
