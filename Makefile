@@ -9,7 +9,7 @@ setup:
 	./scripts/setup.sh
 
 train: setup
-	./examples/code_search/run_comparison.sh
+	$(PY) -m examples.code_search.compare
 
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests

@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from examples.code_search import data as D
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the examples are not part of the installed package
+    sys.path.insert(0, str(ROOT))
+
+from examples.code_search import data as D  # noqa: E402
 
 PACKAGES = ("json", "email", "textwrap", "csv", "argparse")
 

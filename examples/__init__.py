@@ -1,0 +1,1 @@
+"""Runnable examples of sharded_negcache (see examples/README.md)."""

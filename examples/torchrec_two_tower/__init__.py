@@ -1,0 +1,1 @@
+"""A TorchRec two-tower model (KJT, EBC, row-wise DMP) trained with the sharded negative cache."""
