@@ -88,6 +88,9 @@ class ShardedCacheLossHandler(nn.Module):
         raises CollectiveFailed naming the step and the collective.
       host_features: feature fields kept in host memory (pinned where CUDA is present) while the
         embeddings stay on ``device``; only sampled rows' features are read each step.
+      reencode_on_every_rank: call ``document_network`` on every rank every step, with zero rows where
+        nothing was sampled; needed when the tower runs collectives itself (e.g. a TorchRec sharded
+        embedding lookup). By default a rank that sampled nothing does not call it.
     """
 
     def __init__(
@@ -113,6 +116,7 @@ class ShardedCacheLossHandler(nn.Module):
         nonfinite: Literal["raise", "skip"] = "raise",
         collective_timeout_s: float = DEFAULT_TIMEOUT_S,
         host_features: Sequence[str] = (),
+        reencode_on_every_rank: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(num_negatives, int) or num_negatives < 1:
@@ -133,6 +137,7 @@ class ShardedCacheLossHandler(nn.Module):
         self.top_k, self.num_negatives, self.use_lru = top_k, num_negatives, use_lru
         self.chunk_bytes, self.reduction = int(chunk_bytes), reduction
         self.in_batch_negatives = bool(in_batch_negatives)
+        self.reencode_on_every_rank = bool(reencode_on_every_rank)
         codec = embedding_codec if isinstance(embedding_codec, EmbeddingCodec) else make_codec(
             embedding_codec if embedding_codec is not None else self.schema.specs[embedding_key].dtype
         )
@@ -349,9 +354,9 @@ class ShardedCacheLossHandler(nn.Module):
         fetched: FetchedRows,
         query_embeddings: torch.Tensor,
     ) -> torch.Tensor:
-        """Current-tower embeddings of the sampled rows (with gradient); not called when none was sampled."""
+        """Current-tower embeddings of the sampled rows (with gradient); by default not called when none was sampled."""
         count = fetched.embeddings.shape[0]
-        if count == 0:
+        if count == 0 and not self.reencode_on_every_rank:
             return query_embeddings.new_zeros(0, self.schema.dim)
         fresh = document_network(self.schema.network_input(fetched.features))
         if not isinstance(fresh, torch.Tensor) or tuple(fresh.shape) != (count, self.schema.dim):

@@ -133,17 +133,18 @@ def _pick_rows_in_blocks(
 
     ``queries`` [B, d] are prepared (scaled); ``block_idx`` [B, m] local block ids (any value where
     the draw has no winner: the result is then ignored); ``u`` [B, m] uniforms. Returns local rows.
-    Works in pieces of (query, draw) pairs so that the gathered rows stay under ``budget_bytes``.
+    Each distinct (query, block) pair is scored once, however many draws chose it, in pieces that
+    keep the gathered rows under ``budget_bytes``.
     """
     b, m = block_idx.shape
-    pairs_q = torch.arange(b, device=queries.device).repeat_interleave(m)
-    pairs_blk, pairs_u = block_idx.reshape(-1), u.reshape(-1)
+    query = torch.arange(b, device=queries.device).unsqueeze(1).expand(b, m)
+    pair_key, which = torch.unique(query * store.rows + block_idx, return_inverse=True)
+    pair_q, pair_blk = pair_key // store.rows, pair_key % store.rows
     offsets = torch.arange(block, device=queries.device)
-    per_pair = block * store.dim * 4
-    step = max(1, budget_bytes // per_pair)
-    picked = []
-    for lo in range(0, b * m, step):
-        qi, blk = pairs_q[lo : lo + step], pairs_blk[lo : lo + step]
+    step = max(1, budget_bytes // (block * store.dim * 4))
+    cdfs = []
+    for lo in range(0, pair_key.numel(), step):
+        qi, blk = pair_q[lo : lo + step], pair_blk[lo : lo + step]
         rows = blk.unsqueeze(1) * block + offsets  # [P, block] local rows
         emb = store.codec.decode(store.embeddings[rows.reshape(-1)], store.dim).view(rows.shape[0], block, store.dim)
         a = score_fn.on_prepared(torch.bmm(emb, queries[qi].unsqueeze(-1)).squeeze(-1))
@@ -151,10 +152,11 @@ def _pick_rows_in_blocks(
         a = a.masked_fill(~ok, _NEG_INF)
         shift = a.amax(dim=1, keepdim=True)
         w = (a - torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))).exp()
-        cdf = w.to(torch.float64).cumsum_(1)
-        target = pairs_u[lo : lo + step].to(torch.float64).unsqueeze(1) * cdf[:, -1:]
-        picked.append(rows.gather(1, torch.searchsorted(cdf, target, right=True).clamp_(max=block - 1)))
-    return torch.cat(picked).view(b, m)
+        cdfs.append(w.to(torch.float64).cumsum_(1))
+    cdf = torch.cat(cdfs)[which.reshape(-1)]  # [B*m, block]: each draw's block
+    target = u.reshape(-1, 1).to(torch.float64) * cdf[:, -1:]
+    within = torch.searchsorted(cdf, target, right=True).clamp_(max=block - 1)
+    return (block_idx.reshape(-1, 1) * block + within).view(b, m)
 
 
 def score_shard(

@@ -126,3 +126,12 @@ def test_lru_refresh_resets_age_and_fifo_keeps_it():
         # refresh before insert: under LRU the refreshed row is young, so the next insert evicts row 0
         slot = _insert(s, [9])
         assert slot == [0]
+
+
+def test_reencode_on_every_rank_calls_the_tower_with_zero_rows():
+    specs = {"x": FieldSpec((2,), torch.float32), "embedding": FieldSpec((2,), torch.float32)}
+    h = ShardedCacheLossHandler(specs, 4, "embedding", ("x",), block_size=1, reencode_on_every_rank=True)
+    calls = []
+    p = torch.tensor([[0.3, 0.2]])
+    h.update_cache_and_compute_loss(lambda d: calls.append(d["x"].shape) or d["x"], torch.ones(1, 2), p, {"x": p})
+    assert calls == [torch.Size([0, 2])]  # empty cache: nothing sampled, the tower still ran (on zero rows)
