@@ -164,9 +164,8 @@ class ShardedCacheLossHandler(nn.Module):
 
     def config(self) -> dict[str, Any]:
         """Settings every rank must share (checked at each step)."""
-        fn = self.score_fn.fn
         return {
-            "specs": {k: repr(s) for k, s in self.schema.specs.items()},
+            "specs": {k: repr(s) for k, s in sorted(self.schema.specs.items())},
             "embedding_key": self.schema.embedding_key,
             "data_keys": self.schema.data_keys,
             "doc_id_key": self.schema.doc_id_key,
@@ -174,7 +173,7 @@ class ShardedCacheLossHandler(nn.Module):
             "block_size": self.layout.block_size,
             "seed": self._seed,
             "step": self._step,
-            "score_transform": self.score_fn.scale if fn is None else getattr(fn, "__qualname__", repr(fn)),
+            "score_transform": self.score_fn.fingerprint(),
             "top_k": self.top_k,
             "num_negatives": self.num_negatives,
             "use_lru": self.use_lru,

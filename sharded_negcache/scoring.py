@@ -44,6 +44,16 @@ class ScoreFn:
         else:
             raise TypeError(f"score_transform must be a callable, a float scale or None, got {transform!r}")
 
+    def fingerprint(self) -> str:
+        """What ranks compare: the scale, or a callable's name and its values on a fixed probe
+        (two different lambdas have the same name but not the same values)."""
+        if self.fn is None:
+            return f"scale {self.scale!r}"
+        with torch.no_grad():
+            values = self.fn(torch.linspace(-3.0, 3.0, 7))
+        name = getattr(self.fn, "__qualname__", type(self.fn).__name__)
+        return f"{name} {[round(float(v), 6) for v in values]}"
+
     def prepare_queries(self, q: torch.Tensor) -> torch.Tensor:
         return q * self.scale if self.scale not in (None, 1.0) else q
 
@@ -137,6 +147,8 @@ def _pick_rows_in_blocks(
     keep the gathered rows under ``budget_bytes``.
     """
     b, m = block_idx.shape
+    if b == 0:
+        return block_idx.clone()
     query = torch.arange(b, device=queries.device).unsqueeze(1).expand(b, m)
     pair_key, which = torch.unique(query * store.rows + block_idx, return_inverse=True)
     pair_q, pair_blk = pair_key // store.rows, pair_key % store.rows

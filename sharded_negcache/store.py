@@ -221,7 +221,8 @@ class ShardStore(nn.Module):
     def _columns(self, packed: torch.Tensor) -> dict[str, torch.Tensor]:
         k, out, col = packed.shape[0], {}, 0
         for name, dtype, shape, nbytes in self._parts():
-            out[name] = packed[:, col : col + nbytes].contiguous().view(dtype).reshape(k, *shape)
+            # clone: a column slice keeps its byte offset, which may not be aligned for ``dtype``
+            out[name] = packed[:, col : col + nbytes].clone(memory_format=torch.contiguous_format).view(dtype).reshape(k, *shape)
             col += nbytes
         return out
 

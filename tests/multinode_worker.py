@@ -7,13 +7,15 @@ The data of a step is a pure function of (global rank, step), so a run's results
 size and the seed only, never on how the ranks are spread over nodes.
 
 Fault injection (the restart test): ``--die-rank R --die-step S`` makes rank R exit (code 13) inside the
-document tower during step S, on the first attempt only (``TORCHELASTIC_RESTART_COUNT`` = 0); every
-rank appends what happened to ``OUT/events.jsonl`` (attempt, rank, step, error and seconds taken).
+document tower during step S (``--fault stall``: hang there instead), on the first attempt only
+(``TORCHELASTIC_RESTART_COUNT`` = 0); every rank appends what happened to ``OUT/events.jsonl``
+(attempt, rank, step, error and seconds taken).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import sys
@@ -57,6 +59,7 @@ def main() -> None:
     p.add_argument("--collective-timeout", type=float, default=300.0)
     p.add_argument("--die-rank", type=int, default=-1)
     p.add_argument("--die-step", type=int, default=-1)
+    p.add_argument("--fault", choices=("die", "stall"), default="die", help="exit, or hang in the tower for 10 min")
     args = p.parse_args()
 
     torch.set_num_threads(1)
@@ -90,6 +93,9 @@ def main() -> None:
 
         def document_network(rows: dict[str, torch.Tensor]) -> torch.Tensor:
             if rank == args.die_rank and step == args.die_step and attempt == 0:
+                if args.fault == "stall":
+                    log_event(args.out, attempt=attempt, rank=rank, step=step, event="stalling")
+                    time.sleep(600)
                 log_event(args.out, attempt=attempt, rank=rank, step=step, event="dying")
                 os._exit(13)
             return model.module.doc(rows["x"])
@@ -100,7 +106,12 @@ def main() -> None:
         except CollectiveFailed as exc:
             log_event(args.out, attempt=attempt, rank=rank, step=step, event="CollectiveFailed",
                       error=str(exc), seconds=time.monotonic() - start)
-            raise
+            # The pattern docs/operations.md recommends: report, then leave at once. A normal exit would
+            # wait for gloo's still-pending collective until the process-group timeout (30 min by default),
+            # and torchrun restarts the group only when a worker has exited.
+            sys.excepthook(*sys.exc_info())  # the usual traceback (torch prefixes it with [rankN]:)
+            sys.stderr.flush()
+            os._exit(1)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -127,6 +138,8 @@ def main() -> None:
         json.dump(result, f)
     log_event(args.out, attempt=attempt, rank=rank, event="done")
     dist.barrier()
+    del model, opt, handler  # release DDP before the group: torch 2.13 + gloo can deadlock at exit otherwise
+    gc.collect()
     dist.destroy_process_group()
     print(f"rank {rank} done", file=sys.stderr, flush=True)
 

@@ -45,9 +45,9 @@ def _make_scale(c: float):
 CASES = {
     "seed": ({"seed": 5}, {"seed": 6}, "seed: rank 0=5, rank 1=5, rank 2=6"),
     "score_transform_scale": ({"score_transform": 3.0}, {"score_transform": 4.0},
-                              "score_transform: rank 0=3.0, rank 1=3.0, rank 2=4.0"),
+                              "score_transform: rank 0='scale 3.0', rank 1='scale 3.0', rank 2='scale 4.0'"),
     "score_transform_kind": ({"score_transform": 2.0}, {"score_transform": _scale_two},
-                             "score_transform: rank 0=2.0, rank 1=2.0, rank 2='_scale_two'"),
+                             "score_transform: rank 0='scale 2.0', rank 1='scale 2.0', rank 2='_scale_two [-6.0, -4.0,"),
     "top_k": ({}, {"top_k": 2}, "top_k: rank 0=None, rank 1=None, rank 2=2"),
     "num_negatives": ({}, {"num_negatives": 2}, "num_negatives: rank 0=1, rank 1=1, rank 2=2"),
     "use_lru": ({}, {"use_lru": False}, "use_lru: rank 0=True, rank 1=True, rank 2=False"),
@@ -62,7 +62,7 @@ CASES = {
                    "doc_id_key: rank 0=None, rank 1=None, rank 2='doc_id'"),
     "step": ({}, {"step": 1}, "step: rank 0=0, rank 1=0, rank 2=1"),
 }
-# Known gaps (see the xfail tests below): not in CASES' expectations, run for their observed behaviour.
+# Cases that must NOT be a disagreement (spec order) or that need more than a name to detect (closures).
 PROBES = {
     "specs_order": ({}, {"specs": dict(reversed(list(base_specs().items())))}),
     "transform_closure": ({"score_transform": _make_scale(2.0)}, {"score_transform": _make_scale(5.0)}),
@@ -156,20 +156,12 @@ def test_invalid_local_cache_size_stops_every_rank(results):
         assert got["seconds"] < 5.0 + 10.0  # the collective timeout plus slack; never a hang
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: config() keeps the specs dict in the caller's insertion order, so ranks that pass the same "
-    "specs in a different order get a BatchRejected that names no field (the dicts compare equal). The order "
-    "does not matter to the engine (rows are packed in data_keys order): config() should sort the specs."))
 def test_specs_in_a_different_order_are_not_a_disagreement(results):
     for r in results:
         message = r["specs_order"]["message"]
-        assert message is None or "specs: rank 0=" in message, message
+        assert message is None, message  # the same specs in another order are the same configuration
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine gap: a callable score_transform enters config() by __qualname__ only, so two different "
-    "transforms with one name (closures, lambdas) pass the check and the ranks score with different T. "
-    "Fix: add a fingerprint of T's values on a fixed probe tensor to config()."))
 def test_different_transform_closures_are_detected(results):
     for r in results:
         message = r["transform_closure"]["message"]
