@@ -4,6 +4,7 @@ Prints one JSON line per step (rank 0); each rank writes its final parameter che
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -56,6 +57,9 @@ def main(steps: int, logdir: str) -> None:
         json.dump({"rank": rank, "checksum": checksum, "world": world}, f)
     if writer is not None:
         writer.close()
+    del model, opt, handler  # release DDP before the group (torch 2.13 + gloo can abort at exit otherwise)
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 

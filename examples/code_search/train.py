@@ -20,6 +20,7 @@ The defaults are the setting of the comparison in ``examples/README.md``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -289,6 +290,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=1))
         final = "  ".join(f"{k} {v:.4f}" for k, v in result["final"].items() if k != "step")
         print(f"{args.loss} (mean of {len(runs)} seeds): {final}  -> {out_dir / 'metrics.json'}")
+    # DDP and process-group handles must be gone before the group is destroyed: with torch 2.13 and
+    # gloo, a reducer collected after destroy_process_group can abort the process at exit.
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
     return result

@@ -22,6 +22,7 @@ as references.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import socket
@@ -287,6 +288,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         print("two-tower: " + "  ".join(f"{k} {v:.4f}" for k, v in curve[-1].items() if k != "step")
               + f"  (oracle mrr@10 {reference['oracle']['mrr@10']:.4f}, popularity {reference['popularity']['mrr@10']:.4f})"
               + f"  -> {out / 'metrics.json'}")
+    # DDP and process-group handles must be gone before the group is destroyed: with torch 2.13 and
+    # gloo, a reducer collected after destroy_process_group can abort the process at exit.
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
     return result
