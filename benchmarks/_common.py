@@ -1,0 +1,611 @@
+"""Shared pieces of the benchmarks: synthetic caches, a cheap document tower, timers, memory and byte counters.
+
+Nothing here changes the engine. Timing splits and byte counts are taken by *wrapping* the engine's
+functions and the ``torch.distributed`` collectives from the benchmark process (see
+:class:`Sections`, :func:`instrument_engine` and :class:`WireCounter`); the engine's own per-collective
+counters (``handler.comm.bytes_sent``) are read as well and cross-checked against the wrapper.
+
+Memory is measured as resident set size (RSS) of the process, which covers torch's CPU allocator:
+``reset_peak()`` writes ``5`` to ``/proc/self/clear_refs`` (Linux >= 4.0), which resets the kernel's
+peak-RSS counter ``VmHWM`` to the current RSS; after the measured code, ``VmHWM - RSS_before`` is the
+extra peak memory it touched. Freed heap memory is handed back first (``gc.collect`` and glibc
+``malloc_trim``) so reused allocator caches do not hide growth.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import gc
+import json
+import os
+import pickle
+import platform
+import socket
+import sys
+import tempfile
+import time
+import traceback
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+if str(REPO_ROOT) not in sys.path:  # runs from a checkout without `pip install -e .` (e.g. a GPU box)
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+
+MB = 1 << 20
+GLOBAL_BLOCK = 1 << 16  # synthetic rows are generated per global block: same contents for every W
+
+
+# ---------------------------------------------------------------------------------------------
+# synthetic cache, batches and the document tower
+# ---------------------------------------------------------------------------------------------
+def make_specs(dim: int, feat: int, emb_dtype: torch.dtype = torch.float32) -> dict:
+    from sharded_negcache import FieldSpec
+
+    return {"x": FieldSpec((feat,), torch.float32), "embedding": FieldSpec((dim,), emb_dtype)}
+
+
+class CheapTower(torch.nn.Module):
+    """A cheap document tower: ``normalize(x @ W)`` with a [feat, dim] weight (negligible next to scoring).
+
+    Unit-norm outputs, like the synthetic cache rows: a re-encoded row stays a typical row, so sampling
+    does not collapse onto the rows refreshed in earlier steps.
+    """
+
+    def __init__(self, feat: int, dim: int, seed: int = 1, device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.weight = torch.nn.Parameter((torch.randn(feat, dim, generator=g) / feat**0.5).to(device))
+
+    def forward(self, data: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.nn.functional.normalize(data["x"] @ self.weight, dim=-1)
+
+
+def make_handler(cache_size: int, dim: int, feat: int, **kw: Any):
+    """A handler over ``cache_size`` global rows with an ``x`` feature field; float scale 20 (folded)."""
+    from sharded_negcache import ShardedCacheLossHandler
+
+    kw.setdefault("score_transform", 20.0)
+    kw.setdefault("num_negatives", 2)
+    return ShardedCacheLossHandler(make_specs(dim, feat), cache_size, "embedding", ("x",), **kw)
+
+
+def synthetic_rows(lo: int, hi: int, dim: int, feat: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Fully filled rows [lo, hi) of a global cache: unit embeddings, features, ages (export_rows shape).
+
+    Generated per global block of 65536 rows from a generator keyed by the block, so a rank that builds
+    only its own slice gets exactly the rows of the same slice of the whole cache.
+    """
+    n = hi - lo
+    emb = torch.empty(n, dim)
+    x = torch.empty(n, feat)
+    age = torch.empty(n, dtype=torch.int64)
+    for b in range(lo // GLOBAL_BLOCK, (hi - 1) // GLOBAL_BLOCK + 1):
+        b_lo, b_hi = b * GLOBAL_BLOCK, (b + 1) * GLOBAL_BLOCK
+        s, e = max(lo, b_lo), min(hi, b_hi)
+        # CPU generators keep only the low 32 bits of a seed: cache blocks and batches use disjoint ranges
+        g = torch.Generator().manual_seed(0x40000000 + (seed << 16) + b)
+        blk_e = torch.randn(GLOBAL_BLOCK, dim, generator=g)
+        blk_x = torch.randn(GLOBAL_BLOCK, feat, generator=g)
+        blk_a = torch.randint(0, 1000, (GLOBAL_BLOCK,), generator=g)
+        emb[s - lo : e - lo] = blk_e[s - b_lo : e - b_lo]
+        x[s - lo : e - lo] = blk_x[s - b_lo : e - b_lo]
+        age[s - lo : e - lo] = blk_a[s - b_lo : e - b_lo]
+    emb = torch.nn.functional.normalize(emb, dim=-1)
+    return {"embedding": emb, "x": x, "age": age, "filled": torch.ones(n, dtype=torch.bool)}
+
+
+def fill_local(handler) -> None:
+    """Fills this rank's shard with its slice of the synthetic global cache.
+
+    Same result as ``handler.load_global_rows(synthetic_rows(0, cache_size))`` without materialising the
+    whole cache on every rank (it calls the store's ``import_rows`` with this rank's slice only).
+    """
+    lay = handler.layout
+    rows = synthetic_rows(lay.row_offset, lay.row_offset + lay.rows_per_rank, handler.schema.dim,
+                          handler.schema.specs["x"].shape[0])
+    handler.store.import_rows({k: v.to(handler.device) for k, v in rows.items()})
+
+
+def make_batch(batch: int, dim: int, tower: CheapTower, seed: int, device: str | torch.device = "cpu"):
+    """(queries with grad, positives' embeddings, document data) of one rank's batch."""
+    g = torch.Generator().manual_seed(0x10000000 + seed)  # disjoint from the cache's seeds (low 32 bits)
+    feat = tower.weight.shape[0]
+    q = torch.nn.functional.normalize(torch.randn(batch, dim, generator=g), dim=-1).to(device)
+    x = torch.randn(batch, feat, generator=g).to(device)
+    with torch.no_grad():
+        p = tower({"x": x})
+    return q.requires_grad_(True), p, {"x": x}
+
+
+# ---------------------------------------------------------------------------------------------
+# memory
+# ---------------------------------------------------------------------------------------------
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return -1
+
+
+def rss_mb() -> float:
+    return _status_kb("VmRSS") / 1024
+
+
+def hwm_mb() -> float:
+    """Peak RSS since start or since the last :func:`reset_peak`."""
+    return _status_kb("VmHWM") / 1024
+
+
+def trim() -> None:
+    """Frees Python garbage and hands freed heap pages back to the OS (glibc)."""
+    gc.collect()
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def reset_peak() -> bool:
+    """Resets VmHWM to the current RSS. Returns False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakMeter:
+    """``with PeakMeter() as m: ...`` then ``m.extra_mb`` = peak RSS during the block minus RSS before it."""
+
+    def __enter__(self) -> "PeakMeter":
+        trim()
+        self.ok = reset_peak()
+        self.before = rss_mb()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.peak = hwm_mb()
+        self.extra_mb = self.peak - self.before if self.ok else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# time split by wrapping
+# ---------------------------------------------------------------------------------------------
+class Sections:
+    """Exclusive time per named section (wall clock and process CPU time); nested sections pause their parent.
+
+    CPU time (``time.process_time``: every thread of this process) is what a section costs this rank
+    in work; wall time also holds waiting: for other ranks in collectives, and for a core when other
+    jobs share the machine.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.cpu_seconds: dict[str, float] = defaultdict(float)
+        self._stack: list[list[Any]] = []
+        self.peaks: dict[str, float] = defaultdict(float)
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.cpu_seconds.clear()
+        self.peaks.clear()
+
+    def push(self, name: str) -> None:
+        now, cpu = time.perf_counter(), time.process_time()
+        if self._stack:
+            top = self._stack[-1]
+            self.seconds[top[0]] += now - top[1]
+            self.cpu_seconds[top[0]] += cpu - top[2]
+        self._stack.append([name, now, cpu])
+
+    def pop(self) -> None:
+        now, cpu = time.perf_counter(), time.process_time()
+        name, start, cpu_start = self._stack.pop()
+        self.seconds[name] += now - start
+        self.cpu_seconds[name] += cpu - cpu_start
+        if self._stack:
+            self._stack[-1][1] = now
+            self._stack[-1][2] = cpu
+
+    @contextlib.contextmanager
+    def section(self, name: str):
+        self.push(name)
+        try:
+            yield
+        finally:
+            self.pop()
+
+    def wrap(self, name: str, fn: Callable, measure_peak: bool = False) -> Callable:
+        @functools.wraps(fn)
+        def wrapped(*a: Any, **k: Any) -> Any:
+            if measure_peak:  # extra RSS touched inside this call (scoring's memory bound)
+                ok = reset_peak()
+                before = rss_mb()
+            self.push(name)
+            try:
+                return fn(*a, **k)
+            finally:
+                self.pop()
+                if measure_peak and ok:
+                    self.peaks[name] = max(self.peaks[name], hwm_mb() - before)
+
+        return wrapped
+
+
+SPLIT_KEYS = ("scoring", "collectives", "fetch", "reencode", "writeback", "other")
+
+
+@contextlib.contextmanager
+def patched(items: Iterable[tuple[Any, str, Any]]):
+    """Temporarily sets ``setattr(obj, name, value)`` for each item; restores on exit."""
+    saved = []
+    try:
+        for obj, name, value in items:
+            saved.append((obj, name, getattr(obj, name)))
+            setattr(obj, name, value)
+        yield
+    finally:
+        for obj, name, value in reversed(saved):
+            setattr(obj, name, value)
+
+
+@contextlib.contextmanager
+def instrument_engine(sections: Sections, measure_scoring_peak: bool = False):
+    """Wraps the engine's step pieces so one handler step splits into SPLIT_KEYS (exclusive times).
+
+    scoring: ``handler.score_shard``; collectives: every ``Comm`` collective (includes waiting for the
+    slowest rank); fetch: ``Comm.fetch_rows`` (row lookup and packing, its collectives excluded) and
+    ``ShardStore.unpack``; writeback: ``Comm.write_back`` (its collective excluded), ``ShardStore.refresh``,
+    ``insert`` and ``tick``; reencode: the document network (wrap it with ``sections.wrap('reencode', f)``).
+    Whatever is left of the step (merging partials, losses, metrics, validation) is 'other'.
+    Inside scoring, the engine's helpers (when present) are timed as ``scoring.block_lse`` (per-block
+    max and exp-sum), ``scoring.sample`` (stage-1 Gumbel over blocks) and ``scoring.stage2`` (re-scoring
+    the winning blocks); :func:`scoring_parts` reads them, :func:`split_of` folds them into 'scoring'.
+    """
+    import sharded_negcache.handler as H
+    from sharded_negcache.exchange import Comm
+    from sharded_negcache.store import ShardStore
+
+    import sharded_negcache.scoring as S
+
+    items = [(H, "score_shard", sections.wrap("scoring", H.score_shard, measure_scoring_peak))]
+    # inside scoring (when the engine has these helpers): reported as scoring.<part>, folded into scoring
+    for fn_name, part in (("_block_max_and_sum", "scoring.block_lse"), ("_block_lse_and_weights", "scoring.block_lse"),
+                          ("_sample_blocks", "scoring.sample"), ("_pick_rows_in_blocks", "scoring.stage2")):
+        if hasattr(S, fn_name):
+            items.append((S, fn_name, sections.wrap(part, getattr(S, fn_name))))
+    for name in ("agree", "gather_rows", "all_to_all", "exchange_counts", "all_reduce_sum", "all_gather_object"):
+        if hasattr(Comm, name):
+            items.append((Comm, name, sections.wrap("collectives", getattr(Comm, name))))
+    items.append((Comm, "fetch_rows", sections.wrap("fetch", Comm.fetch_rows)))
+    items.append((ShardStore, "unpack", sections.wrap("fetch", ShardStore.unpack)))
+    items.append((Comm, "write_back", sections.wrap("writeback", Comm.write_back)))
+    for name in ("refresh", "insert", "tick"):
+        items.append((ShardStore, name, sections.wrap("writeback", getattr(ShardStore, name))))
+    with patched(items):
+        yield
+
+
+def scoring_parts(sections: Sections, steps: int = 1, cpu: bool = False) -> dict[str, float]:
+    """Per-step seconds inside scoring: 'matmul+rest' (score_shard itself) and each wrapped helper."""
+    src = sections.cpu_seconds if cpu else sections.seconds
+    out = {"matmul+rest": src.get("scoring", 0.0) / steps}
+    out.update({k.split(".", 1)[1]: v / steps for k, v in src.items() if k.startswith("scoring.")})
+    return out
+
+
+def split_of(sections: Sections, total: float, steps: int, cpu: bool = False) -> dict[str, float]:
+    """Per-step seconds of each split key; 'other' is the step total minus the named sections.
+
+    ``cpu``: CPU seconds (then ``total`` must be the step's CPU time too)."""
+    src = dict(sections.cpu_seconds if cpu else sections.seconds)
+    for k in [k for k in src if k.startswith("scoring.")]:
+        src["scoring"] = src.get("scoring", 0.0) + src.pop(k)
+    out = {k: src.get(k, 0.0) / steps for k in SPLIT_KEYS if k != "other"}
+    out["other"] = max(total / steps - sum(out.values()), 0.0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# bytes on the wire, counted by wrapping torch.distributed
+# ---------------------------------------------------------------------------------------------
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class WireCounter:
+    """Counts the bytes this rank hands to other ranks in every torch.distributed collective call.
+
+    Rule (the same as the engine's ``Comm``): all-gather counts this rank's input once per other rank;
+    all-to-all counts the rows sent to other ranks; all-reduce and broadcast count the tensor once.
+    (A ring all-reduce physically sends about 2(W-1)/W times the tensor; the order in W is the same.)
+    Use as a context manager; ``bytes`` maps the collective's name to bytes; ``calls`` counts calls.
+    """
+
+    NAMES = ("all_gather_into_tensor", "all_gather_single", "all_gather", "all_to_all_single",
+             "all_reduce", "broadcast", "all_gather_object")
+
+    def __init__(self) -> None:
+        self.bytes: dict[str, int] = defaultdict(int)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def reset(self) -> None:
+        self.bytes.clear()
+        self.calls.clear()
+
+    @property
+    def total(self) -> int:
+        return sum(self.bytes.values())
+
+    def _count(self, name: str, args: tuple, kwargs: dict) -> None:
+        import torch.distributed as dist
+
+        group = kwargs.get("group")
+        w = dist.get_world_size(group)
+        rank = dist.get_rank(group)
+        self.calls[name] += 1
+        if name in ("all_gather_into_tensor", "all_gather_single"):
+            inp = args[1] if len(args) > 1 else kwargs["input_tensor"]
+            self.bytes[name] += _nbytes(inp) * (w - 1)
+        elif name == "all_gather":
+            inp = args[1] if len(args) > 1 else kwargs["tensor"]
+            self.bytes[name] += _nbytes(inp) * (w - 1)
+        elif name == "all_to_all_single":
+            inp = args[1] if len(args) > 1 else kwargs["input"]
+            splits = args[3] if len(args) > 3 else kwargs.get("input_split_sizes")
+            if inp.shape[0] == 0:
+                return
+            row = _nbytes(inp) // inp.shape[0]
+            if splits is None:
+                self.bytes[name] += row * inp.shape[0] * (w - 1) // w
+            else:
+                self.bytes[name] += row * (sum(splits) - splits[rank])
+        elif name in ("all_reduce", "broadcast"):
+            t = args[0] if args else kwargs["tensor"]
+            self.bytes[name] += _nbytes(t)
+        elif name == "all_gather_object":
+            self.bytes[name] += len(pickle.dumps(args[1] if len(args) > 1 else kwargs["obj"])) * (w - 1)
+
+    def __enter__(self) -> "WireCounter":
+        import torch.distributed as dist
+        import sharded_negcache.exchange as X
+
+        items = []
+        originals = {}
+        for name in self.NAMES:
+            fn = getattr(dist, name, None)
+            if fn is None:
+                continue
+            originals[fn] = name
+
+            def make(fn: Callable, name: str) -> Callable:
+                @functools.wraps(fn)
+                def counted(*args: Any, **kwargs: Any) -> Any:
+                    self._count(name, args, kwargs)
+                    return fn(*args, **kwargs)
+
+                return counted
+
+            items.append((dist, name, make(fn, name)))
+        # exchange binds its all-gather at import time: wrap that binding too.
+        bound = getattr(X, "_all_gather_concat", None)
+        if bound is not None and bound in originals:
+            wrapped = dict((n, v) for _, n, v in items)[originals[bound]]
+            items.append((X, "_all_gather_concat", wrapped))
+        self._ctx = patched(items)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._ctx.__exit__(*exc)
+
+
+# ---------------------------------------------------------------------------------------------
+# processes
+# ---------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, threads: int, use_dist: bool, fn: Callable, args: tuple, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    result: Any
+    try:
+        if use_dist:
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+            dist.init_process_group("gloo", rank=rank, world_size=world)
+        result = ("ok", fn(rank, world, *args))
+    except BaseException as exc:  # reported to the parent, which raises
+        result = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    with open(os.path.join(out, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+
+
+def run_ranks(world: int, fn: Callable, *args: Any, threads: int = 1, use_dist: bool = True,
+              timeout: float = 900.0) -> list:
+    """Runs ``fn(rank, world, *args)`` in ``world`` fresh spawned processes (gloo when ``use_dist``).
+
+    Each process sets ``torch.set_num_threads(threads)``. Returns the results by rank; raises if a rank
+    failed or did not finish within ``timeout`` seconds.
+    """
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as out:
+        procs = [ctx.Process(target=_worker, args=(r, world, port, threads, use_dist, fn, args, out))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            p.join(max(deadline - time.monotonic(), 1.0))
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        if hung:
+            raise TimeoutError(f"ranks {hung} did not finish within {timeout:.0f} s")
+        results = []
+        for r in range(world):
+            path = os.path.join(out, f"rank{r}.pkl")
+            if not os.path.exists(path):
+                raise RuntimeError(f"rank {r} exited with code {procs[r].exitcode} without a result")
+            with open(path, "rb") as f:
+                status, value = pickle.load(f)
+            if status != "ok":
+                raise RuntimeError(f"rank {r} failed: {value}")
+            results.append(value)
+        return results
+
+
+def in_fresh_process(fn: Callable, *args: Any, threads: int = 1, timeout: float = 900.0) -> Any:
+    """``fn(0, 1, *args)`` in one fresh process without torch.distributed (clean peak-memory counters)."""
+    return run_ranks(1, fn, *args, threads=threads, use_dist=False, timeout=timeout)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# reporting
+# ---------------------------------------------------------------------------------------------
+def machine_info() -> dict[str, Any]:
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": _cpu_model(),
+        "default_torch_threads": torch.get_num_threads(),
+    }
+    with contextlib.suppress(OSError):
+        info["loadavg_1m"] = os.getloadavg()[0]
+    info.update(engine_version())
+    return info
+
+
+def engine_version() -> dict[str, Any]:
+    """The engine's commit and whether its files differ from it (read-only git calls)."""
+    import subprocess
+
+    out: dict[str, Any] = {}
+    with contextlib.suppress(Exception):
+        out["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
+                                           capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "sharded_negcache"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout
+        out["engine_modified_files"] = [line[3:] for line in dirty.splitlines() if line.strip()]
+    return out
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if v != v:
+            return "nan"
+        if v == 0:
+            return "0"
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        if abs(v) >= 10:
+            return f"{v:.1f}"
+        return f"{v:.3g}"
+    if isinstance(v, int) and abs(v) >= 10000:
+        return f"{v:,}"
+    return str(v)
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str | None = None) -> str:
+    """A fixed-width text table of ``rows`` (dicts) restricted to ``columns``."""
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = [] if title is None else [title]
+    lines.append("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=False, default=str) + "\n")
+    tmp.replace(path)
+
+
+def size_label(rows: int) -> str:
+    if rows % (1 << 20) == 0:
+        return f"{rows >> 20}M"
+    if rows % (1 << 10) == 0:
+        return f"{rows >> 10}K"
+    return str(rows)
+
+
+def parse_sizes(text: str) -> list[int]:
+    """'16K,128K,1M' -> [16384, 131072, 1048576] (K = 1024, M = 1024**2)."""
+    out = []
+    for part in text.split(","):
+        part = part.strip().upper()
+        mult = 1
+        if part.endswith("K"):
+            mult, part = 1 << 10, part[:-1]
+        elif part.endswith("M"):
+            mult, part = 1 << 20, part[:-1]
+        out.append(int(float(part) * mult))
+    return out
+
+
+def median(xs: Sequence[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return float("nan") if n == 0 else (s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2]))
+
+
+# ---------------------------------------------------------------------------------------------
+# the protocol's bytes per step (design §3), used as a cache-size-free ceiling and by the model
+# ---------------------------------------------------------------------------------------------
+def protocol_bytes(world: int, batch: int, draws: int, dim: int, row_bytes: int,
+                   rows_requested: float | None = None, rows_served: float | None = None,
+                   query_bytes: int = 4) -> dict[str, float]:
+    """Bytes one rank sends per step in sampling mode (design §3), every rank holding ``batch`` queries.
+
+    ``rows_requested``: distinct sampled rows this rank asks the other ranks for; ``rows_served``: rows
+    the other ranks ask this rank for. Both default to the expectation without duplicates and with
+    owners uniform over ranks, ``batch * draws * (W-1)/W``; the upper bounds are ``batch * draws`` and
+    ``(W-1) * batch * draws``. Tags follow the engine's ``Comm`` counters. No term depends on the
+    cache size.
+    """
+    w1 = world - 1
+    expect = batch * draws * w1 / world
+    req = expect if rows_requested is None else rows_requested
+    srv = expect if rows_served is None else rows_served
+    return {
+        "agree": 3 * 8 * w1,
+        "gather_queries": batch * dim * query_bytes * w1,
+        "partials": batch * w1 * (1 + 2 * draws) * 8,
+        "row_counts": 8 * w1,
+        "row_ids": req * 8,
+        "row_fetch": srv * row_bytes,
+        "write_back": req * dim * 4,
+        "stats": 6 * 8,
+    }

@@ -1,0 +1,412 @@
+"""One handler step against the bare matrix product, its peak memory, the chunk-size sweep, and bytes per step.
+
+Measured (document network excluded: the tower is a cheap ``x @ W`` and its re-encode time, taken
+by wrapping it, is subtracted from the step):
+
+1. single process, B queries x d against a fully filled cache of R rows (fp32 codec), for each R:
+   * ``handler``: wall time of ``update_cache_and_compute_loss`` minus the re-encode time;
+   * ``bare``: ``q @ E.t()`` for the same [B, d] x [d, R] (materialises the [B, R] product);
+   * ``bare_chunked``: the same product chunk by chunk, with the handler's chunk size (results dropped),
+     i.e. the floor for any scorer that bounds its memory;
+   * peak memory: extra RSS over the RSS before the call (``/proc/self/clear_refs`` + ``VmHWM``),
+     for the whole step, for the scoring call alone (``score_shard``), and for both bare products.
+   Every size runs in a fresh process, with ``torch.set_num_threads(--threads)`` for all of them.
+   Times are the minimum over ``--reps`` interleaved repetitions (least disturbed by other jobs on the
+   machine); medians are in the JSON.
+2. the same step at one size for several ``chunk_bytes`` (fastest is reported).
+3. W gloo processes (1 thread each): bytes each rank sends per step, from the engine's ``Comm``
+   counters and, independently, from wrapping the ``torch.distributed`` calls, for several cache sizes.
+
+Usage: ``.venv/bin/python benchmarks/bench_step.py`` (``--quick`` for a tiny smoke run). Writes
+``benchmarks/results/step.json`` and ``step.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from _common import (MB, RESULTS_DIR, CheapTower, PeakMeter, Sections, WireCounter, fill_local,
+                     in_fresh_process, instrument_engine, machine_info, make_batch, make_handler, median,
+                     parse_sizes, protocol_bytes, run_ranks, scoring_parts, size_label, split_of, synthetic_rows, table,
+                     trim, write_json)
+
+import torch
+
+TARGET_RATIO = 1.5  # handler / bare product at >= 128K rows
+TARGET_SCORING_MB = 256  # extra peak memory of scoring at 1M rows
+
+
+def _chunk_rows(handler, queries: int) -> int:
+    """The handler's chunk (rows), as ``score_shard`` rounds it (whole sampling blocks)."""
+    bs = handler.layout.block_size
+    rows = max(bs, handler.chunk_bytes // (4 * max(queries, 1)))
+    return max(bs, rows // bs * bs)
+
+
+def _bare_full(q: torch.Tensor, emb: torch.Tensor) -> None:
+    out = q @ emb.t()
+    del out
+
+
+def _bare_chunked(q: torch.Tensor, emb: torch.Tensor, chunk: int) -> None:
+    for s in range(0, emb.shape[0], chunk):
+        out = q @ emb[s : s + chunk].t()
+        del out
+
+
+def _timed(fn, *a) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    fn(*a)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. one size in a fresh process
+# ---------------------------------------------------------------------------------------------
+def single_child(rank: int, world: int, rows: int, cfg: dict) -> dict:
+    b, d, f, reps = cfg["batch"], cfg["dim"], cfg["feat"], cfg["reps"]
+    tower = CheapTower(f, d)
+    handler = make_handler(rows, d, f, chunk_bytes=cfg["chunk_bytes"], device="cpu")
+    handler.load_global_rows(synthetic_rows(0, rows, d, f))
+    emb = handler.store.embeddings  # fp32 codec: the stored rows are what scoring multiplies
+    assert emb.dtype == torch.float32 and bool(handler.store.filled.all())
+    cache_mb = sum(t.numel() * t.element_size() for t in handler.store.buffers()) / MB
+    chunk = _chunk_rows(handler, b)
+    sec = Sections()
+    net = sec.wrap("reencode", tower)
+    batches = [make_batch(b, d, tower, seed=1000 + i) for i in range(reps + 3)]
+    qbare = batches[0][0].detach()
+
+    def step(i: int) -> tuple[float, float, float, float]:
+        """(wall, wall of the re-encode, cpu, cpu of the re-encode) of one handler step."""
+        q, p, data = batches[i]
+        sec.reset()
+        c0, t0 = time.process_time(), time.perf_counter()
+        handler.update_cache_and_compute_loss(net, q, p, data)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        return wall, sec.seconds.get("reencode", 0.0), cpu, sec.cpu_seconds.get("reencode", 0.0)
+
+    with instrument_engine(sec, measure_scoring_peak=False):
+        step(0)  # warm-up (first-touch of buffers, lazy inits)
+        _bare_full(qbare, emb)
+        _bare_chunked(qbare, emb, chunk)
+    # memory: each measurement alone, peak RSS counter reset right before it
+    # (two steps: the scoring meter resets the peak counter, so it cannot nest in the step's meter)
+    with instrument_engine(sec):
+        with PeakMeter() as m_step:
+            step(1)
+    trim()
+    with instrument_engine(sec, measure_scoring_peak=True):
+        step(2)
+        scoring_peak = sec.peaks.get("scoring", float("nan"))
+    with PeakMeter() as m_chunked:
+        _bare_chunked(qbare, emb, chunk)
+    with PeakMeter() as m_full:
+        _bare_full(qbare, emb)
+    trim()
+    # time: interleaved repetitions
+    t_step, t_reenc, t_net, t_full, t_chunked, splits = [], [], [], [], [], []
+    c_net, c_full, c_chunked = [], [], []
+    with instrument_engine(sec):
+        for r in range(reps):
+            tot, ren, ctot, cren = step(3 + r)
+            t_step.append(tot)
+            t_reenc.append(ren)
+            t_net.append(tot - ren)
+            c_net.append(ctot - cren)
+            splits.append({**split_of(sec, tot, 1), "scoring_parts_cpu": scoring_parts(sec, cpu=True)})
+            for fn, args, wall, cpu in ((_bare_full, (qbare, emb), t_full, c_full),
+                                        (_bare_chunked, (qbare, emb, chunk), t_chunked, c_chunked)):
+                w, c = _timed(fn, *args)
+                wall.append(w)
+                cpu.append(c)
+    best = min(range(reps), key=lambda i: t_net[i])
+    return {
+        "rows": rows, "batch": b, "dim": d, "threads": torch.get_num_threads(),
+        "chunk_bytes": handler.chunk_bytes, "chunk_rows": chunk, "cache_mb": cache_mb,
+        "handler_s": t_step, "reencode_s": t_reenc, "handler_net_s": t_net,
+        "bare_s": t_full, "bare_chunked_s": t_chunked, "split_of_best_step": splits[best],
+        "cpu_handler_net_s": c_net, "cpu_bare_s": c_full, "cpu_bare_chunked_s": c_chunked,
+        "step_extra_peak_mb": m_step.extra_mb, "scoring_extra_peak_mb": scoring_peak,
+        "bare_extra_peak_mb": m_full.extra_mb, "bare_chunked_extra_peak_mb": m_chunked.extra_mb,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. chunk_bytes sweep (one fresh process, interleaved)
+# ---------------------------------------------------------------------------------------------
+def sweep_child(rank: int, world: int, rows: int, chunk_mbs: list[float], cfg: dict) -> dict:
+    b, d, f, reps = cfg["batch"], cfg["dim"], cfg["feat"], cfg["reps"]
+    tower = CheapTower(f, d)
+    full = synthetic_rows(0, rows, d, f)
+    handlers = {}
+    for mb in chunk_mbs:
+        h = make_handler(rows, d, f, chunk_bytes=int(mb * MB), device="cpu")
+        h.load_global_rows(full)
+        handlers[mb] = h
+    del full
+    sec = Sections()
+    net = sec.wrap("reencode", tower)
+    batches = [make_batch(b, d, tower, seed=2000 + i) for i in range(4)]
+    times = {mb: [] for mb in chunk_mbs}
+    scoring = {mb: [] for mb in chunk_mbs}
+    peaks = {}
+    with instrument_engine(sec, measure_scoring_peak=True):
+        for mb, h in handlers.items():  # warm-up, and the scoring memory of each chunk size
+            h.update_cache_and_compute_loss(net, *batches[0])
+            sec.reset()
+            trim()
+            h.update_cache_and_compute_loss(net, *batches[1])
+            peaks[mb] = sec.peaks.get("scoring", float("nan"))
+    with instrument_engine(sec):
+        for r in range(reps):
+            order = chunk_mbs if r % 2 == 0 else list(reversed(chunk_mbs))
+            for mb in order:
+                sec.reset()
+                t0 = time.perf_counter()
+                handlers[mb].update_cache_and_compute_loss(net, *batches[2 + r % 2])
+                tot = time.perf_counter() - t0
+                times[mb].append(tot - sec.seconds.get("reencode", 0.0))
+                scoring[mb].append(sec.seconds.get("scoring", 0.0))
+    return {
+        "rows": rows, "batch": b, "dim": d, "threads": torch.get_num_threads(),
+        "points": [
+            {"chunk_mb": mb, "chunk_rows": _chunk_rows(handlers[mb], b), "step_s": times[mb],
+             "scoring_s": scoring[mb], "scoring_extra_peak_mb": peaks[mb]}
+            for mb in chunk_mbs
+        ],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. bytes per step with W gloo ranks
+# ---------------------------------------------------------------------------------------------
+def bytes_child(rank: int, world: int, sizes: list[int], cfg: dict) -> list[dict]:
+    b, d, f, steps = cfg["batch"] // world, cfg["dim"], cfg["feat"], cfg["byte_steps"]
+    tower = CheapTower(f, d)
+    out = []
+    for rows in sizes:
+        handler = make_handler(rows, d, f, device="cpu")
+        fill_local(handler)
+        batches = [make_batch(b, d, tower, seed=3000 + 97 * rank + i) for i in range(steps + 1)]
+        handler.update_cache_and_compute_loss(tower, *batches[0])
+        handler.comm.reset_counters()
+        times = []
+        with WireCounter() as wire:
+            for i in range(steps):
+                t0 = time.perf_counter()
+                handler.update_cache_and_compute_loss(tower, *batches[1 + i])
+                times.append(time.perf_counter() - t0)
+        comm = {k: v / steps for k, v in handler.comm.bytes_sent.items()}
+        out.append({
+            "rows": rows, "rank": rank, "world": world, "batch_per_rank": b, "steps": steps,
+            "comm_bytes_per_step": comm, "comm_total_per_step": sum(comm.values()),
+            "wire_bytes_per_step": {k: v / steps for k, v in wire.bytes.items()},
+            "wire_total_per_step": wire.total / steps, "step_s": times,
+            "cache_bytes_per_rank": sum(t.numel() * t.element_size() for t in handler.store.buffers()),
+            "row_bytes": handler.store.row_bytes(), "num_negatives": handler.num_negatives,
+        })
+        del handler
+        trim()
+    return out
+
+
+FIXED_TAGS = ("agree", "gather_queries", "partials", "row_counts", "stats")
+
+
+def bytes_independent(by: dict, tolerance: float = 1.15) -> dict:
+    """Do the measured bytes per rank per step depend on the cache size?
+
+    The parts with no randomness must be identical across cache sizes; the row traffic depends on
+    how many distinct rows were sampled (duplicates are likelier in small caches), so every total must
+    stay under the protocol's cache-size-free upper bound, and the spread across sizes be small.
+    """
+    pts, world = by["per_rank"], by["world"]
+    fixed_identical = all(
+        len({p["comm_bytes_per_step"].get(t, 0) for p in pts if p["rank"] == r}) == 1
+        for r in range(world) for t in FIXED_TAGS)
+    p0 = pts[0]
+    b, m = p0["batch_per_rank"], p0["num_negatives"]
+    d = int(p0["comm_bytes_per_step"]["gather_queries"] // (b * 4 * (world - 1)))
+    bound = sum(protocol_bytes(world, b, m, d, p0["row_bytes"], rows_requested=b * m,
+                               rows_served=(world - 1) * b * m).values())
+    totals = [p["comm_total_per_step"] for p in pts]
+    sizes = [p["rows"] for p in pts]
+    under = all(t <= bound for t in totals)
+    spread = max(totals) / max(min(totals), 1)
+    return {"ok": fixed_identical and under and spread <= tolerance, "fixed_identical": fixed_identical,
+            "under_bound": under, "bound": bound, "spread": spread, "tolerance": tolerance,
+            "size_span": max(sizes) / min(sizes)}
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+# ---------------------------------------------------------------------------------------------
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax = axes[0]
+    pts = result["single"]
+    rows = [p["rows"] for p in pts]
+    for key, label in (("handler_net_s", "handler step (network excluded)"),
+                       ("bare_s", "bare q @ E.T (full [B, R] output)"),
+                       ("bare_chunked_s", "bare product, chunked")):
+        ax.plot(rows, [min(p[key]) for p in pts], "o-", label=label)
+    ax.set(xscale="log", yscale="log", xlabel="cache rows (one process)", ylabel="seconds (min over reps)",
+           title=f"step vs bare product, B={pts[0]['batch']}, d={pts[0]['dim']}, {pts[0]['threads']} thread(s)")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    sw = result["chunk_sweep"]
+    xs = [p["chunk_mb"] for p in sw["points"]]
+    ax.plot(xs, [min(p["step_s"]) for p in sw["points"]], "o-", label="step (network excluded)")
+    ax.plot(xs, [min(p["scoring_s"]) for p in sw["points"]], "s--", label="scoring only")
+    ax.set(xscale="log", xlabel="chunk_bytes (MB)", ylabel="seconds (min over reps)",
+           title=f"chunk_bytes sweep at {size_label(sw['rows'])} rows")
+    ax.legend(fontsize=8)
+    ax = axes[2]
+    by = result["bytes"]
+    sizes = sorted({p["rows"] for p in by["per_rank"]})
+    for r in range(by["world"]):
+        ys = [next(p for p in by["per_rank"] if p["rows"] == s and p["rank"] == r)["comm_total_per_step"] / 1024
+              for s in sizes]
+        ax.plot(sizes, ys, "o-", label=f"rank {r}")
+    ax.set(xscale="log", xlabel="global cache rows", ylabel="KiB sent per step",
+           title=f"bytes per rank per step, W={by['world']} gloo")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", default="16K,128K,1M", help="cache rows for the single-process table")
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--feat", type=int, default=16, help="width of the feature field the tower reads")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads in every single-process run")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--chunk-mb", default="2,8,32", help="chunk_bytes sweep, in MB")
+    ap.add_argument("--sweep-rows", default="128K")
+    ap.add_argument("--bytes-rows", default="16K,128K,1M", help="global cache sizes for the bytes table")
+    ap.add_argument("--world", type=int, default=2)
+    ap.add_argument("--byte-steps", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test, ~1 min)")
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR / "step.json")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.rows, args.sweep_rows, args.bytes_rows, args.reps = "16K,64K", "64K", "16K,64K", 2
+    from sharded_negcache.handler import DEFAULT_CHUNK_BYTES
+
+    cfg = {"batch": args.batch, "dim": args.dim, "feat": args.feat, "reps": args.reps,
+           "chunk_bytes": DEFAULT_CHUNK_BYTES, "byte_steps": args.byte_steps}
+    t_start = time.perf_counter()
+    result = {"benchmark": "bench_step", "machine": machine_info(), "config": {**cfg, "threads": args.threads}}
+
+    single = []
+    for rows in parse_sizes(args.rows):
+        print(f"[bench_step] single process, {size_label(rows)} rows ...", flush=True)
+        single.append(in_fresh_process(single_child, rows, cfg, threads=args.threads))
+    result["single"] = single
+    chunk_mbs = [float(x) for x in args.chunk_mb.split(",")]
+    sweep_rows = parse_sizes(args.sweep_rows)[0]
+    print(f"[bench_step] chunk_bytes sweep at {size_label(sweep_rows)} rows ...", flush=True)
+    result["chunk_sweep"] = in_fresh_process(sweep_child, sweep_rows, chunk_mbs, cfg, threads=args.threads)
+    print(f"[bench_step] bytes per step, W={args.world} gloo ...", flush=True)
+    per_rank = run_ranks(args.world, bytes_child, parse_sizes(args.bytes_rows), cfg, threads=1)
+    result["bytes"] = {"world": args.world, "per_rank": [p for rank in per_rank for p in rank]}
+
+    # ---- tables ----
+    rows_tab = []
+    for p in single:
+        net, full, chk = min(p["handler_net_s"]), min(p["bare_s"]), min(p["bare_chunked_s"])
+        cnet, cfull, cchk = min(p["cpu_handler_net_s"]), min(p["cpu_bare_s"]), min(p["cpu_bare_chunked_s"])
+        rows_tab.append({
+            "rows": size_label(p["rows"]), "threads": p["threads"], "handler_s": net,
+            "reencode_ms": 1e3 * median(p["reencode_s"]), "bare_s": full, "bare_chunked_s": chk,
+            "handler/bare": net / full, "handler/chunked": net / chk,
+            "cpu:handler/bare": cnet / cfull, "cpu:handler/chunked": cnet / cchk,
+            "scoring_peak_MB": p["scoring_extra_peak_mb"], "step_peak_MB": p["step_extra_peak_mb"],
+            "bare_peak_MB": p["bare_extra_peak_mb"], "cache_MB": p["cache_mb"],
+        })
+        p["ratio_handler_over_bare"] = net / full
+        p["ratio_handler_over_bare_chunked"] = net / chk
+        p["cpu_ratio_handler_over_bare"] = cnet / cfull
+        p["cpu_ratio_handler_over_bare_chunked"] = cnet / cchk
+    t1 = table(rows_tab, list(rows_tab[0]),
+               f"One step, B={args.batch}, d={args.dim}, fp32, one process (min of {args.reps} reps; "
+               "handler excludes the document network; peaks = extra RSS over the call)")
+    split_rows = []
+    for p in single:
+        sp = dict(p["split_of_best_step"])
+        parts = sp.pop("scoring_parts_cpu", {})
+        row = {"rows": size_label(p["rows"]), **{k: 1e3 * v for k, v in sp.items()}}
+        row.update({f"cpu:scoring.{k}": 1e3 * v for k, v in parts.items()})
+        split_rows.append(row)
+    t1b = table(split_rows, list(dict.fromkeys(k for r in split_rows for k in r)),
+                "Split of the fastest step (ms wall; scoring parts in CPU ms)")
+    sw_rows = []
+    for p in result["chunk_sweep"]["points"]:
+        sw_rows.append({"chunk_MB": p["chunk_mb"], "chunk_rows": p["chunk_rows"], "step_s": min(p["step_s"]),
+                        "step_median_s": median(p["step_s"]), "scoring_s": min(p["scoring_s"]),
+                        "scoring_peak_MB": p["scoring_extra_peak_mb"]})
+    fastest = min(sw_rows, key=lambda r: r["step_s"])
+    result["chunk_sweep"]["fastest_chunk_mb"] = fastest["chunk_MB"]
+    t2 = table(sw_rows, list(sw_rows[0]), f"chunk_bytes sweep at {size_label(sweep_rows)} rows "
+               f"(threads={result['chunk_sweep']['threads']}); fastest: {fastest['chunk_MB']:g} MB")
+    b_rows = []
+    for p in result["bytes"]["per_rank"]:
+        row = {"cache_rows": size_label(p["rows"]), "rank": p["rank"], "B/rank": p["batch_per_rank"],
+               "bytes/step (Comm)": int(p["comm_total_per_step"]),
+               "bytes/step (wrapped dist)": int(p["wire_total_per_step"])}
+        row.update({k: int(v) for k, v in sorted(p["comm_bytes_per_step"].items())})
+        b_rows.append(row)
+    cols = list(dict.fromkeys(k for r in b_rows for k in r))
+    t3 = table(b_rows, cols, f"Bytes each rank sends per step, W={args.world} gloo, global batch {args.batch}")
+
+    # ---- targets ----
+    big = [p for p in single if p["rows"] >= 131072]
+    indep = bytes_independent(result["bytes"])
+    at_1m = [p for p in single if p["rows"] >= 1 << 20]
+    targets = {
+        "handler_within_1.5x_of_bare_at_>=128K": (all(p["ratio_handler_over_bare"] <= TARGET_RATIO for p in big)
+                                                  if big else None),
+        "handler_within_1.5x_of_bare_at_>=128K_cpu_time": (
+            all(p["cpu_ratio_handler_over_bare"] <= TARGET_RATIO for p in big) if big else None),
+        "handler_within_1.5x_of_chunked_bare_at_>=128K_cpu_time": (
+            all(p["cpu_ratio_handler_over_bare_chunked"] <= TARGET_RATIO for p in big) if big else None),
+        "scoring_extra_peak_<256MB_at_1M": (all(p["scoring_extra_peak_mb"] < TARGET_SCORING_MB for p in at_1m)
+                                            if at_1m else None),
+        "bytes_per_step_independent_of_cache_size": indep["ok"],
+    }
+    result["targets"] = targets
+    result["bytes"]["independence_check"] = indep
+    result["wall_s"] = time.perf_counter() - t_start
+    result["machine"]["loadavg_1m_end"] = machine_info().get("loadavg_1m")
+    write_json(args.out, result)
+    png = args.out.with_suffix(".png")
+    plot(result, png)
+    print()
+    print(t1, "\n")
+    print(t1b, "\n")
+    print(t2, "\n")
+    print(t3, "\n")
+    print(f"Bytes check: cache-size-free parts {FIXED_TAGS} identical across sizes: {indep['fixed_identical']}; "
+          f"every total <= protocol bound {indep['bound']:,.0f} B (no cache-size term): {indep['under_bound']}; "
+          f"largest/smallest total across a {indep['size_span']:.0f}x range of cache sizes: {indep['spread']:.3f}")
+    print("Targets: " + "; ".join(f"{k}: {'met' if v else ('n/a' if v is None else 'NOT met')}"
+                                  for k, v in targets.items()))
+    print(f"wrote {args.out} and {png} ({result['wall_s']:.0f} s; load average "
+          f"{result['machine'].get('loadavg_1m')} -> {result['machine'].get('loadavg_1m_end')})")
+    return result
+
+
+if __name__ == "__main__":
+    main()
