@@ -277,7 +277,7 @@ def instrument_engine(sections: Sections, measure_scoring_peak: bool = False):
 
     items = [(H, "score_shard", sections.wrap("scoring", H.score_shard, measure_scoring_peak))]
     # inside scoring (when the engine has these helpers): reported as scoring.<part>, folded into scoring
-    for fn_name, part in (("_block_max_and_sum", "scoring.block_lse"), ("_block_lse_and_weights", "scoring.block_lse"),
+    for fn_name, part in (("_block_lse", "scoring.block_lse"), ("_block_max_and_sum", "scoring.block_lse"),
                           ("_sample_blocks", "scoring.sample"), ("_pick_rows_in_blocks", "scoring.stage2")):
         if hasattr(S, fn_name):
             items.append((S, fn_name, sections.wrap(part, getattr(S, fn_name))))

@@ -116,16 +116,16 @@ def _mask_chunk(
     return masked
 
 
-def _block_max_and_sum(scores: torch.Tensor, block: int, masked: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per (query, block): the max and sum(exp(a - max)); the chunk's scores are overwritten.
+def _block_lse(scores: torch.Tensor, block: int, masked: bool) -> torch.Tensor:
+    """Per (query, block): log Σ exp(a) over the block's candidates (-inf if none); overwrites ``scores``.
 
-    The max is per block, so a block's numbers do not depend on the chunk that holds it.
+    The max is per block, so a block's value does not depend on the chunk that holds it.
     """
     s3 = scores.view(scores.shape[0], -1, block)
     bmax = s3.amax(dim=-1)
     shift = torch.where(torch.isfinite(bmax), bmax, torch.zeros_like(bmax)) if masked else bmax
     s3.sub_(shift.unsqueeze(-1)).exp_()
-    return shift, s3.sum(dim=-1)
+    return s3.sum(dim=-1).log_().add_(shift)
 
 
 def _pick_rows_in_blocks(
@@ -195,8 +195,7 @@ def score_shard(
         best_val = torch.full((b, top_k), _NEG_INF, device=device)
         best_row = torch.full((b, top_k), -1, dtype=torch.int64, device=device)
     else:
-        block_max = torch.full((b, layout.blocks_per_rank), _NEG_INF, device=device)
-        block_sum = torch.zeros((b, layout.blocks_per_rank), device=device)
+        block_lse = torch.full((b, layout.blocks_per_rank), _NEG_INF, device=device)
 
     for c, start in enumerate(range(0, store.rows, chunk_rows)):
         if b == 0 or filled[c] == 0:
@@ -211,11 +210,11 @@ def score_shard(
             best_val, best_row = val, torch.cat([best_row, row], 1).gather(1, pick)
         else:
             cols = slice(start // bs, end // bs)
-            block_max[:, cols], block_sum[:, cols] = _block_max_and_sum(scores, bs, masked)
+            block_lse[:, cols] = _block_lse(scores, bs, masked)
 
     if top_k:
         return LocalPartials(topk_val=best_val, topk_row=best_row)
-    return _sample_blocks(store, layout, q, score_fn, block_max, block_sum, num_draws, seed, step,
+    return _sample_blocks(store, layout, q, score_fn, block_lse, num_draws, seed, step,
                           exclude_key, exclude_ids, budget_bytes=chunk_rows * max(b, 1) * 4)
 
 
@@ -224,8 +223,7 @@ def _sample_blocks(
     layout: ShardLayout,
     q: torch.Tensor,
     score_fn: ScoreFn,
-    block_max: torch.Tensor,
-    block_sum: torch.Tensor,
+    block_lse: torch.Tensor,
     m: int,
     seed: int,
     step: int,
@@ -233,16 +231,28 @@ def _sample_blocks(
     exclude_ids: torch.Tensor | None,
     budget_bytes: int,
 ) -> LocalPartials:
-    """Local LSE and, per draw, the local winner of the two-stage sampler (stage 1 over all blocks at once)."""
+    """Local LSE and, per draw, the local winner of the two-stage sampler.
+
+    Stage 1 walks the blocks in ranges whose Gumbel grid [B, m, range] stays within ``budget_bytes``,
+    keeping a running best per (query, draw); the keys depend only on global block ids, so the
+    ranges change nothing.
+    """
     b, device = q.shape[0], q.device
-    block_lse = block_max + block_sum.log()  # -inf for blocks without a candidate
-    lse = torch.logsumexp(block_lse, dim=1) if block_lse.shape[1] else torch.full((b,), _NEG_INF, device=device)
+    lse = torch.logsumexp(block_lse, dim=1)
     pos = torch.arange(b, device=device, dtype=torch.int64)
-    block_ids = torch.arange(layout.blocks_per_rank, device=device) + layout.row_offset // layout.block_size
     keys = keyed_random.draw_keys(seed, step, Stream.BLOCK_GUMBEL, pos, m)
-    perturbed = keyed_random.gumbel(keys, block_ids).add_(block_lse.unsqueeze(1))  # [B, m, blocks]
-    key, blk = perturbed.max(dim=-1)  # first maximum: the lowest block id on ties
+    first_block = layout.row_offset // layout.block_size
+    best_key = torch.full((b, m), _NEG_INF, device=device)
+    best_blk = torch.zeros((b, m), dtype=torch.int64, device=device)
+    span = max(1, budget_bytes // (8 * 4 * max(b * m, 1)))  # ~4 int64 temporaries per grid element
+    for lo in range(0, layout.blocks_per_rank, span):
+        hi = min(lo + span, layout.blocks_per_rank)
+        ids = torch.arange(lo, hi, device=device) + first_block
+        key, blk = keyed_random.gumbel(keys, ids).add_(block_lse[:, None, lo:hi]).max(dim=-1)
+        better = key > best_key  # strict: on ties the lower block id (an earlier range) keeps the draw
+        best_key = torch.where(better, key, best_key)
+        best_blk = torch.where(better, blk + lo, best_blk)
     u = keyed_random.uniform(keyed_random.draw_keys(seed, step, Stream.ROW_UNIFORM, pos, m))
-    rows = _pick_rows_in_blocks(store, q, score_fn, blk, u, layout.block_size, exclude_key, exclude_ids, budget_bytes)
-    found = torch.isfinite(key)
-    return LocalPartials(lse=lse, win_key=key, win_row=torch.where(found, layout.to_global(rows), torch.full_like(rows, -1)))
+    rows = _pick_rows_in_blocks(store, q, score_fn, best_blk, u, layout.block_size, exclude_key, exclude_ids, budget_bytes)
+    found = torch.isfinite(best_key)
+    return LocalPartials(lse=lse, win_key=best_key, win_row=torch.where(found, layout.to_global(rows), torch.full_like(rows, -1)))

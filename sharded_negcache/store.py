@@ -176,8 +176,10 @@ class ShardStore(nn.Module):
 
     def filled_per_chunk(self, chunk_rows: int) -> list[int]:
         """Filled rows in each scoring chunk (one host sync): full chunks skip the empty-row mask."""
-        counts = [self.filled[s : s + chunk_rows].sum() for s in range(0, self.rows, chunk_rows)]
-        return torch.stack(counts).tolist() if counts else []
+        chunks = -(-self.rows // chunk_rows)
+        padded = torch.zeros(chunks * chunk_rows, dtype=torch.int32, device=self.device)
+        padded[: self.rows] = self.filled
+        return padded.view(chunks, chunk_rows).sum(1).tolist()
 
     def read(self, slots: torch.Tensor) -> FetchedRows:
         """Features, decoded embeddings and ages of local ``slots`` (on the store's device)."""
