@@ -15,7 +15,7 @@ test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
 
 bench: setup
-	$(PY) benchmarks/bench_step.py
+	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf .venv runs .pytest_cache

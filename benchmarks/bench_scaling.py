@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     cfg = {"dim": args.dim, "feat": args.feat, "draws": args.draws, "global_batch": args.global_batch,
            "steps": args.steps, "warmup": args.warmup,
-           "chunk_bytes": int(args.chunk_mb * MB) if args.chunk_mb else DEFAULT_CHUNK_BYTES}
+           "chunk_bytes": int(args.chunk_mb * MB) if args.chunk_mb else DEFAULT_CHUNK_BYTES["cpu"]}
     t0 = time.perf_counter()
     res: dict[str, Any] = {"benchmark": "bench_scaling", "machine": machine_info(),
                            "config": {**cfg, "weak_rows": args.weak_rows, "strong_rows": args.strong_rows,

@@ -40,8 +40,7 @@ TARGET_SCORING_MB = 256  # extra peak memory of scoring at 1M rows
 def _chunk_rows(handler, queries: int) -> int:
     """The handler's chunk (rows), as ``score_shard`` rounds it (whole sampling blocks)."""
     bs = handler.layout.block_size
-    rows = max(bs, handler.chunk_bytes // (4 * max(queries, 1)))
-    return max(bs, rows // bs * bs)
+    return max(bs, handler._chunk_rows(queries) // bs * bs)
 
 
 def _bare_full(q: torch.Tensor, emb: torch.Tensor) -> None:
@@ -306,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
     from sharded_negcache.handler import DEFAULT_CHUNK_BYTES
 
     cfg = {"batch": args.batch, "dim": args.dim, "feat": args.feat, "reps": args.reps,
-           "chunk_bytes": DEFAULT_CHUNK_BYTES, "byte_steps": args.byte_steps}
+           "chunk_bytes": DEFAULT_CHUNK_BYTES["cpu"], "byte_steps": args.byte_steps}
     t_start = time.perf_counter()
     result = {"benchmark": "bench_step", "machine": machine_info(), "config": {**cfg, "threads": args.threads}}
 

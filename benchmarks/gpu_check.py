@@ -245,7 +245,9 @@ def benchmark(device: str, args: argparse.Namespace, budget: Budget, out: dict) 
     handler = make_handler(rows, dim, feat, device=device, embedding_codec="bf16")
     fill_in_place(handler)
     sync(device)
-    default_chunk = handler.chunk_bytes
+    from sharded_negcache.handler import DEFAULT_CHUNK_BYTES
+
+    default_chunk = handler.chunk_bytes or DEFAULT_CHUNK_BYTES.get(torch.device(device).type, DEFAULT_CHUNK_BYTES["cpu"])
     points, skipped = [], []
     out.update({"rows": rows, "dim": dim, "codec": "bf16", "default_chunk_mb": default_chunk / MB,
                 "points": points, "skipped": skipped})
