@@ -18,11 +18,11 @@ from . import metrics
 from .codecs import EmbeddingCodec, make_codec
 from .combine import HomePartials, merge_partials, pack_partials
 from .exchange import DEFAULT_TIMEOUT_S, BatchRejected, CollectiveFailed, Comm
+from .jagged import Jagged
 from .layout import ShardLayout
 from .loss import cache_losses, staleness
 from .scoring import ScoreFn, make_score_fn, score_shard
 from .specs import CacheSchema, FieldSpec
-from .jagged import Jagged
 from .store import CacheTooLarge, FetchedRows, ShardStore, check_capacity
 
 __all__ = [
