@@ -16,7 +16,7 @@ class CacheFilterFn(metaclass=abc.ABCMeta):
 
     @abc.abstractmethod
     def __call__(self, cache: NegativeCache, new_items: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
 
 class IsInCacheFilterFn(CacheFilterFn):

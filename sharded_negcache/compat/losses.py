@@ -54,7 +54,7 @@ class CacheLoss(metaclass=abc.ABCMeta):
         cache: Mapping[str, NegativeCache],
         return_topk: int = 0,
     ) -> CacheLossReturn:
-        raise NotImplementedError
+        ...
 
 
 def _check_settings(
@@ -253,15 +253,13 @@ class DistributedCacheClassificationLoss(CacheLoss):
     ) -> CacheLossReturn:
         _check_batch(query_embeddings, pos_doc_embeddings)
         if return_topk:
-            raise NotImplementedError(
-                "return_topk is not supported by the engine-backed DistributedCacheClassificationLoss"
-            )
+            raise NotImplementedError("return_topk is not supported by the engine-backed "
+                                      "DistributedCacheClassificationLoss")
         fn = self._retrieval_fn
         if type(fn) is not retrieval_fns.GumbelMaxRetrievalFn or fn.inv_temp != 1.0:
-            raise NotImplementedError(
-                "DistributedCacheClassificationLoss samples inside the sharded engine (keyed Gumbel-max); "
-                "_retrieval_fn cannot be replaced. Use seed=..., or top_k=1 for a deterministic negative."
-            )
+            raise NotImplementedError("DistributedCacheClassificationLoss samples inside the sharded engine "
+                                      "(keyed Gumbel-max); _retrieval_fn cannot be replaced. Use seed=..., "
+                                      "or top_k=1 for a deterministic negative.")
         caches = as_cache_dict(cache)
         fields, filled, offsets = concat_sources(caches, (self.embedding_key, *self.data_keys))
         out = self._engine.run(

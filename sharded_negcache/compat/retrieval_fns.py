@@ -17,7 +17,7 @@ class AbstractRetrievalFn(torch.nn.Module, metaclass=abc.ABCMeta):
 
     @abc.abstractmethod
     def __call__(self, scores: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
 
 def _check_scores(scores: torch.Tensor) -> None:
