@@ -181,16 +181,17 @@ class ShardStore(nn.Module):
         padded[: self.rows] = self.filled
         return padded.view(chunks, chunk_rows).sum(1).tolist()
 
+    def _field_rows(self, slots: torch.Tensor) -> dict[str, Any]:
+        """Every feature field at local ``slots``, on the store's device (``Jagged`` for jagged fields)."""
+        out = {}
+        for key, spec in self.feature_specs.items():
+            f, where = self.feature(key), self._on(key, slots)
+            out[key] = (f.read(where) if isinstance(spec, JaggedFieldSpec) else f[where]).to(self.device)
+        return out
+
     def read(self, slots: torch.Tensor) -> FetchedRows:
         """Features, decoded embeddings and ages of local ``slots`` (on the store's device)."""
-        feats = {}
-        for key, spec in self.feature_specs.items():
-            f = self.feature(key)
-            if isinstance(spec, JaggedFieldSpec):
-                feats[key] = f.read(self._on(key, slots)).to(self.device)
-            else:
-                feats[key] = f[self._on(key, slots)].to(self.device)
-        return FetchedRows(feats, self.codec.decode(self.embeddings[slots], self.dim), self.age[slots])
+        return FetchedRows(self._field_rows(slots), self.codec.decode(self.embeddings[slots], self.dim), self.age[slots])
 
     # ---- packing rows for transfer ---------------------------------------------------------
     def _parts(self) -> list[tuple[str, torch.dtype, tuple[int, ...], int]]:
@@ -206,14 +207,12 @@ class ShardStore(nn.Module):
         """Rows at ``slots``: one uint8 tensor [k, row_bytes] (fixed fields, jagged lengths, stored
         embedding, age) and, per jagged field, the rows' concatenated values."""
         fixed, var = [], {}
-        for key, spec in self.feature_specs.items():
-            f = self.feature(key)
-            if isinstance(spec, JaggedFieldSpec):
-                j = f.read(self._on(key, slots))
-                fixed.append(j.lengths.to(self.device))
-                var[key] = j.values.to(self.device)
+        for key, rows in self._field_rows(slots).items():
+            if isinstance(rows, Jagged):
+                fixed.append(rows.lengths)
+                var[key] = rows.values
             else:
-                fixed.append(f[self._on(key, slots)].to(self.device))
+                fixed.append(rows)
         fixed += [self.embeddings[slots], self.age[slots]]
         k = slots.numel()
         cols = [t.reshape(k, nbytes // _itemsize(t.dtype)).contiguous().view(torch.uint8)
