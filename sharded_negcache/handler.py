@@ -13,6 +13,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.profiler import record_function
 
 from . import metrics
 from .codecs import EmbeddingCodec, make_codec
@@ -32,6 +33,10 @@ __all__ = [
 # Score-matrix bytes per chunk: bounds scoring memory. On CPU a small chunk stays cache-friendly
 # (2-8 MB measured best, 32 MB 35-45% slower); a GPU wants few, large kernels.
 DEFAULT_CHUNK_BYTES = {"cpu": 8 << 20, "cuda": 256 << 20}
+
+# Profiler range names of the protocol steps, in order (``negcache/agree`` ... ``negcache/insert``).
+STAGE_PREFIX = "negcache/"
+STAGES = ("agree", "gather", "score", "partials", "fetch", "reencode", "losses", "stats", "write_back", "insert")
 
 Reduction = Literal["mean", "global_mean", "sum"]
 
@@ -217,65 +222,77 @@ class ShardedCacheLossHandler(nn.Module):
         """
         self._follow_device(query_embeddings)
         self.comm.step = self._step
-        sizes, features = self._agree_on_inputs(query_embeddings, document_embeddings, document_data)
+        with _stage("agree"):
+            sizes, features = self._agree_on_inputs(query_embeddings, document_embeddings, document_data)
         rank, step, m = self.comm.rank, self._step, self.num_negatives
         own, first = sizes[rank], sum(sizes[:rank])
         self._global_batch = sum(sizes)
         query_pos = torch.arange(first, first + own, device=self.device)
 
-        # 1. gather every rank's queries (and their positives' ids).
         with torch.no_grad():
-            queries = self.comm.gather_rows(query_embeddings.detach().float(), sizes)
-            exclude = self._gather_positive_ids(document_data, sizes)
+            # 1. gather every rank's queries (and their positives' ids).
+            with _stage("gather"):
+                queries = self.comm.gather_rows(query_embeddings.detach().float(), sizes)
+                exclude = self._gather_positive_ids(document_data, sizes)
             # 2. score them against the local rows, chunk by chunk.
-            partials = score_shard(
-                self.store, self.layout, queries, self.score_fn,
-                num_draws=m, top_k=self.top_k, seed=self._seed, step=step,
-                chunk_rows=self._chunk_rows(sum(sizes)),
-                exclude_key=self.schema.doc_id_key, exclude_ids=exclude,
-            )
+            with _stage("score"):
+                partials = score_shard(
+                    self.store, self.layout, queries, self.score_fn,
+                    num_draws=m, top_k=self.top_k, seed=self._seed, step=step,
+                    chunk_rows=self._chunk_rows(sum(sizes)),
+                    exclude_key=self.schema.doc_id_key, exclude_ids=exclude,
+                )
             # 3. send each query's partials to its home rank and combine them there.
-            received = self.comm.partials_to_home(pack_partials(partials), sizes)
-            home = merge_partials(
-                received, num_draws=m, top_k=self.top_k, seed=self._seed, step=step, query_pos=query_pos
-            )
+            with _stage("partials"):
+                received = self.comm.partials_to_home(pack_partials(partials), sizes)
+                home = merge_partials(
+                    received, num_draws=m, top_k=self.top_k, seed=self._seed, step=step, query_pos=query_pos
+                )
         # 4. fetch the sampled rows from their owners and re-encode them with gradient.
-        sampled = home.rows >= 0
-        unique_rows, which = torch.unique(home.rows[sampled], return_inverse=True)
-        owners = self.layout.owner_of(unique_rows)
-        packed, jagged, route = self.comm.fetch_rows(
-            owners, unique_rows - owners * self.layout.rows_per_rank, self.store.pack, self.store.jagged_lengths
-        )
-        fetched = self.store.unpack(packed, jagged)
-        fresh = self._reencode(document_network, fetched, query_embeddings)
-        fresh_ok = torch.isfinite(fresh.detach()).all(1)
-        positive_ok = torch.isfinite(document_embeddings.detach()).all(1)
+        with _stage("fetch"):
+            sampled = home.rows >= 0
+            unique_rows, which = torch.unique(home.rows[sampled], return_inverse=True)
+            owners = self.layout.owner_of(unique_rows)
+            packed, jagged, route = self.comm.fetch_rows(
+                owners, unique_rows - owners * self.layout.rows_per_rank, self.store.pack, self.store.jagged_lengths
+            )
+            fetched = self.store.unpack(packed, jagged)
+        with _stage("reencode"):
+            fresh = self._reencode(document_network, fetched, query_embeddings)
         # 5. the losses (rows the tower made non-finite are left out; optionally in-batch negatives).
-        positives = torch.where(positive_ok.unsqueeze(1), document_embeddings.float(), 0.0)
-        in_batch = self._in_batch_scores(query_embeddings, positives, exclude, sizes)
-        result = self._losses(
-            query_embeddings, positives, positive_ok, home, which, fresh_ok,
-            torch.where(fresh_ok.unsqueeze(1), fresh.float(), 0.0), fetched, in_batch,
-        )
+        with _stage("losses"):
+            fresh_ok = torch.isfinite(fresh.detach()).all(1)
+            positive_ok = torch.isfinite(document_embeddings.detach()).all(1)
+            positives = torch.where(positive_ok.unsqueeze(1), document_embeddings.float(), 0.0)
+            in_batch = self._in_batch_scores(query_embeddings, positives, exclude, sizes)
+            result = self._losses(
+                query_embeddings, positives, positive_ok, home, which, fresh_ok,
+                torch.where(fresh_ok.unsqueeze(1), fresh.float(), 0.0), fetched, in_batch,
+            )
         # 6. global statistics; every rank learns of non-finite rows before anything is written.
-        rejected = (~fresh_ok).sum() + (~positive_ok).sum()
-        result.metrics = self._global_metrics(result, fetched, which, rejected, positive_ok.sum())
+        with _stage("stats"):
+            rejected = (~fresh_ok).sum() + (~positive_ok).sum()
+            result.metrics = self._global_metrics(result, fetched, which, rejected, positive_ok.sum())
         if result.metrics["rejected_rows"] and self.nonfinite == "raise":
             raise NonFiniteRows(
                 f"step {step}: the document tower produced NaN/Inf for {int(result.metrics['rejected_rows'])} "
                 "row(s) (sampled rows or positives, all ranks); cache unchanged. Use nonfinite='skip' to drop them."
             )
         # 7. fresh embeddings back to the owners, written in place; 8. insert the positives.
-        slots, rows = self.comm.write_back(route, fresh.detach().float())
-        new_emb = document_embeddings.detach().float()
-        if self.nonfinite == "skip":
-            ok = torch.isfinite(rows).all(1)
-            slots, rows = slots[ok], rows[ok]
-            features = {k: v.select(positive_ok) if isinstance(v, Jagged) else v[positive_ok] for k, v in features.items()}
-            new_emb = new_emb[positive_ok]
-        refreshed = self.store.refresh(slots, rows, self.use_lru)
-        inserted = self.store.insert(new_emb, features)
-        self.store.tick()
+        with _stage("write_back"):
+            slots, rows = self.comm.write_back(route, fresh.detach().float())
+            new_emb = document_embeddings.detach().float()
+            if self.nonfinite == "skip":
+                ok = torch.isfinite(rows).all(1)
+                slots, rows = slots[ok], rows[ok]
+                features = {
+                    k: v.select(positive_ok) if isinstance(v, Jagged) else v[positive_ok] for k, v in features.items()
+                }
+                new_emb = new_emb[positive_ok]
+            refreshed = self.store.refresh(slots, rows, self.use_lru)
+        with _stage("insert"):
+            inserted = self.store.insert(new_emb, features)
+            self.store.tick()
         self._advance_step()
         result.refreshed_rows = self.layout.to_global(refreshed)
         result.inserted_rows = self.layout.to_global(inserted)
@@ -472,6 +489,11 @@ class ShardedCacheLossHandler(nn.Module):
             "sampled": ns,
             "rejected_rows": rej,
         }
+
+
+def _stage(name: str) -> record_function:
+    """A profiler range named ``negcache/<name>``: users' traces (Chrome, TensorBoard) show each protocol step."""
+    return record_function(f"{STAGE_PREFIX}{name}")
 
 
 def _spread(values: torch.Tensor, rows: torch.Tensor, which: torch.Tensor, fill: float | bool | int) -> torch.Tensor:
