@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["Stream", "draw_keys", "uniform", "gumbel"]
+__all__ = ["Stream", "draw_keys", "uniform", "gumbel", "unit_interval"]
 
 _M32 = 0xFFFFFFFF
+# The largest float32 below 1. The top hash level (2^24 - 1) + 0.5 rounds to 2^24 in float32, i.e. a
+# uniform of exactly 1.0 (a +inf Gumbel; an inverse CDF off the end): that one level is clamped here.
+_BELOW_ONE = 1.0 - 2.0**-24
 
 
 class Stream:
@@ -54,10 +57,15 @@ def _hash(keys: torch.Tensor, items: torch.Tensor | None) -> torch.Tensor:
     return _mix(keys ^ _mix(items.to(torch.int64) + 0x5BD1E995))
 
 
+def unit_interval(h: torch.Tensor) -> torch.Tensor:
+    """float32 strictly inside (0, 1) from 32-bit hash values: their top 24 bits, centred, in
+    [2^-25, 1 - 2^-24], so ``-log(-log(u))`` is always finite."""
+    return (((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))).clamp_(max=_BELOW_ONE)
+
+
 def uniform(keys: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
-    """float32 uniforms in (0, 1) from keys (broadcast with ``items`` when given)."""
-    h = _hash(keys, items)
-    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    """float32 uniforms strictly inside (0, 1) from keys (broadcast with ``items`` when given)."""
+    return unit_interval(_hash(keys, items))
 
 
 def gumbel(keys: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
