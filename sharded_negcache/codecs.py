@@ -43,6 +43,18 @@ class EmbeddingCodec:
     def bytes_per_row(self, dim: int) -> int:
         return self.width(dim) * torch.empty((), dtype=self.storage_dtype).element_size()
 
+    def storable(self, x: torch.Tensor) -> torch.Tensor:
+        """[n] bool: rows of ``x`` [n, d] that this codec stores as finite values (what the store writes:
+        the rows as fp32, encoded). Finite inputs can still overflow the storage format (fp16 above
+        65504, an int4 row whose fp16 scale or bias overflows): such rows must not be written.
+        The default decodes the encoding, exact for every codec."""
+        x = x.detach().float()
+        ok = torch.isfinite(x).all(1)
+        if not x.shape[0]:
+            return ok
+        safe = torch.where(ok.unsqueeze(1), x, 0.0)
+        return ok & torch.isfinite(self.decode(self.encode(safe), x.shape[1])).all(1)
+
 
 class CastCodec(EmbeddingCodec):
     """Plain floating storage (fp32, bf16, fp16): encode is a cast, decode casts to fp32."""
@@ -63,6 +75,10 @@ class CastCodec(EmbeddingCodec):
 
     def decode(self, stored: torch.Tensor, dim: int) -> torch.Tensor:
         return stored.to(torch.float32)
+
+    def storable(self, x: torch.Tensor) -> torch.Tensor:
+        """A cast overflows to inf exactly when the value is out of range (one pass, no decode)."""
+        return torch.isfinite(x.detach().float().to(self.storage_dtype)).all(1)
 
 
 @functools.lru_cache(maxsize=None)

@@ -40,7 +40,7 @@ STAGES = ("agree", "gather", "score", "partials", "fetch", "reencode", "losses",
 
 Reduction = Literal["mean", "global_mean", "sum"]
 
-_ERR_INPUT, _ERR_QUERY_NONFINITE, _ERR_DOC_NONFINITE = 1, 2, 4
+_ERR_INPUT, _ERR_QUERY_NONFINITE, _ERR_DOC_NONFINITE, _ERR_DOC_UNSTORABLE = 1, 2, 4, 8
 
 
 class NonFiniteRows(FloatingPointError):
@@ -261,8 +261,8 @@ class ShardedCacheLossHandler(nn.Module):
             fresh = self._reencode(document_network, fetched, query_embeddings)
         # 5. the losses (rows the tower made non-finite are left out; optionally in-batch negatives).
         with _stage("losses"):
-            fresh_ok = torch.isfinite(fresh.detach()).all(1)
-            positive_ok = torch.isfinite(document_embeddings.detach()).all(1)
+            fresh_ok = self.store.codec.storable(fresh)  # finite, and representable by the storage codec
+            positive_ok = self.store.codec.storable(document_embeddings)
             positives = torch.where(positive_ok.unsqueeze(1), document_embeddings.float(), 0.0)
             in_batch = self._in_batch_scores(query_embeddings, positives, exclude, sizes)
             result = self._losses(
@@ -275,7 +275,8 @@ class ShardedCacheLossHandler(nn.Module):
             result.metrics = self._global_metrics(result, fetched, which, rejected, positive_ok.sum())
         if result.metrics["rejected_rows"] and self.nonfinite == "raise":
             raise NonFiniteRows(
-                f"step {step}: the document tower produced NaN/Inf for {int(result.metrics['rejected_rows'])} "
+                f"step {step}: the document tower produced NaN/Inf (or values the embedding codec cannot store) "
+                f"for {int(result.metrics['rejected_rows'])} "
                 "row(s) (sampled rows or positives, all ranks); cache unchanged. Use nonfinite='skip' to drop them."
             )
         # 7. fresh embeddings back to the owners, written in place; 8. insert the positives.
@@ -283,7 +284,7 @@ class ShardedCacheLossHandler(nn.Module):
             slots, rows = self.comm.write_back(route, fresh.detach().float())
             new_emb = document_embeddings.detach().float()
             if self.nonfinite == "skip":
-                ok = torch.isfinite(rows).all(1)
+                ok = self.store.codec.storable(rows)
                 slots, rows = slots[ok], rows[ok]
                 features = {
                     k: v.select(positive_ok) if isinstance(v, Jagged) else v[positive_ok] for k, v in features.items()
@@ -334,6 +335,8 @@ class ShardedCacheLossHandler(nn.Module):
             status[0] += (~torch.isfinite(query_embeddings)).any().to(torch.int64) * _ERR_QUERY_NONFINITE
             if self.nonfinite == "raise":
                 status[0] += (~torch.isfinite(document_embeddings)).any().to(torch.int64) * _ERR_DOC_NONFINITE
+                unstorable = torch.isfinite(document_embeddings).all(1) & ~self.store.codec.storable(document_embeddings)
+                status[0] += unstorable.any().to(torch.int64) * _ERR_DOC_UNSTORABLE
 
         def describe(code: int) -> str:
             parts = [problem] if code & _ERR_INPUT else []
@@ -341,6 +344,10 @@ class ShardedCacheLossHandler(nn.Module):
                 parts.append("query_embeddings contain NaN or Inf")
             if code & _ERR_DOC_NONFINITE:
                 parts.append("document_embeddings contain NaN or Inf")
+            if code & _ERR_DOC_UNSTORABLE:
+                codec = self.store.codec
+                parts.append(f"document_embeddings hold values the {codec.name!r} embedding codec cannot store "
+                             f"(finite, but the stored row would be Inf/NaN; its error bound: {codec.error_bound})")
             return "; ".join(p for p in parts if p)
 
         table = self.comm.agree(status, describe)

@@ -100,9 +100,16 @@ def _normalise(value: Any, key: str, dtype: torch.dtype) -> Jagged | str:
     if callable(getattr(value, "lengths", None)) and callable(getattr(value, "values", None)):  # JaggedTensor
         return Jagged(value.lengths().to(torch.int64), value.values())
     if _is_padded_pair(value):
-        padded, lengths = value[0], value[1].to(torch.int64)
-        if lengths.numel() and int(lengths.max()) > padded.shape[1]:
-            return f"document_data[{key!r}] lengths exceed the padded width {padded.shape[1]}"
+        padded, lengths = value
+        if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+            return f"document_data[{key!r}] needs integer lengths in (padded, lengths), got {lengths.dtype}"
+        if lengths.shape[0] != padded.shape[0]:
+            return f"document_data[{key!r}] has {lengths.shape[0]} lengths for {padded.shape[0]} padded rows"
+        lengths = lengths.to(torch.int64)
+        if lengths.numel():  # negative lengths are refused by to_jagged, for every input form
+            hi = int(lengths.max())
+            if hi > padded.shape[1]:
+                return f"document_data[{key!r}] lengths exceed the padded width {padded.shape[1]} (a row of length {hi})"
         mask = torch.arange(padded.shape[1], device=padded.device)[None, :] < lengths[:, None]
         return Jagged(lengths, padded[mask])
     if isinstance(value, (list, tuple)) and all(isinstance(v, torch.Tensor) and v.dim() == 1 for v in value):
@@ -122,8 +129,14 @@ def to_jagged(value: Any, key: str, spec: JaggedFieldSpec, batch: int) -> Jagged
         return f"document_data[{key!r}] has {j.lengths.numel()} rows, expected {batch}"
     if j.values.dtype != spec.dtype:
         return f"document_data[{key!r}] must have dtype {spec.dtype}, got {j.values.dtype}"
-    if batch and int(j.lengths.max()) > spec.max_length:
-        return f"document_data[{key!r}] has a row of length {int(j.lengths.max())} over max_length {spec.max_length}"
+    if batch:
+        lo, hi, total = torch.stack([j.lengths.min(), j.lengths.max(), j.lengths.sum()]).tolist()  # one device read
+        if lo < 0:
+            return f"document_data[{key!r}] has a negative length {lo}: lengths must lie in [0, max_length]"
+        if hi > spec.max_length:
+            return f"document_data[{key!r}] has a row of length {hi} over max_length {spec.max_length}"
+        if total != j.values.numel():
+            return f"document_data[{key!r}] lengths sum to {total} but there are {j.values.numel()} values"
     return id_range_problem(key, j.values, spec.vocab_size) or j
 
 

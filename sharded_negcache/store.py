@@ -257,6 +257,7 @@ class ShardStore(nn.Module):
                 out[key] = self.feature(key).to(self.device, copy=True)
         return out
 
+    @torch.no_grad()
     def import_rows(self, rows: Mapping[str, torch.Tensor]) -> None:
         """Overwrites every local row from :meth:`export_rows`-shaped tensors (checked before writing)."""
         expected = {"embedding", "age", "filled", *self.feature_specs, *(k + ":lengths" for k in self._jagged())}
@@ -276,6 +277,9 @@ class ShardStore(nn.Module):
                 f.copy_(rows[key].reshape(f.shape))
 
     # ---- writing ---------------------------------------------------------------------------
+    # Every write runs under no_grad: the buffers hold copies of the values, never a node of the
+    # caller's graph (a feature that requires grad would otherwise make them part of it).
+    @torch.no_grad()
     def refresh(self, slots: torch.Tensor, embeddings: torch.Tensor, use_lru: bool) -> torch.Tensor:
         """Writes fresh embeddings in place; with duplicates the first occurrence wins. Returns unique slots."""
         uniq, first = first_occurrence(slots)
@@ -290,6 +294,7 @@ class ShardStore(nn.Module):
         key = (~self.filled).to(torch.int64) * (1 << 62) + (self.age + 1) * self.rows + (self.rows - 1 - slot)
         return torch.topk(key, n, sorted=True).indices
 
+    @torch.no_grad()
     def insert(self, embeddings: torch.Tensor, features: Mapping[str, Any]) -> torch.Tensor:
         """Writes new rows over the oldest ones, item i into the i-th oldest (age -1 before the tick).
 
