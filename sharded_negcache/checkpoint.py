@@ -17,8 +17,11 @@ order restricted to each new shard (see docs/checkpointing.md).
 :func:`save` and :func:`load` wrap ``dcp.save``/``dcp.load`` for a whole training state
 (``{"model": ..., "optim": ..., "cache": CacheCheckpoint(handler)}``) and add what DCP lacks:
 
-- a manifest written last, after every rank finished, listing each file and its size: a checkpoint
-  without it, or with a file missing or of another size, is refused before anything is read;
+- a manifest written last, after every rank finished, binding the checkpoint's files together: one
+  checkpoint id (also inside each cache's JSON record), each file's size and sha256 digest, and each
+  cache record's digest. A checkpoint without it, with a file missing, of another size or with
+  another digest (edited, or copied from another checkpoint), is refused by name before anything
+  is read;
 - a check of the cache's record against the handler before any tensor is read, with an error that
   names each difference;
 - nothing is written into the live cache until every rank has read and verified its rows (content
@@ -31,9 +34,12 @@ error and a partly written checkpoint is only caught when DCP fails to read it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import math
 import os
 import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -45,6 +51,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata
 
+from .exchange import CollectiveFailed
 from .handler import ShardedCacheLossHandler
 from .jagged import JaggedFieldSpec
 from .specs import AnySpec
@@ -60,11 +67,15 @@ __all__ = [
     "row_hashes",
     "shard_rows",
     "cache_record",
+    "parse_record",
+    "file_sha256",
     "MANIFEST_NAME",
 ]
 
-CACHE_FORMAT = "sharded_negcache.cache/1"
-MANIFEST_FORMAT = "sharded_negcache.manifest/1"
+# /2: the record names its checkpoint id and the row hashes are salted with the record's digest;
+# the manifest holds per-file sha256 digests and the records' digests.
+CACHE_FORMAT = "sharded_negcache.cache/2"
+MANIFEST_FORMAT = "sharded_negcache.manifest/2"
 MANIFEST_NAME = "negcache_manifest.json"
 
 _P = (1 << 31) - 1  # prime modulus of the row hash: every product below stays inside int64
@@ -131,11 +142,13 @@ def _spec_record(spec: AnySpec) -> dict[str, Any]:
             "vocab_size": getattr(spec, "vocab_size", None)}
 
 
-def cache_record(handler: ShardedCacheLossHandler) -> dict[str, Any]:
-    """JSON-able facts of the cache: the ones a load checks, the step and seed it restores, the rest for reading."""
+def cache_record(handler: ShardedCacheLossHandler, checkpoint_id: str | None = None) -> dict[str, Any]:
+    """JSON-able facts of the cache: the ones a load checks, the step and seed it restores, the rest for
+    reading, and the id of the checkpoint it belongs to (None for a bare ``dcp.save``)."""
     config = handler.config()
     return {
         "format": CACHE_FORMAT,
+        "checkpoint_id": checkpoint_id,
         "specs": {k: _spec_record(s) for k, s in sorted(handler.schema.specs.items())},
         "embedding_key": handler.schema.embedding_key,
         "data_keys": list(handler.schema.data_keys),
@@ -153,7 +166,74 @@ def cache_record(handler: ShardedCacheLossHandler) -> dict[str, Any]:
     }
 
 
-def _differences(saved: Mapping[str, Any], mine: Mapping[str, Any], check_block_size: bool) -> list[str]:
+# Keys a record must hold, with their JSON types: a damaged record is refused naming the key.
+_RECORD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "format": str, "specs": dict, "embedding_key": str, "data_keys": list, "cache_size": int,
+    "codec": str, "block_size": int, "step": int, "seed": int,
+}
+
+
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _record_salt(meta: str) -> int:
+    """A value mod P derived from the record's exact text: stored row hashes include it, so rows only
+    verify under the record they were saved with (an edited record or a foreign rank file fails)."""
+    return int(_sha256_text(meta)[:15], 16) % _P
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            h.update(piece)
+    return h.hexdigest()
+
+
+def _is_a(value: Any, types: type | tuple[type, ...]) -> bool:
+    """isinstance for JSON values, where a bool is not an int (no checked field is a bool)."""
+    return isinstance(value, types) and not isinstance(value, bool)
+
+
+def parse_record(meta: Any) -> dict[str, Any]:
+    """The cache record from its JSON text, checked for shape; :class:`CheckpointError` (never a raw
+    JSON, key or type error) names what is wrong."""
+    if not isinstance(meta, str) or meta == _UNREAD:
+        raise CheckpointError("the checkpoint holds no cache record ('meta'); nothing was loaded")
+    try:
+        record = json.loads(meta)
+    except ValueError as exc:
+        raise CheckpointError(f"the checkpoint's cache record is not valid JSON ({exc}); nothing was loaded") from None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"the checkpoint's cache record must be a JSON object, got {type(record).__name__}; "
+                              "nothing was loaded")
+    bad = [f"{k!r} is missing" if k not in record else f"{k!r} is {type(record[k]).__name__}, expected {t.__name__}"
+           for k, t in _RECORD_TYPES.items() if k not in record or not _is_a(record[k], t)]
+    if record.get("format") == CACHE_FORMAT and not _is_a(record.get("checkpoint_id"), (str, type(None))):
+        bad.append("'checkpoint_id' must be a string or null")
+    if bad and record.get("format") == CACHE_FORMAT:
+        raise CheckpointError("the checkpoint's cache record is damaged: " + "; ".join(bad) + "; nothing was loaded")
+    return record
+
+
+def _block_size_hint(saved: int, cache_size: int, rows_per_rank: int) -> str:
+    """How to continue a saved random stream keyed by ``saved``-row blocks, with values that can be built."""
+    if saved > 0 and rows_per_rank % saved == 0:
+        return (f" (the sampler keys its randomness by block: construct the handler with block_size={saved} to "
+                "continue the same random stream, or pass allow_block_size_change=True)")
+    worlds = [w for w in range(1, cache_size + 1) if cache_size % w == 0 and (cache_size // w) % max(saved, 1) == 0]
+    where = f"load on a number of ranks W' with cache_size / W' a multiple of {saved} ({', '.join(map(str, worlds[:8]))}" \
+        + (", ..." if len(worlds) > 8 else "") + "), or " if worlds and saved > 0 else ""
+    return (f" (block_size={saved} does not divide the {rows_per_rank} rows per rank here, so the saved random "
+            f"stream cannot continue on this number of ranks: {where}pass allow_block_size_change=True with a "
+            f"block_size that divides {rows_per_rank}, e.g. the default block_size={math.gcd(256, rows_per_rank)})")
+
+
+def _differences(
+    saved: Mapping[str, Any], mine: Mapping[str, Any], check_block_size: bool, rows_per_rank: int
+) -> list[str]:
     """Human-readable differences between a saved record and this handler's, one per field."""
     out: list[str] = []
     if saved.get("format") != mine["format"]:
@@ -178,10 +258,7 @@ def _differences(saved: Mapping[str, Any], mine: Mapping[str, Any], check_block_
         elif a != b:
             hint = ""
             if key == "block_size":
-                hint = (
-                    f" (the sampler keys its randomness by block: construct the handler with "
-                    f"block_size={a} to continue the same random stream, or pass allow_block_size_change=True)"
-                )
+                hint = _block_size_hint(a, mine["cache_size"], rows_per_rank)
             if key == "cache_size":
                 hint = " (the number of rows is fixed by the checkpoint; only the number of ranks may change)"
             out.append(f"{key}: checkpoint {a!r}, handler {b!r}{hint}")
@@ -251,6 +328,8 @@ class CacheCheckpoint:
             raise TypeError(f"CacheCheckpoint needs a ShardedCacheLossHandler, got {type(handler).__name__}")
         self.handler = handler
         self.allow_block_size_change = allow_block_size_change
+        self.checkpoint_id: str | None = None  # set by :func:`save` for the duration of one save
+        self.saved_meta: str | None = None  # the record text the last state_dict() returned
 
     def _global(self, local: torch.Tensor) -> torch.Tensor:
         """``local`` as a DTensor of global shape [cache_size, ...] (a plain tensor without torch.distributed).
@@ -270,11 +349,11 @@ class CacheCheckpoint:
 
     def record(self) -> dict[str, Any]:
         """This handler's record: what a checkpoint of it says now."""
-        return cache_record(self.handler)
+        return cache_record(self.handler, self.checkpoint_id)
 
     def check_record(self, saved: Mapping[str, Any]) -> None:
         """Raises :class:`CheckpointError` naming every difference between ``saved`` and this handler."""
-        diffs = _differences(saved, self.record(), not self.allow_block_size_change)
+        diffs = _differences(saved, self.record(), not self.allow_block_size_change, self.handler.layout.rows_per_rank)
         if diffs:
             raise CheckpointError(
                 "the checkpointed cache does not match this handler, nothing was loaded; " + "; ".join(diffs)
@@ -284,12 +363,15 @@ class CacheCheckpoint:
     def state_dict(self) -> dict[str, Any]:
         """{'meta': JSON record, 'rows': {name: row-sharded copy}, 'row_hash': row-sharded hashes}.
 
+        The stored hashes are salted with the record's digest, binding every rank's rows to this record.
         No collective: DCP's planning is the only coordination.
         """
         local = shard_rows(self.handler.store)
-        hashes = row_hashes(list(local.values()), self.handler.layout.row_offset)
+        meta = json.dumps(self.record(), sort_keys=True)
+        hashes = (row_hashes(list(local.values()), self.handler.layout.row_offset) + _record_salt(meta)) % _P
+        self.saved_meta = meta
         return {
-            "meta": json.dumps(self.record(), sort_keys=True),
+            "meta": meta,
             "rows": {k: self._global(v) for k, v in local.items()},
             "row_hash": self._global(hashes),
         }
@@ -300,16 +382,15 @@ class CacheCheckpoint:
         Collective over the handler's group: every rank raises together or none writes.
         """
         meta = state_dict.get("meta")
-        if not isinstance(meta, str) or meta == _UNREAD:
-            raise CheckpointError("the checkpoint holds no cache record ('meta'); nothing was loaded")
-        saved = json.loads(meta)
+        saved = parse_record(meta)
         self.check_record(saved)
         local = {k: _to_local(v) for k, v in state_dict["rows"].items()}
         order = list(shard_rows_names(self.handler.store))
         if sorted(local) != sorted(order):
             raise CheckpointError(f"the checkpoint's rows have fields {sorted(local)}, expected {sorted(order)}")
         first = self.handler.layout.row_offset
-        bad = row_hashes([local[k] for k in order], first) != _to_local(state_dict["row_hash"])
+        want = _to_local(state_dict["row_hash"])
+        bad = (row_hashes([local[k] for k in order], first) + _record_salt(meta)) % _P != want
         self._agree_rows(bad, first)
         _write_rows(self.handler.store, local)
         # The counters go through the module's own load path, whose post-hook updates the host mirrors.
@@ -320,19 +401,24 @@ class CacheCheckpoint:
     def _agree_rows(self, bad: torch.Tensor, first: int) -> None:
         """All ranks learn how many rows failed their hash (and the first one): raise everywhere or nowhere."""
         comm = self.handler.comm
-        table = torch.zeros(comm.world_size, 2, dtype=torch.int64, device=self.handler.device)
+        table = torch.zeros(comm.world_size, 3, dtype=torch.int64, device=self.handler.device)
         count = int(bad.sum())
         table[comm.rank, 0] = count
         table[comm.rank, 1] = first + int(bad.nonzero()[0, 0]) if count else -1
+        table[comm.rank, 2] = bad.numel()
         if comm.active:
-            dist.all_reduce(table, group=comm.group)
+            _collective("verify rows", self.handler.steps_done, comm.group,
+                        lambda: dist.all_reduce(table, group=comm.group))
         if int(table[:, 0].sum()):
             where = ", ".join(
-                f"rank {r}: {int(c)} rows from global row {int(j)}" for r, (c, j) in enumerate(table.tolist()) if c
+                f"rank {r}: {c} rows from global row {j}" for r, (c, j, _) in enumerate(table.tolist()) if c
             )
+            every = all(c == n for c, _, n in table.tolist() if n)
+            hint = (" (every row fails: the cache record was edited, or the data files come from another "
+                    "checkpoint)") if every else ""
             raise CheckpointError(
                 f"the checkpoint is corrupted: {int(table[:, 0].sum())} cache rows do not match their stored hash "
-                f"({where}); nothing was loaded"
+                f"({where}){hint}; nothing was loaded"
             )
 
 
@@ -352,33 +438,59 @@ def _to_local(t: Any) -> torch.Tensor:
 
 
 # ---- whole checkpoints: manifest, verification, save / load ------------------------------
-def _agree(problem: str | None, group: dist.ProcessGroup | None) -> None:
-    """Raises CheckpointError on every rank if any rank has a problem (message per distinct problem)."""
-    problems = [problem]
-    if dist.is_available() and dist.is_initialized():
-        problems = [None] * dist.get_world_size(group)
-        dist.all_gather_object(problems, problem, group=group)
-    found = [(r, p) for r, p in enumerate(problems) if p]
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _collective(name: str, step: int | None, group: dist.ProcessGroup | None, fn: Any) -> Any:
+    """Runs a checkpoint collective; a peer that died or disconnected becomes :class:`CollectiveFailed`
+    naming the step, the collective and this rank, instead of the backend's own error."""
+    try:
+        return fn()
+    except dist.DistError as exc:  # gloo / NCCL transport failures (DistBackendError, DistNetworkError, ...)
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        raise CollectiveFailed(
+            f"step {step}: checkpoint collective '{name}' on rank {rank} of {world} did not complete "
+            f"(a rank died, stalled or disconnected): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from exc
+
+
+def _agree(
+    problem: str | None, group: dist.ProcessGroup | None, step: int | None, name: str, payload: Any = None
+) -> Any:
+    """Raises CheckpointError on every rank if any rank has a problem (message per distinct problem);
+    otherwise returns rank 0's ``payload`` on every rank."""
+    entries = [(problem, payload)]
+    if _distributed():
+        entries = [None] * dist.get_world_size(group)
+        _collective(name, step, group, lambda: dist.all_gather_object(entries, (problem, payload), group=group))
+    found = [(r, p) for r, (p, _) in enumerate(entries) if p]
     if found:
         seen: dict[str, list[int]] = {}
         for r, p in found:
             seen.setdefault(p, []).append(r)
-        if len(problems) == 1:
+        if len(entries) == 1:
             raise CheckpointError(found[0][1])
         raise CheckpointError("; ".join(f"{p} (rank {', '.join(map(str, rs))})" for p, rs in seen.items()))
+    return entries[0][1]
 
 
 @contextlib.contextmanager
 def _quiet_single_process():
     """DCP warns that it runs in one process when torch.distributed is not initialised: that is intended here."""
     with warnings.catch_warnings():
-        if not (dist.is_available() and dist.is_initialized()):
+        if not _distributed():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
 
 
 def _is_coordinator(group: dist.ProcessGroup | None) -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank(group) == 0
+    return not _distributed() or dist.get_rank(group) == 0
+
+
+def _share(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    """(rank, world size): files are digested round robin, so each rank reads 1/W of the checkpoint."""
+    return (dist.get_rank(group), dist.get_world_size(group)) if _distributed() else (0, 1)
 
 
 def _failures(exc: CheckpointException) -> str:
@@ -390,61 +502,112 @@ def _failures(exc: CheckpointException) -> str:
     return "; ".join(parts) or str(exc)
 
 
-def verify_checkpoint(path: str | os.PathLike) -> list[str]:
-    """Problems that make the checkpoint at ``path`` unusable (empty list: complete). Reads no tensor data.
+# The manifest's keys and JSON types; a damaged manifest is refused naming what is wrong.
+_MANIFEST_TYPES: dict[str, type | tuple[type, ...]] = {
+    "format": str, "checkpoint_id": str, "step": (int, type(None)), "world_size": int,
+    "files": dict, "sha256": dict, "records": dict,
+}
 
-    Checks that the manifest exists (written only after every rank finished) and that every file it
-    lists exists with the recorded size.
-    """
-    root = Path(path)
-    manifest_path = root / MANIFEST_NAME
+
+def _manifest_problems(manifest: Any) -> list[str]:
+    """What is wrong with a parsed manifest (empty when it is well formed)."""
+    if not isinstance(manifest, dict):
+        return [f"expected a JSON object, got {type(manifest).__name__}"]
+    if manifest.get("format") != MANIFEST_FORMAT:
+        return [f"format {manifest.get('format')!r}, this library reads {MANIFEST_FORMAT!r}"]
+    out = [f"{k!r} is missing" if k not in manifest else f"{k!r} is {type(manifest[k]).__name__}"
+           for k, t in _MANIFEST_TYPES.items() if k not in manifest or not _is_a(manifest[k], t)]
+    if out:
+        return out
+    files, digests, records = manifest["files"], manifest["sha256"], manifest["records"]
+    if not all(Path(n).name == n and n not in ("", ".", "..") and _is_a(v, int) and v >= 0 for n, v in files.items()):
+        out.append("'files' must map file names in the directory to sizes in bytes")
+    if set(digests) != set(files) or not all(isinstance(v, str) and len(v) == 64 for v in digests.values()):
+        out.append("'sha256' must hold one hex digest per file of 'files'")
+    if not all(isinstance(v, str) and len(v) == 64 for v in records.values()):
+        out.append("'records' must map cache names to hex digests")
+    return out
+
+
+def _read_manifest(root: Path) -> tuple[dict[str, Any] | None, list[str]]:
+    """(the manifest, []) or (None, problems): never a raw JSON, Unicode, key or type error."""
     if not root.is_dir():
-        return [f"{root} is not a directory"]
-    if not manifest_path.is_file():
-        return [f"{root} has no {MANIFEST_NAME}: the save did not finish "
-                "(or the checkpoint was not written by sharded_negcache.checkpoint.save)"]
+        return None, [f"{root} is not a directory"]
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        return None, [f"{root} has no {MANIFEST_NAME}: the save did not finish "
+                      "(or the checkpoint was not written by sharded_negcache.checkpoint.save)"]
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as exc:
-        return [f"{manifest_path} is unreadable: {exc}"]
-    if manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("files"), dict):
-        return [f"{manifest_path} is not a {MANIFEST_FORMAT} manifest"]
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # ValueError covers JSONDecodeError and UnicodeDecodeError
+        return None, [f"{path} is unreadable ({type(exc).__name__}: {exc})"]
+    problems = _manifest_problems(manifest)
+    if problems:
+        return None, [f"{path} is damaged: " + "; ".join(problems)]
+    return manifest, []
+
+
+def _file_problems(root: Path, manifest: Mapping[str, Any], digests: bool, share: tuple[int, int] = (0, 1)) -> list[str]:
+    """Missing files and size mismatches (every file), digest mismatches (files ``i % W == rank``)."""
     problems = []
-    for name, size in sorted(manifest["files"].items()):
+    rank, world = share
+    for index, (name, size) in enumerate(sorted(manifest["files"].items())):
         file = root / name
         if not file.is_file():
             problems.append(f"file {name} is missing: the checkpoint is incomplete")
         elif file.stat().st_size != size:
             problems.append(f"file {name} has {file.stat().st_size} bytes, the manifest records {size}: "
                             "the checkpoint is cut short or damaged")
+        elif digests and index % world == rank:
+            try:
+                same = file_sha256(file) == manifest["sha256"][name]
+            except OSError as exc:
+                problems.append(f"file {name} is unreadable: {exc}")
+                continue
+            if not same:
+                problems.append(f"file {name} does not match its sha256 in the manifest: it was changed after "
+                                f"the save or comes from another checkpoint (this one is {manifest['checkpoint_id']})")
     return problems
 
 
-def _read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    return json.loads((Path(path) / MANIFEST_NAME).read_text())
+def verify_checkpoint(path: str | os.PathLike, *, digests: bool = True) -> list[str]:
+    """Problems that make the checkpoint at ``path`` unusable (empty list: complete). Reads no tensor data.
+
+    Checks that the manifest exists (written only after every rank finished) and is well formed, and
+    that every file it lists exists with the recorded size and (``digests=True``) sha256 digest.
+    """
+    root = Path(path)
+    manifest, problems = _read_manifest(root)
+    return problems if manifest is None else _file_problems(root, manifest, digests)
 
 
 def latest_checkpoint(root: str | os.PathLike) -> str | None:
     """The complete checkpoint directory under ``root`` with the highest recorded step (None if none).
 
-    Incomplete ones (no manifest, a file missing or of another size) are skipped, so a save that was
-    cut short by a failure falls back to the previous checkpoint.
+    Incomplete or damaged ones (no manifest, a damaged manifest, a file missing or of another size) are
+    skipped, so a save that was cut short by a failure falls back to the previous checkpoint. Digests are
+    not read here (that would read every checkpoint in full); :func:`load` checks them.
     """
     base = Path(root)
     if not base.is_dir():
         return None
     best: tuple[int, str] | None = None
     for child in base.iterdir():
-        if child.is_dir() and not verify_checkpoint(child):
-            step = _read_manifest(child).get("step")
-            key = (int(step) if step is not None else -1, child.name)
-            if best is None or key > best:
-                best = key
+        manifest, problems = _read_manifest(child) if child.is_dir() else (None, ["not a directory"])
+        if manifest is None or _file_problems(child, manifest, digests=False):
+            continue
+        key = (manifest["step"] if manifest["step"] is not None else -1, child.name)
+        if best is None or key > best:
+            best = key
     return str(base / best[1]) if best is not None else None
 
 
 def _caches(state: Mapping[str, Any]) -> dict[str, CacheCheckpoint]:
     return {k: v for k, v in state.items() if isinstance(v, CacheCheckpoint)}
+
+
+def _current_step(caches: Mapping[str, CacheCheckpoint]) -> int | None:
+    return next(iter(caches.values())).handler.steps_done if caches else None
 
 
 def save(
@@ -459,38 +622,61 @@ def save(
     Collective over ``process_group`` (default: the world). ``step`` is recorded for
     :func:`latest_checkpoint` (default: the step counter of the first :class:`CacheCheckpoint` in
     ``state``). A manifest left from an earlier save into the same directory is removed first, so an
-    overwrite that fails midway is never taken for complete.
+    overwrite that fails midway is never taken for complete. Rank 0 draws a checkpoint id that goes
+    into every cache record and the manifest; each rank digests a share of the written files. A rank
+    that died raises :class:`CollectiveFailed` (naming the step) on the others.
     """
     root = Path(checkpoint_id)
-    problem = None
+    caches = _caches(state)
+    if step is None:
+        step = _current_step(caches)
+    problem, new_id = None, None
     if _is_coordinator(process_group):
+        new_id = uuid.uuid4().hex
         try:
             root.mkdir(parents=True, exist_ok=True)
             (root / MANIFEST_NAME).unlink(missing_ok=True)
         except OSError as exc:
             problem = f"cannot prepare {root}: {exc}"
-    _agree(problem, process_group)
-    caches = _caches(state)
-    if step is None and caches:
-        step = next(iter(caches.values())).handler.steps_done
+    ckpt_id = _agree(problem, process_group, step, f"save {root}: prepare", new_id)
+    for cache in caches.values():
+        cache.checkpoint_id, cache.saved_meta = ckpt_id, None
     try:
         with _quiet_single_process():
-            metadata = dcp.save(state, checkpoint_id=str(root), process_group=process_group)
+            metadata = _collective(f"save {root}: dcp.save", step, process_group,
+                                   lambda: dcp.save(state, checkpoint_id=str(root), process_group=process_group))
     except CheckpointException as exc:  # a BaseException in DCP: surface it as an ordinary error
         raise CheckpointError(f"writing checkpoint {root} failed, it has no manifest: {_failures(exc)}") from None
-    # dcp.save returns on every rank only after rank 0 wrote .metadata, i.e. after all data was written.
-    problem = None
-    if _is_coordinator(process_group):
+    finally:
+        for cache in caches.values():
+            cache.checkpoint_id = None
+    # dcp.save returns on every rank only after rank 0 wrote .metadata, i.e. after all data was written;
+    # its metadata (every file name) is the same on every rank.
+    names = sorted({n for n in (getattr(i, "relative_path", None) for i in metadata.storage_data.values()) if n}
+                   | {".metadata"})
+    rank, world = _share(process_group)
+    problem, digests = None, {}
+    try:
+        digests = {n: file_sha256(root / n) for i, n in enumerate(names) if i % world == rank}
+    except OSError as exc:
+        problem = f"cannot read back {root}: {exc}"
+    shares = [(problem, digests)]
+    if _distributed():
+        shares = [None] * world
+        _collective(f"save {root}: digests", step, process_group,
+                    lambda: dist.all_gather_object(shares, (problem, digests), group=process_group))
+    problem = "; ".join(p for p, _ in shares if p) or None
+    if problem is None and _is_coordinator(process_group):
         try:
-            names = {getattr(info, "relative_path", None) for info in metadata.storage_data.values()}
-            names = {n for n in names if n} | {".metadata"}
             manifest = {
                 "format": MANIFEST_FORMAT,
+                "checkpoint_id": ckpt_id,
                 "step": step,
-                "world_size": dist.get_world_size(process_group) if dist.is_initialized() else 1,
+                "world_size": world,
                 "time": time.time(),
-                "caches": sorted(caches),
-                "files": {n: (root / n).stat().st_size for n in sorted(names)},
+                "files": {n: (root / n).stat().st_size for n in names},
+                "sha256": {n: d for _, part in shares for n, d in part.items()},
+                "records": {k: _sha256_text(c.saved_meta) for k, c in sorted(caches.items()) if c.saved_meta},
             }
             tmp = root / (MANIFEST_NAME + ".tmp")
             with open(tmp, "w") as f:
@@ -500,21 +686,40 @@ def save(
             os.replace(tmp, root / MANIFEST_NAME)
         except OSError as exc:
             problem = f"cannot write the manifest of {root}: {exc}"
-    _agree(problem, process_group)
+    _agree(problem, process_group, step, f"save {root}: manifest")
     return metadata
 
 
-def _read_record(checkpoint_id: str, key: str, group: dist.ProcessGroup | None) -> dict[str, Any] | None:
-    """The JSON record of the cache saved under ``key`` (only that small entry is read), or None."""
+def _read_meta(checkpoint_id: str, key: str, group: dist.ProcessGroup | None, step: int | None) -> str | None:
+    """The JSON text of the cache record saved under ``key`` (only that small entry is read), or None."""
     probe: dict[str, Any] = {key: {"meta": _UNREAD}}
     try:
         with _quiet_single_process():
-            dcp.load(probe, checkpoint_id=checkpoint_id, process_group=group,
-                     planner=DefaultLoadPlanner(allow_partial_load=True))
+            _collective(f"load {checkpoint_id}: read record", step, group, lambda: dcp.load(
+                probe, checkpoint_id=checkpoint_id, process_group=group,
+                planner=DefaultLoadPlanner(allow_partial_load=True)))
     except CheckpointException as exc:
         raise CheckpointError(f"cannot read the cache record of {checkpoint_id}: {_failures(exc)}") from None
     meta = probe[key]["meta"]
-    return None if meta == _UNREAD else json.loads(meta)
+    return None if meta == _UNREAD else meta
+
+
+def _record_problem(path: str, key: str, meta: str | None, manifest: Mapping[str, Any], cache: CacheCheckpoint) -> str | None:
+    """Why the cache record ``meta`` cannot be loaded into ``cache`` (None: it can)."""
+    if meta is None:
+        return f"checkpoint {path} holds no cache under {key!r}"
+    if manifest["records"].get(key) != _sha256_text(meta):
+        return (f"checkpoint {path}: the cache record {key!r} does not match its digest in the manifest "
+                "(edited after the save, or from another checkpoint); nothing was loaded")
+    try:
+        record = parse_record(meta)
+        if record.get("checkpoint_id") != manifest["checkpoint_id"]:
+            return (f"checkpoint {path}: the cache record {key!r} belongs to checkpoint "
+                    f"{record.get('checkpoint_id')}, the manifest to {manifest['checkpoint_id']}; nothing was loaded")
+        cache.check_record(record)
+    except CheckpointError as exc:
+        return f"checkpoint {path}, {key!r}: {exc}"
+    return None
 
 
 def load(
@@ -523,29 +728,30 @@ def load(
     *,
     process_group: dist.ProcessGroup | None = None,
 ) -> None:
-    """Verified ``dcp.load(state)``: refuses incomplete checkpoints and mismatched caches before reading rows.
+    """Verified ``dcp.load(state)``: refuses incomplete, damaged or mixed checkpoints and mismatched caches
+    before reading rows.
 
     Collective over ``process_group``. Raises :class:`CheckpointError` on every rank when the manifest
-    is missing, a file is missing or has another size, a cache's record differs from its handler (each
-    difference named), DCP fails to read, or a row fails its hash. The checks before DCP runs leave
-    every object in ``state`` untouched; a :class:`CacheCheckpoint` is untouched in every case.
+    is missing or damaged, a file is missing or has another size or digest, a cache record does not
+    match the manifest (its digest, its checkpoint id) or differs from its handler (each difference
+    named), DCP fails to read, or a row fails its hash; :class:`CollectiveFailed` when a rank died. The
+    checks before DCP runs leave every object in ``state`` untouched; a :class:`CacheCheckpoint` is
+    untouched in every case. Each rank digests 1/W of the files.
     """
     path = str(checkpoint_id)
-    problems = verify_checkpoint(path)
-    _agree(f"refusing checkpoint {path}: " + "; ".join(problems) if problems else None, process_group)
-    for key, cache in _caches(state).items():
-        record = _read_record(path, key, process_group)
-        problem = None
-        if record is None:
-            problem = f"checkpoint {path} holds no cache under {key!r}"
-        else:
-            try:
-                cache.check_record(record)
-            except CheckpointError as exc:
-                problem = f"checkpoint {path}, {key!r}: {exc}"
-        _agree(problem, process_group)
+    caches = _caches(state)
+    step = _current_step(caches)
+    manifest, problems = _read_manifest(Path(path))
+    if manifest is not None:
+        problems = _file_problems(Path(path), manifest, True, _share(process_group))
+    _agree(f"refusing checkpoint {path}: " + "; ".join(problems) if problems else None, process_group, step,
+           f"load {path}: verify files")
+    for key, cache in caches.items():
+        meta = _read_meta(path, key, process_group, step)
+        _agree(_record_problem(path, key, meta, manifest, cache), process_group, step, f"load {path}: check record")
     try:
         with _quiet_single_process():
-            dcp.load(state, checkpoint_id=path, process_group=process_group)
+            _collective(f"load {path}: dcp.load", step, process_group,
+                        lambda: dcp.load(state, checkpoint_id=path, process_group=process_group))
     except CheckpointException as exc:
         raise CheckpointError(f"reading checkpoint {path} failed, the cache is unchanged: {_failures(exc)}") from None
