@@ -226,7 +226,7 @@ def _block_size_hint(saved: int, cache_size: int, rows_per_rank: int) -> str:
     worlds = [w for w in range(1, cache_size + 1) if cache_size % w == 0 and (cache_size // w) % max(saved, 1) == 0]
     where = f"load on a number of ranks W' with cache_size / W' a multiple of {saved} ({', '.join(map(str, worlds[:8]))}" \
         + (", ..." if len(worlds) > 8 else "") + "), or " if worlds and saved > 0 else ""
-    return (f" (block_size={saved} does not divide the {rows_per_rank} rows per rank here, so the saved random "
+    return (f" (the saved block size {saved} does not divide the {rows_per_rank} rows per rank here, so the saved random "
             f"stream cannot continue on this number of ranks: {where}pass allow_block_size_change=True with a "
             f"block_size that divides {rows_per_rank}, e.g. the default block_size={math.gcd(256, rows_per_rank)})")
 
@@ -442,12 +442,26 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def _raised_by_collective(exc: BaseException) -> bool:
+    """True when ``exc`` came out of a torch.distributed collective (the innermost frame is in c10d):
+    gloo reports a dead peer as a plain RuntimeError, which must not be confused with a user's error
+    raised inside DCP (e.g. by a model's state_dict)."""
+    if isinstance(exc, dist.DistError):
+        return True
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.endswith("distributed_c10d.py")
+
+
 def _collective(name: str, step: int | None, group: dist.ProcessGroup | None, fn: Any) -> Any:
     """Runs a checkpoint collective; a peer that died or disconnected becomes :class:`CollectiveFailed`
     naming the step, the collective and this rank, instead of the backend's own error."""
     try:
         return fn()
-    except dist.DistError as exc:  # gloo / NCCL transport failures (DistBackendError, DistNetworkError, ...)
+    except RuntimeError as exc:
+        if isinstance(exc, CollectiveFailed) or not _raised_by_collective(exc):
+            raise
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         raise CollectiveFailed(
             f"step {step}: checkpoint collective '{name}' on rank {rank} of {world} did not complete "
@@ -566,7 +580,7 @@ def _file_problems(root: Path, manifest: Mapping[str, Any], digests: bool, share
                 continue
             if not same:
                 problems.append(f"file {name} does not match its sha256 in the manifest: it was changed after "
-                                f"the save or comes from another checkpoint (this one is {manifest['checkpoint_id']})")
+                                f"the save or comes from another checkpoint (the manifest is checkpoint {manifest['checkpoint_id']})")
     return problems
 
 
