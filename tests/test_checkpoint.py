@@ -232,6 +232,15 @@ def matrix_worker(rank: int, world_size: int, root: str) -> dict:
             outcome = f"CheckpointException: {exc}"
         unchanged = all(torch.equal(v, before[k]) for k, v in handler.store.export_rows().items())
         out["damaged"]["bare_dcp_missing"] = (outcome, unchanged, handler.steps_done)
+        # A bare dcp.load of the flipped copy: no manifest digest, so the row hashes must refuse it.
+        try:
+            dcp.load({"cache": CacheCheckpoint(handler)}, checkpoint_id=os.path.join(root, "bad_flipped"),
+                     process_group=groups[3])
+            outcome = "loaded"
+        except CheckpointError as exc:
+            outcome = f"CheckpointError: {exc}"
+        unchanged = all(torch.equal(v, before[k]) for k, v in handler.store.export_rows().items())
+        out["damaged"]["bare_dcp_flipped"] = (outcome, unchanged, handler.steps_done)
     return out
 
 
@@ -291,7 +300,8 @@ def test_damaged_checkpoints_are_refused_by_every_rank(spawned):
     expect = {
         "missing": "file __1_0.distcp is missing",
         "truncated": "file __1_0.distcp has",
-        "flipped": f"1 rows from global row {CORRUPT_ROW}",
+        "flipped": "file __1_0.distcp does not match its sha256 in the manifest",  # the digest, before any read
+        "bare_dcp_flipped": f"1 rows from global row {CORRUPT_ROW}",  # without a manifest: the row hashes
         "no_manifest": f"has no {MANIFEST_NAME}",
         "bare_dcp_missing": "CheckpointException",
     }
@@ -301,7 +311,7 @@ def test_damaged_checkpoints_are_refused_by_every_rank(spawned):
             assert phrase in outcome, (how, rank, outcome)
             assert unchanged and steps == 0, f"{how}: rank {rank} wrote part of a refused checkpoint"
     # The flipped byte lives on rank 1 (rows 16..31 of 3): ranks 0 and 2 refuse because rank 1 did.
-    assert "rank 1: 1 rows" in by_rank[0]["flipped"][0]
+    assert "rank 1: 1 rows" in by_rank[0]["bare_dcp_flipped"][0]
 
 
 def test_jagged_host_int8_cache_reshards(spawned, root):
@@ -408,12 +418,12 @@ def test_damaged_checkpoint_is_refused_in_one_process(spawned, root, how):
     before = {k: v.clone() for k, v in handler.state_dict().items()}
     with pytest.raises(CheckpointError) as info:
         load({"cache": CacheCheckpoint(handler)}, bad)
-    if how == "flipped":
-        expected = f"1 cache rows do not match their stored hash (rank 0: 1 rows from global row {CORRUPT_ROW})"
-        assert expected in str(info.value)
+    if how == "flipped":  # the manifest's digest names the file before any tensor is read
+        assert f"refusing checkpoint {bad}: file __1_0.distcp does not match its sha256" in str(info.value)
     after = handler.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
-    assert verify_checkpoint(bad) if how != "flipped" else not verify_checkpoint(bad)
+    assert verify_checkpoint(bad)
+    assert bool(verify_checkpoint(bad, digests=False)) == (how != "flipped")  # sizes alone miss a flipped byte
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")

@@ -224,6 +224,11 @@ def test_damaged_manifest_is_a_checkpoint_error(spawned, root, tmp_path, case):
     assert latest_checkpoint(tmp_path / "ckpt") == str(tmp_path / "ckpt" / "good")
 
 
+def load_record(meta) -> None:
+    """What a bare ``dcp.load`` hands the cache: a record (here damaged) and no rows."""
+    CacheCheckpoint(handler()).load_state_dict({"meta": meta})
+
+
 @pytest.mark.parametrize("meta, phrase", [
     ('{"format": "sharded_negcache.cache/2", "step": ', "is not valid JSON"),
     ("[]", "must be a JSON object, got list"),
@@ -231,17 +236,15 @@ def test_damaged_manifest_is_a_checkpoint_error(spawned, root, tmp_path, case):
 ])
 def test_damaged_record_is_a_checkpoint_error(meta, phrase):
     with pytest.raises(CheckpointError, match=re.escape(phrase)):
-        parse_record(meta)
+        load_record(meta)
 
 
 def test_record_with_wrong_types_is_a_checkpoint_error():
-    h = handler()
-    record = CacheCheckpoint(h).record()
+    record = CacheCheckpoint(handler()).record()
     for key, value, phrase in (("step", "6", "'step' is str, expected int"), ("seed", None, "'seed' is NoneType"),
                                ("checkpoint_id", 3, "'checkpoint_id' must be a string or null")):
-        bad = dict(record, **{key: value})
         with pytest.raises(CheckpointError, match=re.escape(phrase)):
-            parse_record(json.dumps(bad))
+            load_record(json.dumps(dict(record, **{key: value})))
     del record["cache_size"]
     with pytest.raises(CheckpointError, match="'cache_size' is missing"):
         parse_record(json.dumps(record))
