@@ -83,6 +83,11 @@ def worker(rank: int, world_size: int, root: str) -> dict:
         out["dead_peer"] = "saved"
     except Exception as exc:  # noqa: BLE001  (the test checks the type)
         out["dead_peer"] = f"{type(exc).__name__}: {exc}"
+    try:
+        load({"cache": CacheCheckpoint(h)}, os.path.join(root, "a"))
+        out["dead_peer_load"] = "loaded"
+    except Exception as exc:  # noqa: BLE001
+        out["dead_peer_load"] = f"{type(exc).__name__}: {exc}"
     return out
 
 
@@ -263,3 +268,6 @@ def test_rank_dead_before_save_is_a_collective_failure(spawned):
     message = spawned[0]["dead_peer"]
     assert message.startswith("CollectiveFailed: step 2: ") and "save" in message, message
     assert "rank 0 of 2" in message
+    assert not (Path(message.split("'save ")[1].split(":")[0]) / MANIFEST_NAME).exists(), "no manifest after a failed save"
+    message = spawned[0]["dead_peer_load"]  # the same for a load on the survivor
+    assert message.startswith("CollectiveFailed: step 2: checkpoint collective 'load ") and "rank 0 of 2" in message, message

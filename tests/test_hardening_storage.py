@@ -233,6 +233,17 @@ def jagged_worker(rank: int, world_size: int) -> dict:
         except BatchRejected as exc:
             outcome = str(exc)
         out["cases"][case] = (outcome, same_state(before, h), h.steps_done)
+    # a positive the fp16 codec cannot store, on rank 1 only
+    h16 = make_handler(CACHE, embedding_codec="fp16")
+    before = raw_state(h16)
+    q, d, data = codec_batch("fp16")
+    if rank == 0:
+        d[2, 0] = 1.0
+    try:
+        h16.update_cache_and_compute_loss(Tower(), q, d, data)
+        out["fp16_one_rank"] = ("accepted", same_state(before, h16))
+    except BatchRejected as exc:
+        out["fp16_one_rank"] = (str(exc), same_state(before, h16))
     h.update_cache_and_compute_loss(jagged_tower, *good(2))  # a good step afterwards, on every rank
     out["after"] = (h.steps_done, int(h.store.filled.sum()), bool((h.store.feature("t").lengths >= 0).all()))
     out["refresh_skip"] = refresh_step(rank, world_size, "skip")
@@ -257,6 +268,13 @@ def test_bad_jagged_lengths_on_one_rank_are_refused_by_every_rank(two_ranks, cas
 def test_good_step_after_bad_jagged_batches(two_ranks):
     for r in two_ranks:
         assert r["after"] == (2, 5, True)
+
+
+def test_unstorable_positive_on_one_rank_is_refused_by_every_rank(two_ranks):
+    for r in two_ranks:
+        message, unchanged = r["fp16_one_rank"]
+        assert "rank 1: document_embeddings hold values the 'fp16' embedding codec cannot store" in message
+        assert "rank 0:" not in message and unchanged
 
 
 def test_unstorable_reencoded_rows_skipped_across_ranks(two_ranks):
