@@ -353,7 +353,11 @@ class CacheCheckpoint:
 
     def check_record(self, saved: Mapping[str, Any]) -> None:
         """Raises :class:`CheckpointError` naming every difference between ``saved`` and this handler."""
-        diffs = _differences(saved, self.record(), not self.allow_block_size_change, self.handler.layout.rows_per_rank)
+        try:
+            diffs = _differences(saved, self.record(), not self.allow_block_size_change, self.handler.layout.rows_per_rank)
+        except (AttributeError, TypeError, KeyError) as exc:  # e.g. a spec entry that is not an object
+            raise CheckpointError(f"the checkpoint's cache record is damaged ({type(exc).__name__}: {exc}); "
+                                  "nothing was loaded") from None
         if diffs:
             raise CheckpointError(
                 "the checkpointed cache does not match this handler, nothing was loaded; " + "; ".join(diffs)

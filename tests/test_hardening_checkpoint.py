@@ -250,6 +250,8 @@ def test_record_with_wrong_types_is_a_checkpoint_error():
                                ("checkpoint_id", 3, "'checkpoint_id' must be a string or null")):
         with pytest.raises(CheckpointError, match=re.escape(phrase)):
             load_record(json.dumps(dict(record, **{key: value})))
+    with pytest.raises(CheckpointError, match="record is damaged"):  # a spec entry that is not an object
+        load_record(json.dumps(dict(record, specs={"x": [1], "embedding": 2})))
     del record["cache_size"]
     with pytest.raises(CheckpointError, match="'cache_size' is missing"):
         parse_record(json.dumps(record))
