@@ -9,103 +9,19 @@ all four ranks with every cache unchanged.
 """
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
-from dist_utils import run_ranks
-from engine_cases import DIM, Tower, global_batch, global_cache, make_handler, run_step
-from sharded_negcache import BatchRejected, CollectiveFailed, NonFiniteRows
+import two_level_cases
+from engine_cases import make_handler
 from sharded_negcache.groups import ShardGroups
 from sharded_negcache.layout import stream_seed
-
-CACHE, G, SEED = 16, 2, 5  # 8 rows per rank, blocks of 4
-# per group, per step: the batch size of each rank of the group (zero included; the groups differ)
-SPLITS = {0: [[3, 5], [0, 6], [4, 2]], 1: [[2, 2], [1, 1], [4, 3]]}
-CONFIG = dict(with_ids=True, num_negatives=3, in_batch_negatives=True, reduction="global_mean")
-
-
-def batches(group: int) -> list[dict]:
-    return [global_batch(sum(s), Tower(), seed=100 * group + t, with_ids=True) for t, s in enumerate(SPLITS[group])]
-
-
-def run_group(handler, group: int, rank: int) -> dict:
-    """Three steps of ``group``'s batches on this rank (``rank`` within the group), from the group's own cache."""
-    tower = Tower()
-    handler.load_global_rows(global_cache(CACHE, tower, seed=7 + group, with_ids=True))
-    steps = []
-    for t, batch in enumerate(batches(group)):
-        sizes = SPLITS[group][t]
-        lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
-        loss, qgrad = run_step(handler, tower, batch, lo, hi, with_ids=True)
-        r = handler.last_step
-        steps.append({
-            "loss": loss, "qgrad": qgrad, "training": r.training_loss, "lse": r.lse, "sampled": r.sampled_rows,
-            "refreshed": r.refreshed_rows, "inserted": r.inserted_rows, "metrics": r.metrics,
-            "tower_grad": tower.lin.weight.grad.clone(),
-        })
-    return {"steps": steps, "cache": handler.gather_global_rows(), "bytes": dict(handler.comm.bytes_sent)}
-
-
-def reference(rank: int, world_size: int) -> dict:
-    """W = 2, flat: one cache per group in turn, seeded as the two-level layout seeds that group."""
-    return {g: run_group(make_handler(CACHE, seed=stream_seed(SEED, g), **CONFIG), g, rank) for g in (0, 1)}
-
-
-def _unchanged(h, before: dict, steps: int) -> bool:
-    return h.steps_done == steps and all(torch.equal(before[k], v) for k, v in h.gather_global_rows().items())
-
-
-def _expect(fn, exc_type) -> str:
-    try:
-        fn()
-    except exc_type as exc:
-        return str(exc)
-    return "no error"
-
-
-def two_level(rank: int, world_size: int) -> dict:
-    group, mine = rank // G, rank % G
-    h = make_handler(CACHE, seed=SEED, shard_group_size=G, **CONFIG)
-    out = {"facts": (h.layout.group, h.layout.num_groups, h.layout.world_size, h.layout.rank, h.layout.rows_per_rank,
-                     h.comm.members, h.config()["shard_group_size"])}
-    out.update(run_group(h, group, mine))
-    tower = Tower()
-    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(rank))
-    data, q = {"x": x, "doc_id": torch.tensor([[rank], [rank + 1]])}, torch.randn(2, DIM)
-
-    # the same cache and batches in both groups: the groups' random streams must differ
-    same = make_handler(CACHE, seed=SEED, shard_group_size=G, **CONFIG)
-    same.load_global_rows(global_cache(CACHE, tower, seed=7, with_ids=True))
-    run_step(same, tower, batches(0)[1], *[(0, 0), (0, 6)][mine], with_ids=True)
-    out["same_input_sampled"] = same.last_step.sampled_rows
-
-    # faults: each raises on all four ranks and leaves every cache as it was
-    before, steps = h.gather_global_rows(), h.steps_done
-    bad_q = torch.randn(2, DIM + 1) if rank == 3 else q
-    out["bad_batch"] = _expect(lambda: h.update_cache_and_compute_loss(tower, bad_q, tower(data), data), BatchRejected)
-    out["bad_batch_unchanged"] = _unchanged(h, before, steps)
-    nan_tower = (lambda d: tower(d) * float("nan")) if rank == 1 else tower
-    out["nan"] = _expect(lambda: h.update_cache_and_compute_loss(nan_tower, q, tower(data), data), NonFiniteRows)
-    out["nan_unchanged"] = _unchanged(h, before, steps)
-    odd = make_handler(CACHE, seed=SEED, shard_group_size=G, **{**CONFIG, "num_negatives": 2 if rank == 2 else 3})
-    out["config"] = _expect(lambda: odd.update_cache_and_compute_loss(tower, q, tower(data), data), BatchRejected)
-    out["group_size"] = _expect(lambda: make_handler(CACHE, shard_group_size=4 if rank == 0 else 2), ValueError)
-
-    # last: rank 3 stalls in its tower; every rank fails fast naming the collective, none hangs
-    slow = make_handler(CACHE, seed=SEED, shard_group_size=G, collective_timeout_s=3.0, **CONFIG)
-    slow.load_global_rows(global_cache(CACHE, tower, seed=7, with_ids=True))
-    stall = (lambda d: (time.sleep(6), tower(d))[1]) if rank == 3 else tower
-    start = time.monotonic()
-    out["stalled"] = _expect(lambda: slow.update_cache_and_compute_loss(stall, q, tower(data), data), CollectiveFailed)
-    out["stalled_s"] = time.monotonic() - start
-    return out
+from two_level_cases import CACHE, G, SPLITS
 
 
 @pytest.fixture(scope="module")
 def runs() -> tuple[list[dict], list[dict]]:
-    return run_ranks(4, two_level, timeout=240), run_ranks(2, reference, timeout=120)
+    return two_level_cases.runs()
 
 
 def test_layout_facts(runs):
