@@ -307,7 +307,7 @@ class ShardedCacheLossHandler(nn.Module):
         result.refreshed_rows = self.layout.to_global(refreshed)
         result.inserted_rows = self.layout.to_global(inserted)
         log_to, log_step = metrics.resolve_writer(writer, step)
-        metrics.write_scalars(log_to, log_step, result.metrics, rank)
+        metrics.write_scalars(log_to, log_step, result.metrics, self.comm.outer_rank)  # one writer per job
         self.last_step = result
         return result.loss
 

@@ -81,6 +81,13 @@ def test_groups_draw_from_distinct_streams(runs):
     assert not torch.equal(a, b)
 
 
+def test_only_rank_zero_of_the_job_logs(runs):
+    two, _ = runs
+    assert [len(r["logged"]) > 0 for r in two] == [True, False, False, False]
+    assert {tag for tag, _, _ in two[0]["logged"]} >= {"cache/interpretable_prediction_loss", "cache/fill_fraction"}
+    assert all(step == 1 for _, _, step in two[0]["logged"])
+
+
 def test_faults_raise_on_every_rank_and_leave_caches_unchanged(runs):
     two, _ = runs
     for rank, r in enumerate(two):

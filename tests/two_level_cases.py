@@ -72,6 +72,16 @@ def _expect(fn, exc_type) -> str:
     return "no error"
 
 
+class Recorder:
+    """A SummaryWriter stand-in that records its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, float, int]] = []
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.calls.append((tag, value, step))
+
+
 def two_level(rank: int, world_size: int, root: str) -> dict:
     group, mine = rank // G, rank % G
     h = make_handler(CACHE, seed=SEED, shard_group_size=G, **CONFIG)
@@ -87,6 +97,10 @@ def two_level(rank: int, world_size: int, root: str) -> dict:
     same.load_global_rows(global_cache(CACHE, tower, seed=7, with_ids=True))
     run_step(same, tower, batches(0)[1], *[(0, 0), (0, 6)][mine], with_ids=True)
     out["same_input_sampled"] = same.last_step.sampled_rows
+    # metrics are global: only rank 0 of the job writes them, not rank 0 of every group
+    log = Recorder()
+    same.update_cache_and_compute_loss(tower, q, tower(data), data, writer=log)
+    out["logged"] = log.calls
 
     # faults: each raises on all four ranks and leaves every cache as it was
     before, steps = h.gather_global_rows(), h.steps_done
