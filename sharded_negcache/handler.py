@@ -19,8 +19,8 @@ from . import metrics
 from .codecs import EmbeddingCodec, make_codec
 from .combine import HomePartials, merge_partials, pack_partials
 from .exchange import DEFAULT_TIMEOUT_S, BatchRejected, CollectiveFailed, Comm
-from .jagged import Jagged
 from .groups import ShardGroups
+from .jagged import Jagged
 from .layout import ShardLayout
 from .loss import cache_losses, staleness
 from .scoring import ScoreFn, make_score_fn, score_shard
@@ -165,7 +165,7 @@ class ShardedCacheLossHandler(nn.Module):
         self.store = ShardStore(self.layout.rows_per_rank, self.schema.dim, specs, codec, device, host_features)
         self.register_buffer("step_count", torch.zeros((), dtype=torch.int64, device=device))
         self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64, device=device))
-        self._step, self._seed, self._global_batch, self._outer_batch = 0, seed, 0, 0
+        self._step, self._seed, self._global_batch = 0, seed, 0
         self.register_load_state_dict_post_hook(_sync_host_counters)
         self.last_step: StepResult | None = None
 
@@ -235,7 +235,6 @@ class ShardedCacheLossHandler(nn.Module):
             sizes, features = self._agree_on_inputs(query_embeddings, document_embeddings, document_data)
         rank, step, m = self.comm.rank, self._step, self.num_negatives
         own, first = sizes[rank], sum(sizes[:rank])
-        self._global_batch = sum(sizes)
         query_pos = torch.arange(first, first + own, device=self.device)
 
         with torch.no_grad():
@@ -356,7 +355,7 @@ class ShardedCacheLossHandler(nn.Module):
         table = self.comm.agree(status, describe)
         if len(set(table[:, 2].tolist())) > 1:
             self._raise_config_mismatch()
-        self._outer_batch = int(table[:, 1].sum())
+        self._global_batch = int(table[:, 1].sum())  # every group's batch: the denominator of global_mean
         return table[self.comm.members, 1].tolist(), features
 
     def _raise_config_mismatch(self) -> None:
@@ -449,7 +448,7 @@ class ShardedCacheLossHandler(nn.Module):
         if self.reduction == "mean":
             loss = total / max(training.shape[0], 1)
         elif self.reduction == "global_mean":
-            loss = total * self.comm.outer_size / max(self._outer_batch, 1)
+            loss = total * self.comm.outer_size / max(self._global_batch, 1)
         else:
             loss = total
         return StepResult(
