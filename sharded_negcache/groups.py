@@ -1,17 +1,14 @@
 """Shard groups of the two-level layout: validating G and creating one process group per group of G ranks.
 
-The only module besides ``exchange`` that runs collectives, and only at construction: the groups
-must be created identically on every rank (``torch.distributed.new_group`` is collective over the
-whole job), so G is compared across ranks first and a mismatch raises on every rank.
+Its collectives run once, at construction (the step's collectives are all in ``exchange``): the
+groups must be created identically on every rank (``torch.distributed.new_group`` is collective over
+the whole job), so G is compared across ranks first and a mismatch raises on every rank.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.distributed as dist
-
-from .exchange import _all_gather_concat
 
 __all__ = ["ShardGroups"]
 
@@ -48,10 +45,11 @@ class ShardGroups:
         valid = not isinstance(size, bool) and isinstance(size, int) and size >= 1 and world % size == 0
         if distributed and world > 1 and shard_group_size is not None:
             # Every rank must create the same groups: compare G first, so that a mismatch raises everywhere.
-            sizes = torch.empty(world, dtype=torch.int64)
-            _all_gather_concat(sizes, torch.tensor([size if valid else -1]), group=process_group)
-            if len(set(sizes.tolist())) > 1:
-                raise ValueError(f"ranks disagree on shard_group_size (by rank: {sizes.tolist()}, -1: invalid); "
+            # (an object all-gather: works on any backend before the cache's device is known)
+            sizes: list = [None] * world
+            dist.all_gather_object(sizes, size if valid else -1, group=process_group)
+            if len(set(sizes)) > 1:
+                raise ValueError(f"ranks disagree on shard_group_size (by rank: {sizes}, -1: invalid); "
                                  "every rank must pass the same value")
         if not valid:
             raise ValueError(
