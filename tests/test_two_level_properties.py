@@ -26,12 +26,18 @@ from dist_utils import free_port
 G = 2
 
 
+def _two_level(handler_class, *args, **kw):
+    handler = handler_class(*args, shard_group_size=G, **kw)
+    assert (handler.layout.num_groups, handler.layout.world_size, handler.comm.outer_size) == (2, G, props.POOL)
+    return handler
+
+
 def _worker(rank: int, port: int, inbox, outbox) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=props.POOL)
     # run_case builds the handler through this name: every handler of these scenarios is two-level
-    props.ShardedCacheLossHandler = functools.partial(props.ShardedCacheLossHandler, shard_group_size=G)
+    props.ShardedCacheLossHandler = functools.partial(_two_level, props.ShardedCacheLossHandler)
     while True:
         job = inbox.get()
         if job is None:
