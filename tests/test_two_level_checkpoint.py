@@ -1,9 +1,9 @@
 """Checkpoints of the two-level layout reshard across group counts (issue 14).
 
 A 4 = 2x2 run (two groups of two ranks) trains two steps and saves; its third step is the reference.
-The checkpoint is loaded as 4 = 4x1 (four groups of one rank: new group j reads saved group j mod 2)
-and as 2 = 1x2 (the flat layout: group 0), and as 2x2 again after one byte of group 1's rows was
-flipped. Checked: each new group holds its source group's rows bit for bit, groups that keep their
+The checkpoint is loaded as 4 = 4x1 (four groups of one rank: new group j reads saved group j mod 2),
+which saves again and is loaded back as 2x2 (groups 0 and 1 of the four), as 2 = 1x2 (the flat
+layout: group 0), and as 2x2 again after one byte of group 1's rows was flipped. Checked: each new group holds its source group's rows bit for bit, groups that keep their
 index continue exactly as the saved run (same samples and losses), copies draw their own stream, and
 a corrupted group is refused on every rank of the job with every cache unchanged.
 """
@@ -49,6 +49,15 @@ def test_two_by_two_to_four_by_one(runs):
     for g in (2, 3):  # the copies: same rows and batch as group g - 2, their own random stream
         assert not torch.equal(four[g]["four_next"]["sampled"], four[g - 2]["four_next"]["sampled"]), g
         torch.testing.assert_close(four[g]["four_next"]["lse"], four[g - 2]["four_next"]["lse"])
+
+
+def test_four_by_one_back_to_two_by_two(runs):
+    four, _ = runs
+    for rank, r in enumerate(four):
+        assert r["back_steps"] == 3
+        for key, value in four[rank // 2]["four_after"].items():  # new group rank // 2 = saved group rank // 2
+            assert torch.equal(r["back_rows"][key], value), (rank, key)
+    assert not torch.equal(four[0]["back_rows"]["embedding"], four[2]["back_rows"]["embedding"])
 
 
 def test_two_by_two_to_one_by_two(runs):

@@ -163,6 +163,13 @@ def checkpoint_part(rank: int, root: str) -> dict:
     out["four_steps"] = four.steps_done
     out["four_next"] = step_record(four, tower, rank % 2, 2, 0, sum(CK_SPLITS[rank % 2][2]))
 
+    # and back: 4x1 saved (groups 1-3 under their own names), loaded as 2x2 (new group j reads group j)
+    save({"cache": CacheCheckpoint(four)}, f"{root}/ckpt41")
+    out["four_after"] = {k: v.clone() for k, v in four.store.export_rows().items()}
+    back = make_handler(CACHE, shard_group_size=2, **CK_CONFIG)
+    load({"cache": CacheCheckpoint(back)}, f"{root}/ckpt41")
+    out["back_rows"], out["back_steps"] = back.gather_global_rows(), back.steps_done
+
     # a flipped byte in group 1's rows: every rank of both groups refuses, every cache unchanged
     if rank == 0:
         damaged = Path(root) / "damaged"
