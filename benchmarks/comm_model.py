@@ -29,6 +29,11 @@ Profiles: ``cpu`` (this machine, measured: d and t_pair from the run) and ``gpu`
 rows per rank; t_pair from ``results/gpu_check.json`` when it exists, else an *assumed* 40 TFLOP/s
 effective scoring rate, stated in the output).
 
+Two-level layout (``shard_group_size=G``, issue 14), ``dp_weak`` with G = 8, 64 and W (flat): the
+protocol runs inside a group of G ranks (scoring ``G*B*n`` pairs; queries, partials and rows over G
+ranks), only the agreement all-gather and the statistics all-reduce span all W ranks. Written to
+``comm_model.json`` (``two_level``) and ``comm_model_two_level.png`` (per-rank step and bytes vs W).
+
 Usage: ``.venv/bin/python benchmarks/comm_model.py [results/scaling.json] --bandwidth-gbs 25 --latency-us 5``
 (also called at the end of ``bench_scaling.py``). Writes ``comm_model.json`` and ``comm_model.png``.
 """
@@ -45,6 +50,8 @@ WORLDS = [8, 16, 32, 64, 128, 256, 512, 1024]
 ALL_GATHER = ("agree", "gather_queries")
 ALL_TO_ALL = ("partials", "row_counts", "row_ids", "row_fetch", "write_back")
 ALL_REDUCE = ("stats",)
+GROUP_SIZES = (8, 64)  # the two-level layouts modelled, next to the flat one (G = W)
+OUTER_TAGS = ("agree", "stats")  # the collectives that span all W ranks in the two-level layout
 GPU_ASSUMED_FLOPS = 40e12  # effective fp32 scoring rate incl. the softmax passes (assumption, not measured)
 
 
@@ -145,6 +152,36 @@ def predict(world: int, batch: int, n: int, dim: int, draws: int, row_bytes: int
             "bytes_per_rank": sum(nbytes.values()), "bytes_by_tag": nbytes, "step_s": total}
 
 
+def predict_two_level(world: int, group: int, batch: int, n: int, dim: int, draws: int, row_bytes: int,
+                      t_pair: float, local: float, factors: dict[str, float], bw: float, alpha: float,
+                      query_bytes: int = 4, t_query: float = 0.0) -> dict:
+    """Per-rank step of the two-level layout: :func:`predict` for a world of ``group`` ranks, with the
+    agreement and statistics collectives over all ``world`` ranks. ``group == world`` is the flat layout."""
+    p = predict(group, batch, n, dim, draws, row_bytes, t_pair, local, factors, bw, alpha, query_bytes, t_query)
+    outer = protocol_bytes(world, batch, draws, dim, row_bytes, query_bytes=query_bytes)
+    for tag in OUTER_TAGS:
+        p["bytes_by_tag"][tag] = outer[tag] * factors.get(tag, 1.0)
+        p["comm_s"][tag] = collective_seconds(tag, p["bytes_by_tag"][tag], world, bw, alpha)
+    p["latency_s"] = sum((2 if k in ALL_REDUCE else 1) * ((world if k in OUTER_TAGS else group) - 1) * alpha
+                         for k in p["comm_s"])
+    p["comm_total_s"] = sum(p["comm_s"].values())
+    p["bytes_per_rank"] = sum(p["bytes_by_tag"].values())
+    p["step_s"] = p["scoring_s"] + p["local_s"] + p["comm_total_s"]
+    p.update(world=world, group_size=group, global_batch=world * batch, rows_per_group=group * n)
+    return p
+
+
+def two_level_points(prof: dict, draws: int, factors: dict[str, float], bw: float, alpha: float,
+                     batch: int) -> dict[str, list[dict]]:
+    """dp_weak (``batch`` queries and ``rows_per_rank`` rows per rank) for G = 8, 64 (W >= G) and flat."""
+    args = (prof["dim"], draws, prof["row_bytes"], prof["t_pair_s"], prof["local_s"], factors, bw, alpha,
+            prof["query_bytes"], prof["t_query_s"])
+    n = prof["rows_per_rank"]
+    out = {f"G={g}": [predict_two_level(w, g, batch, n, *args) for w in WORLDS if w >= g] for g in GROUP_SIZES}
+    out["flat (G=W)"] = [predict_two_level(w, w, batch, n, *args) for w in WORLDS]
+    return out
+
+
 def alternatives(world: int, batch: int, n: int, dim: int, draws: int, row_bytes: int, bw: float,
                  alpha: float, feat_bytes: int) -> dict:
     """Bytes and wire seconds per rank per step of the two alternatives (same batch and cache)."""
@@ -215,10 +252,14 @@ def run(res: dict, bandwidth_gbs: float = 25.0, latency_us: float = 5.0, out_dir
                 "first_W_comm_ge_scoring": {k: crossover(v, "comm_total_s") for k, v in sc.items()},
             },
         }
+    out["two_level"] = {pname: two_level_points(prof, draws, cal["byte_factors"], bw, alpha, b_dp)
+                        for pname, prof in profiles.items()}
     write_json(out_dir / "comm_model.json", out)
     plot(out, out_dir / "comm_model.png")
+    plot_two_level(out, out_dir / "comm_model_two_level.png")
     if verbose:
         print(summary_text(out))
+        print(two_level_text(out))
     return out
 
 
@@ -256,6 +297,48 @@ def summary_text(model: dict) -> str:
             f"First W in 8..1024 with gather >= scoring: {lim['first_W_gather_ge_scoring']}; "
             f"with all comm >= scoring: {lim['first_W_comm_ge_scoring']}")
     return "\n".join(lines)
+
+
+def two_level_text(model: dict) -> str:
+    lines = ["", "Two-level layout (dp_weak: 512 queries and the profile's rows per rank; G ranks share one cache):"]
+    for pname, layouts in model["two_level"].items():
+        rows = [{"profile": pname, "layout": name, "W": q["world"], "G": q["group_size"],
+                 "rows/group": size_label(q["rows_per_group"]), "scoring_ms": 1e3 * q["scoring_s"],
+                 "comm_ms": 1e3 * q["comm_total_s"], "step_ms": 1e3 * q["step_s"],
+                 "MiB/rank": q["bytes_per_rank"] / 2**20}
+                for name, pts in layouts.items() for q in pts if q["world"] in (8, 64, 256, 1024)]
+        lines.append(table(rows, list(rows[0])))
+    return "\n".join(lines)
+
+
+def plot_two_level(model: dict, path: Path) -> None:
+    """Per-rank step time and bytes vs W for G = 8, 64 and the flat layout, both profiles."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7.5), sharex=True)
+    for col, (pname, layouts) in enumerate(model["two_level"].items()):
+        prof = model["profiles"][pname]
+        for color, (name, pts) in zip(("C0", "C1", "C3"), layouts.items()):
+            ws = [p["world"] for p in pts]
+            axes[0, col].plot(ws, [p["step_s"] for p in pts], "o-", color=color, label=f"{name}: step")
+            axes[0, col].plot(ws, [p["comm_total_s"] for p in pts], ":", color=color, label=f"{name}: communication")
+            axes[1, col].plot(ws, [p["bytes_per_rank"] / 2**20 for p in pts], "o-", color=color, label=name)
+        axes[0, col].set(xscale="log", yscale="log", ylabel="seconds per step per rank (predicted)",
+                         title=f"{pname}: d={prof['dim']}, {size_label(prof['rows_per_rank'])} rows and 512 queries "
+                               f"per rank; scoring {prof['source']}")
+        axes[1, col].set(xscale="log", yscale="log", xlabel="W (ranks)", ylabel="MiB sent per rank per step",
+                         title=f"{model['bandwidth_gbs']:g} GB/s, {model['latency_us']:g} us per message")
+        for ax in axes[:, col]:
+            ax.title.set_fontsize(8)
+            ax.legend(fontsize=7, loc="upper left", framealpha=0.6)
+    fig.suptitle("Two-level layout: each group of G ranks holds its own cache; the per-rank step stays flat in W "
+                 "for a fixed G", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot(model: dict, path: Path) -> None:

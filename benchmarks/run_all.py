@@ -5,7 +5,8 @@
 
 Writes into ``benchmarks/results/`` (or ``--out-dir``): ``step.json``/``step.png`` (bench_step.py),
 ``scaling.json``, ``scaling_weak.png``, ``scaling_strong.png``, ``scaling_bytes.png`` (bench_scaling.py),
-``comm_model.json``/``comm_model.png`` (comm_model.py), and ``run_all.json`` (commands, exit codes, times).
+``comm_model.json``/``comm_model.png``/``comm_model_two_level.png`` (comm_model.py), ``two_level.json``
+(bench_two_level.py), and ``run_all.json`` (commands, exit codes, times).
 Each script runs in its own interpreter; the tables they print are repeated here.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     ap.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
-    ap.add_argument("--skip", default="", help="comma-separated: step,scaling")
+    ap.add_argument("--skip", default="", help="comma-separated: step,scaling,two_level")
     args = ap.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     skip = set(filter(None, args.skip.split(",")))
@@ -33,6 +34,7 @@ def main() -> int:
     jobs = [
         ("step", [sys.executable, str(HERE / "bench_step.py"), *quick, "--out", str(args.out_dir / "step.json")]),
         ("scaling", [sys.executable, str(HERE / "bench_scaling.py"), *quick, "--out-dir", str(args.out_dir)]),
+        ("two_level", [sys.executable, str(HERE / "bench_two_level.py"), *quick, "--out-dir", str(args.out_dir)]),
     ]
     record = {"machine": machine_info(), "quick": args.quick, "jobs": []}
     t_all = time.perf_counter()

@@ -27,6 +27,11 @@ order restricted to each new shard (see docs/checkpointing.md).
 - nothing is written into the live cache until every rank has read and verified its rows (content
   hashes), so a refused checkpoint leaves the cache as it was.
 
+Two-level layout (``shard_group_size``): each group's cache is saved under its own names (group 0
+under the flat layout's, group g > 0 under ``groups.<g>.``), sharded over the group's ranks. On load
+with n' groups, new group j reads saved group ``j mod n`` (:func:`source_group`): growing copies
+caches round-robin, shrinking keeps groups 0..n'-1. A flat checkpoint is a one-group checkpoint.
+
 ``CacheCheckpoint`` also works with a bare ``dcp.save``/``dcp.load``; it then still refuses
 mismatched or corrupted caches without touching the live one, but size mismatches surface as DCP's own
 error and a partly written checkpoint is only caught when DCP fails to read it.
@@ -70,6 +75,7 @@ __all__ = [
     "parse_record",
     "file_sha256",
     "MANIFEST_NAME",
+    "source_group",
 ]
 
 # /2: the record names its checkpoint id and the row hashes are salted with the record's digest;
@@ -158,7 +164,9 @@ def cache_record(handler: ShardedCacheLossHandler, checkpoint_id: str | None = N
         "block_size": handler.layout.block_size,
         "step": handler.steps_done,
         "seed": int(handler.seed),
-        "saved_world_size": handler.layout.world_size,
+        "saved_world_size": handler.comm.outer_size,
+        "shard_group_size": handler.layout.world_size,  # free to change on load, like the world size
+        "num_groups": handler.layout.num_groups,
         "settings": {  # free to change across a resume; recorded for reading only
             k: config.get(k) for k in
             ("top_k", "num_negatives", "use_lru", "in_batch_negatives", "score_transform", "host_features")
@@ -330,6 +338,16 @@ class CacheCheckpoint:
         self.allow_block_size_change = allow_block_size_change
         self.checkpoint_id: str | None = None  # set by :func:`save` for the duration of one save
         self.saved_meta: str | None = None  # the record text the last state_dict() returned
+        self.source_group: int | None = None  # the saved group a load reads (None: this rank's own group)
+
+    def _group_entries(self, entries: dict[str, Any]) -> dict[str, Any]:
+        """``entries`` ('rows', 'row_hash') under the names of group ``source_group`` (own group by default)."""
+        group = self.handler.layout.group if self.source_group is None else self.source_group
+        return entries if group == 0 else {"groups": {str(group): entries}}
+
+    def _group_state(self, state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+        group = self.handler.layout.group if self.source_group is None else self.source_group
+        return state_dict if group == 0 else state_dict["groups"][str(group)]
 
     def _global(self, local: torch.Tensor) -> torch.Tensor:
         """``local`` as a DTensor of global shape [cache_size, ...] (a plain tensor without torch.distributed).
@@ -376,8 +394,8 @@ class CacheCheckpoint:
         self.saved_meta = meta
         return {
             "meta": meta,
-            "rows": {k: self._global(v) for k, v in local.items()},
-            "row_hash": self._global(hashes),
+            **self._group_entries({"rows": {k: self._global(v) for k, v in local.items()},
+                                   "row_hash": self._global(hashes)}),
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -388,6 +406,7 @@ class CacheCheckpoint:
         meta = state_dict.get("meta")
         saved = parse_record(meta)
         self.check_record(saved)
+        state_dict = self._group_state(state_dict)
         local = {k: _to_local(v) for k, v in state_dict["rows"].items()}
         order = list(shard_rows_names(self.handler.store))
         if sorted(local) != sorted(order):
@@ -404,15 +423,15 @@ class CacheCheckpoint:
 
     def _agree_rows(self, bad: torch.Tensor, first: int) -> None:
         """All ranks learn how many rows failed their hash (and the first one): raise everywhere or nowhere."""
-        comm = self.handler.comm
-        table = torch.zeros(comm.world_size, 3, dtype=torch.int64, device=self.handler.device)
+        comm = self.handler.comm  # over the whole job: every group's ranks raise together
+        table = torch.zeros(comm.outer_size, 3, dtype=torch.int64, device=self.handler.device)
         count = int(bad.sum())
-        table[comm.rank, 0] = count
-        table[comm.rank, 1] = first + int(bad.nonzero()[0, 0]) if count else -1
-        table[comm.rank, 2] = bad.numel()
-        if comm.active:
-            _collective("verify rows", self.handler.steps_done, comm.group,
-                        lambda: dist.all_reduce(table, group=comm.group))
+        table[comm.outer_rank, 0] = count
+        table[comm.outer_rank, 1] = first + int(bad.nonzero()[0, 0]) if count else -1
+        table[comm.outer_rank, 2] = bad.numel()
+        if comm.outer_size > 1:
+            _collective("verify rows", self.handler.steps_done, comm.outer_group,
+                        lambda: dist.all_reduce(table, group=comm.outer_group))
         if int(table[:, 0].sum()):
             where = ", ".join(
                 f"rank {r}: {c} rows from global row {j}" for r, (c, j, _) in enumerate(table.tolist()) if c
@@ -767,9 +786,25 @@ def load(
     for key, cache in caches.items():
         meta = _read_meta(path, key, process_group, step)
         _agree(_record_problem(path, key, meta, manifest, cache), process_group, step, f"load {path}: check record")
+        cache.source_group = source_group(cache.handler.layout.group, parse_record(meta).get("num_groups", 1))
     try:
         with _quiet_single_process():
             _collective(f"load {path}: dcp.load", step, process_group,
                         lambda: dcp.load(state, checkpoint_id=path, process_group=process_group))
     except CheckpointException as exc:
         raise CheckpointError(f"reading checkpoint {path} failed, the cache is unchanged: {_failures(exc)}") from None
+    finally:
+        for cache in caches.values():
+            cache.source_group = None
+
+
+def source_group(group: int, saved_groups: int) -> int:
+    """The saved group whose cache new group ``group`` loads: ``group mod saved_groups``.
+
+    Growing (n -> n' > n groups) starts the new groups as copies of the saved ones, round-robin; each
+    then samples its own stream and is fed its own positives, so the copies diverge from the first step.
+    Shrinking keeps groups 0..n'-1 (the groups' caches are exchangeable samples of the same data
+    stream; the rest would only be older duplicates of the same distribution). Group j < n keeps its
+    rows, seed and step: it continues exactly as the saved group j would have.
+    """
+    return group % saved_groups

@@ -4,6 +4,10 @@ A ``Comm`` wraps one process group (or no group: one process holds the whole cac
 collective is the identity). It also counts the bytes this rank sends, per collective, so that the
 benchmarks measure communication instead of estimating it. Counting rule: all_gather and
 all_to_all count the payload this rank hands to *other* ranks; all_reduce counts the tensor once.
+
+Two-level layout: ``group`` is this rank's shard group (queries, partials, rows move only inside
+it) and ``outer_group`` the whole job: the agreement, the config check and the statistics run over
+it, so a rejected batch or a non-finite row on any rank raises on every rank of the job.
 """
 from __future__ import annotations
 
@@ -46,13 +50,31 @@ class RowRoute:
 
 
 class Comm:
-    """Collectives over one process group, with per-collective byte counters."""
+    """Collectives over one process group (and the job around it), with per-collective byte counters.
 
-    def __init__(self, group: dist.ProcessGroup | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    ``world_size`` and ``rank`` are those of ``group`` (the cache's ranks); ``outer_size``,
+    ``outer_rank`` and ``members`` (the outer ranks of ``group``, in order) those of ``outer_group``,
+    which defaults to ``group`` itself (the flat layout).
+    """
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        *,
+        outer_group: dist.ProcessGroup | None = None,
+    ) -> None:
         self.distributed = dist.is_available() and dist.is_initialized()
         self.group = group
         self.world_size = dist.get_world_size(group) if self.distributed else 1
         self.rank = dist.get_rank(group) if self.distributed else 0
+        self.two_level = outer_group is not None and self.distributed
+        self.outer_group = outer_group if self.two_level else group
+        if self.two_level:
+            self.outer_size, self.outer_rank = dist.get_world_size(outer_group), dist.get_rank(outer_group)
+            self.members = [dist.get_group_rank(outer_group, g) for g in dist.get_process_group_ranks(group)]
+        else:
+            self.outer_size, self.outer_rank, self.members = self.world_size, self.rank, list(range(self.world_size))
         self.bytes_sent: dict[str, int] = defaultdict(int)
         if not timeout_s > 0:
             raise ValueError(f"collective_timeout_s must be positive, got {timeout_s!r}")
@@ -65,8 +87,11 @@ class Comm:
             work = launch()
             work.wait(timedelta(seconds=self.timeout_s))
         except Exception as exc:  # gloo/NCCL raise RuntimeError subclasses with transport details
+            where = f"rank {self.rank} of {self.world_size}"
+            if self.two_level:
+                where = f"rank {self.outer_rank} of {self.outer_size} (rank {self.rank} of its shard group)"
             raise CollectiveFailed(
-                f"step {self.step}: collective '{name}' on rank {self.rank} of {self.world_size} did not complete "
+                f"step {self.step}: collective '{name}' on {where} did not complete "
                 f"within {self.timeout_s:g} s (a rank died, stalled or disconnected): {exc}"
             ) from exc
 
@@ -83,30 +108,32 @@ class Comm:
         status: torch.Tensor,
         describe: Callable[[int], str | None],
     ) -> torch.Tensor:
-        """All-gathers an int64 ``status`` row [code, *stats]; raises on every rank if any code != 0.
+        """All-gathers an int64 ``status`` row [code, *stats] over the outer group; raises on every rank if any code != 0.
 
-        ``describe(code)`` turns this rank's code into its message. Returns [W, len(status)] on host.
+        ``describe(code)`` turns this rank's code into its message. Returns [outer_size, len(status)]
+        on host (``table[comm.members]`` are the rows of this rank's shard group).
         """
-        if self.active:
-            out = torch.empty(self.world_size, status.numel(), dtype=status.dtype, device=status.device)
-            self._run("agree", lambda: _all_gather_concat(out, status.unsqueeze(0), group=self.group, async_op=True))
-            self.bytes_sent["agree"] += _nbytes(status) * (self.world_size - 1)
+        if self.outer_size > 1:
+            out = torch.empty(self.outer_size, status.numel(), dtype=status.dtype, device=status.device)
+            self._run("agree", lambda: _all_gather_concat(out, status.unsqueeze(0), group=self.outer_group, async_op=True))
+            self.bytes_sent["agree"] += _nbytes(status) * (self.outer_size - 1)
         else:
             out = status.unsqueeze(0)
         table = out.cpu()
         codes = table[:, 0].tolist()
         if any(codes):
-            mine = describe(codes[self.rank]) if codes[self.rank] else None
-            messages = self.all_gather_object(mine) if self.active else [mine]
+            mine = describe(codes[self.outer_rank]) if codes[self.outer_rank] else None
+            messages = self.all_gather_object(mine)
             bad = [f"rank {r}: {msg}" for r, msg in enumerate(messages) if msg]
             raise BatchRejected("batch rejected, cache unchanged; " + "; ".join(bad))
         return table
 
     def all_gather_object(self, obj: object) -> list:
-        if not self.active:
+        """Every outer rank's ``obj`` (for error messages: runs over the outer group)."""
+        if self.outer_size == 1:
             return [obj]
-        out: list = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
+        out: list = [None] * self.outer_size
+        dist.all_gather_object(out, obj, group=self.outer_group)
         return out
 
     # ---- queries and partials --------------------------------------------------------------
@@ -191,8 +218,9 @@ class Comm:
 
     # ---- statistics ------------------------------------------------------------------------
     def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
-        if self.active:
-            self._run("stats", lambda: dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
+        """Sum over the outer group: statistics are global, and every rank learns of every rank's faults."""
+        if self.outer_size > 1:
+            self._run("stats", lambda: dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.outer_group, async_op=True))
             self.bytes_sent["stats"] += _nbytes(x)
         return x
 

@@ -19,6 +19,7 @@ from . import metrics
 from .codecs import EmbeddingCodec, make_codec
 from .combine import HomePartials, merge_partials, pack_partials
 from .exchange import DEFAULT_TIMEOUT_S, BatchRejected, CollectiveFailed, Comm
+from .groups import ShardGroups
 from .jagged import Jagged
 from .layout import ShardLayout
 from .loss import cache_losses, staleness
@@ -99,6 +100,11 @@ class ShardedCacheLossHandler(nn.Module):
       reencode_on_every_rank: call ``document_network`` on every rank every step, with zero rows where
         nothing was sampled; needed when the tower runs collectives itself (e.g. a TorchRec sharded
         embedding lookup). By default a rank that sampled nothing does not call it.
+      shard_group_size: G, the two-level layout (docs/design.md §9): the W ranks form W/G groups of G
+        consecutive ranks, each group holds its own cache of ``cache_size`` rows (``cache_size / G`` per
+        rank) fed by its own positives, and a query is scored only in its group, so the per-rank step
+        does not grow with W. In-batch negatives come from the group; group g samples with seed
+        ``layout.stream_seed(seed)``; agreement and statistics span all W ranks. Default W (flat).
     """
 
     def __init__(
@@ -125,6 +131,7 @@ class ShardedCacheLossHandler(nn.Module):
         collective_timeout_s: float = DEFAULT_TIMEOUT_S,
         host_features: Sequence[str] = (),
         reencode_on_every_rank: bool = False,
+        shard_group_size: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(num_negatives, int) or num_negatives < 1:
@@ -138,9 +145,10 @@ class ShardedCacheLossHandler(nn.Module):
         if not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
         self.schema = CacheSchema(specs, embedding_key, data_keys, doc_id_key)
-        self.comm = Comm(process_group, collective_timeout_s)
+        groups = ShardGroups.build(shard_group_size, process_group)
+        self.comm = Comm(groups.shard, collective_timeout_s, outer_group=groups.outer)
         self.nonfinite = nonfinite
-        self.layout = ShardLayout.build(cache_size, process_group, block_size)
+        self.layout = ShardLayout.build(cache_size, groups.shard, block_size, groups.index, groups.count)
         self.score_fn: ScoreFn = make_score_fn(score_transform)
         self.top_k, self.num_negatives, self.use_lru = top_k, num_negatives, use_lru
         self.chunk_bytes, self.reduction = chunk_bytes, reduction
@@ -178,6 +186,7 @@ class ShardedCacheLossHandler(nn.Module):
             "data_keys": self.schema.data_keys,
             "doc_id_key": self.schema.doc_id_key,
             "cache_size": self.layout.cache_size,
+            "shard_group_size": self.layout.world_size,
             "block_size": self.layout.block_size,
             "seed": self._seed,
             "step": self._step,
@@ -226,7 +235,6 @@ class ShardedCacheLossHandler(nn.Module):
             sizes, features = self._agree_on_inputs(query_embeddings, document_embeddings, document_data)
         rank, step, m = self.comm.rank, self._step, self.num_negatives
         own, first = sizes[rank], sum(sizes[:rank])
-        self._global_batch = sum(sizes)
         query_pos = torch.arange(first, first + own, device=self.device)
 
         with torch.no_grad():
@@ -238,7 +246,7 @@ class ShardedCacheLossHandler(nn.Module):
             with _stage("score"):
                 partials = score_shard(
                     self.store, self.layout, queries, self.score_fn,
-                    num_draws=m, top_k=self.top_k, seed=self._seed, step=step,
+                    num_draws=m, top_k=self.top_k, seed=self.layout.stream_seed(self._seed), step=step,
                     chunk_rows=self._chunk_rows(sum(sizes)),
                     exclude_key=self.schema.doc_id_key, exclude_ids=exclude,
                 )
@@ -246,7 +254,8 @@ class ShardedCacheLossHandler(nn.Module):
             with _stage("partials"):
                 received = self.comm.partials_to_home(pack_partials(partials), sizes)
                 home = merge_partials(
-                    received, num_draws=m, top_k=self.top_k, seed=self._seed, step=step, query_pos=query_pos
+                    received, num_draws=m, top_k=self.top_k, seed=self.layout.stream_seed(self._seed), step=step,
+                    query_pos=query_pos,
                 )
         # 4. fetch the sampled rows from their owners and re-encode them with gradient.
         with _stage("fetch"):
@@ -298,7 +307,7 @@ class ShardedCacheLossHandler(nn.Module):
         result.refreshed_rows = self.layout.to_global(refreshed)
         result.inserted_rows = self.layout.to_global(inserted)
         log_to, log_step = metrics.resolve_writer(writer, step)
-        metrics.write_scalars(log_to, log_step, result.metrics, rank)
+        metrics.write_scalars(log_to, log_step, result.metrics, self.comm.outer_rank)  # one writer per job
         self.last_step = result
         return result.loss
 
@@ -353,7 +362,8 @@ class ShardedCacheLossHandler(nn.Module):
         table = self.comm.agree(status, describe)
         if len(set(table[:, 2].tolist())) > 1:
             self._raise_config_mismatch()
-        return table[:, 1].tolist(), features
+        self._global_batch = int(table[:, 1].sum())  # every group's batch: the denominator of global_mean
+        return table[self.comm.members, 1].tolist(), features
 
     def _raise_config_mismatch(self) -> None:
         configs = self.comm.all_gather_object(self.config())
@@ -445,7 +455,7 @@ class ShardedCacheLossHandler(nn.Module):
         if self.reduction == "mean":
             loss = total / max(training.shape[0], 1)
         elif self.reduction == "global_mean":
-            loss = total * self.comm.world_size / max(self._global_batch, 1)
+            loss = total * self.comm.outer_size / max(self._global_batch, 1)
         else:
             loss = total
         return StepResult(
@@ -491,7 +501,7 @@ class ShardedCacheLossHandler(nn.Module):
         return {
             "interpretable_loss": il_sum / max(nq, 1),
             "staleness": st / ns if ns else 0.0,
-            "fill_fraction": filled / self.layout.cache_size,
+            "fill_fraction": filled / self.layout.total_rows,
             "sampled_age": age / ns if ns else 0.0,
             "sampled": ns,
             "rejected_rows": rej,

@@ -3,6 +3,11 @@
 Rank r of W owns global rows [r*n, (r+1)*n) with n = cache_size / W. Blocks of ``block_size``
 consecutive global rows never straddle two shards, so a block id means the same rows for any W
 that keeps ``block_size`` (the sampler keys its randomness by global block id).
+
+Two-level layout (``groups.ShardGroups``): the W ranks form W/G groups of G consecutive ranks; each group
+holds an independent cache of ``cache_size`` rows sharded over its G ranks, so "rank" and "world
+size" above are the rank in the group and G. Row ids are group-local (the same ids in every group);
+each group draws from its own random stream (:func:`stream_seed`).
 """
 from __future__ import annotations
 
@@ -12,9 +17,19 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["ShardLayout", "DEFAULT_BLOCK_SIZE"]
+__all__ = ["ShardLayout", "stream_seed", "DEFAULT_BLOCK_SIZE"]
 
 DEFAULT_BLOCK_SIZE = 256
+_GOLDEN32 = 0x9E3779B9  # odd: group offsets are distinct mod 2**32 for every group index < 2**32
+
+
+def stream_seed(seed: int, group: int) -> int:
+    """The sampler's seed for group ``group``: ``seed`` for group 0, else ``(seed + 0x9E3779B9 * group) mod 2**32``.
+
+    The keyed sampler reads a seed's low 32 bits only, so the streams of the groups of one run are
+    pairwise distinct, and group 0 (hence the flat layout) samples exactly as with ``seed``.
+    """
+    return seed if group == 0 else (seed + _GOLDEN32 * group) & 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -25,14 +40,18 @@ class ShardLayout:
     world_size: int
     rank: int
     block_size: int
+    group: int = 0  # this rank's group (two-level layout); rank and world_size are within the group
+    num_groups: int = 1
 
     @staticmethod
     def build(
         cache_size: int,
         process_group: dist.ProcessGroup | None = None,
         block_size: int | None = None,
+        group: int = 0,
+        num_groups: int = 1,
     ) -> "ShardLayout":
-        """Reads rank and world size from the process group (one process when not initialised)."""
+        """Reads rank and world size from the (shard) process group (one process when not initialised)."""
         if dist.is_available() and dist.is_initialized():
             world_size = dist.get_world_size(process_group)
             rank = dist.get_rank(process_group)
@@ -41,9 +60,10 @@ class ShardLayout:
         if not isinstance(cache_size, int) or cache_size <= 0:
             raise ValueError(f"cache_size must be a positive int, got {cache_size!r}")
         if cache_size % world_size:
+            size = "world size" if num_groups == 1 else "shard_group_size"
             raise ValueError(
-                f"cache_size={cache_size} does not divide by the world size {world_size}: each rank "
-                f"holds cache_size / world_size rows; use a multiple of {world_size}"
+                f"cache_size={cache_size} does not divide by the {size} {world_size}: each rank "
+                f"holds cache_size / {size.replace(' ', '_')} rows; use a multiple of {world_size}"
             )
         rows = cache_size // world_size
         if block_size is None:
@@ -53,11 +73,20 @@ class ShardLayout:
                 f"block_size={block_size} must be positive and divide the rows per rank ({rows}) so that "
                 "no sampling block straddles two shards"
             )
-        return ShardLayout(cache_size, world_size, rank, block_size)
+        return ShardLayout(cache_size, world_size, rank, block_size, group, num_groups)
 
     @property
     def rows_per_rank(self) -> int:
         return self.cache_size // self.world_size
+
+    @property
+    def total_rows(self) -> int:
+        """Rows of every group's cache together (``cache_size`` in the flat layout)."""
+        return self.cache_size * self.num_groups
+
+    def stream_seed(self, seed: int) -> int:
+        """This group's sampler seed (see :func:`stream_seed`)."""
+        return stream_seed(seed, self.group)
 
     @property
     def row_offset(self) -> int:

@@ -51,7 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--scale", type=float, default=10.0, help="score = scale * cosine (all losses)")
-    p.add_argument("--cache-size", type=int, default=4096, help="global rows, split over the ranks")
+    p.add_argument("--cache-size", type=int, default=4096, help="global rows, split over the ranks (of a group)")
+    p.add_argument("--shard-group-size", type=int, default=None,
+                   help="two-level layout: groups of G ranks, each with its own cache of --cache-size rows")
     p.add_argument("--negatives", type=int, default=8, help="negatives sampled from the cache per query")
     p.add_argument("--block-size", type=int, default=64,
                    help="cache rows per sampling block: the sampler is exact for any size, this is a speed knob")
@@ -128,7 +130,8 @@ def make_handler(args: argparse.Namespace, doc_len: int, seed: int) -> ShardedCa
     re-scores one block per (query, draw), so with few rows per rank smaller blocks are cheaper
     (measured here: 150 steps took 21.7 s with 256-row blocks, 8.9 s with 64, 9.2 s with 32).
     """
-    block_size = math.gcd(args.block_size, args.cache_size // dist.get_world_size())  # must divide a shard
+    shard = args.cache_size // (args.shard_group_size or dist.get_world_size())
+    block_size = math.gcd(args.block_size, shard)  # must divide a shard
     specs = {
         "doc_tokens": FieldSpec((doc_len,), torch.int32),
         "doc_id": FieldSpec((1,), torch.int64),
@@ -138,6 +141,7 @@ def make_handler(args: argparse.Namespace, doc_len: int, seed: int) -> ShardedCa
         specs, args.cache_size, "embedding", ("doc_tokens",),
         score_transform=args.scale, num_negatives=args.negatives, seed=seed,
         doc_id_key="doc_id", in_batch_negatives=args.loss == "both", block_size=block_size,
+        shard_group_size=args.shard_group_size,
     )
 
 
