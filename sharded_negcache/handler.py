@@ -53,7 +53,7 @@ class NonFiniteLoss(FloatingPointError):
     """Some query's log-partition or loss is NaN/Inf (policy 'raise'); raised on every rank, nothing written."""
 
 
-class DocumentNetworkFailed(RuntimeError):
+class DocumentNetworkFailed(ValueError):
     """The document tower raised or returned something other than [rows, d] embeddings on some rank; raised
     on every rank, naming each failing rank, with nothing written (the failing rank's error is the cause)."""
 
