@@ -79,6 +79,10 @@ class StepResult:
 class ShardedCacheLossHandler(nn.Module):
     """Negative-cache loss over a cache sharded row-wise across the ranks of a process group.
 
+    A module: in eval mode (or under ``torch.inference_mode()``) a step computes and writes nothing (see
+    :meth:`score`); the cache shard is in ``state_dict`` but hidden from whole-model walks such as DDP's
+    buffer broadcast; dtype casts of the module leave its rows as the codec stores them.
+
     Args:
       specs: field name -> FieldSpec (or any object with ``shape`` and ``dtype``), the embedding included.
       cache_size: global number of rows; each rank holds ``cache_size / world_size``.
@@ -101,10 +105,11 @@ class ShardedCacheLossHandler(nn.Module):
         gradient average equals the mean over the global batch) or 'sum'.
       in_batch_negatives: also use the other positives of the global batch as fresh candidates (design
         §2 "cache plus in-batch negatives"); their gradient flows back to every rank's document tower.
-      nonfinite: NaN/Inf from the document tower. 'raise' (default): non-finite document embeddings are
-        rejected with the batch, and non-finite re-encoded rows raise NonFiniteRows on every rank before
-        anything is written. 'skip': such rows are neither inserted nor refreshed, their terms leave the
-        loss, and they are counted in ``cache/rejected_rows``.
+      nonfinite: NaN/Inf from the document tower or in a query's log-partition or loss. 'raise' (default):
+        non-finite document embeddings are rejected with the batch, and non-finite re-encoded rows or
+        losses raise NonFiniteRows / NonFiniteLoss on every rank before anything is written. 'skip': such
+        rows are neither inserted nor refreshed, such queries and terms leave the loss, and they are
+        counted in ``cache/rejected_rows`` and ``cache/nonfinite_queries``.
       collective_timeout_s: a collective that does not complete in this time (a rank died or stalled)
         raises CollectiveFailed naming the step and the collective.
       host_features: feature fields kept in host memory (pinned where CUDA is present) while the
