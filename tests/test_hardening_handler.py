@@ -6,6 +6,8 @@ Every failing call must leave the cache exactly as it was, on every rank.
 """
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -61,7 +63,7 @@ TOWER_KINDS = {  # kind -> text every rank's message must contain
 }
 
 
-def tower_failures(rank: int, world: int, in_batch: bool) -> dict:
+def tower_failures(rank: int, in_batch: bool) -> dict:
     tower, out = Tower(), {}
     for kind in TOWER_KINDS:
         h = make_handler(CACHE, num_negatives=2, in_batch_negatives=in_batch, collective_timeout_s=20.0)
@@ -89,13 +91,21 @@ def tower_failures(rank: int, world: int, in_batch: bool) -> dict:
     return out
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["cache", "in_batch"])
-def tower_results(request) -> list[dict]:
-    return run_ranks(2, tower_failures, request.param, timeout=150)
+def two_rank_cases(rank: int, world: int) -> dict:
+    """Every two-rank case of this module in one process pair (start-up is paid once)."""
+    return {"cache": tower_failures(rank, False), "in_batch": tower_failures(rank, True),
+            "numeric": numeric_cases(rank), "ddp": ddp_defaults(rank)}
 
 
+@pytest.fixture(scope="module")
+def two_ranks() -> list[dict]:
+    return run_ranks(2, two_rank_cases, timeout=240)
+
+
+@pytest.mark.parametrize("variant", ["cache", "in_batch"])
 @pytest.mark.parametrize("kind", list(TOWER_KINDS))
-def test_tower_failing_on_one_rank_fails_every_rank_alike(tower_results, kind):
+def test_tower_failing_on_one_rank_fails_every_rank_alike(two_ranks, variant, kind):
+    tower_results = [r[variant] for r in two_ranks]
     msgs = [r[kind]["error"] for r in tower_results]
     assert all(m is not None for m in msgs), msgs
     assert msgs[0] == msgs[1], msgs  # the same error on every rank
@@ -114,7 +124,7 @@ def _sqrt_scores(s: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(s)  # NaN for negative dot products
 
 
-def numeric_cases(rank: int, world: int) -> dict:
+def numeric_cases(rank: int) -> dict:
     tower, out = Tower(), {}
     cases = {
         "huge_raise": dict(nonfinite="raise"),
@@ -153,8 +163,8 @@ def numeric_cases(rank: int, world: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def numeric_results() -> list[dict]:
-    return run_ranks(2, numeric_cases, timeout=150)
+def numeric_results(two_ranks) -> list[dict]:
+    return [r["numeric"] for r in two_ranks]
 
 
 @pytest.mark.parametrize("case", ["huge_raise", "nan_transform"])
@@ -213,7 +223,7 @@ class WithCache(torch.nn.Module):
         return self.cache(lambda f: self.doc(f["x"]), self.query(qx), self.doc(data["x"]), data)
 
 
-def ddp_defaults(rank: int, world: int) -> dict:
+def ddp_defaults(rank: int) -> dict:
     torch.manual_seed(0)
     model = DDP(WithCache())  # broadcast_buffers=True: DDP's default
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -227,19 +237,22 @@ def ddp_defaults(rank: int, world: int) -> dict:
         opt.step()
     store = model.module.cache.store
     ids = store.feature("doc_id")[store.filled].flatten()
-    names = {n for n, _ in model.module.named_buffers()}
-    return {"ids": ids, "in_state_dict": "cache.store.embeddings" in model.module.state_dict(),
-            "buffers": names, "params_equal": [p.detach().clone() for p in model.parameters()]}
+    out = {"ids": ids, "in_state_dict": "cache.store.embeddings" in model.module.state_dict(),
+           "buffers": {n for n, _ in model.module.named_buffers()},
+           "params": [p.detach().clone() for p in model.parameters()]}
+    del model, opt  # release DDP before the process group (torch 2.13 + gloo can abort at exit otherwise)
+    gc.collect()
+    return out
 
 
-def test_ddp_buffer_broadcast_leaves_each_shard_alone():
-    results = run_ranks(2, ddp_defaults, timeout=150)
+def test_ddp_buffer_broadcast_leaves_each_shard_alone(two_ranks):
+    results = [r["ddp"] for r in two_ranks]
     for rank, r in enumerate(results):
         assert r["ids"].numel() == 8  # every row written (4 steps x 3 > 8 rows per rank)
         assert torch.all(r["ids"] // 1000 == rank), f"rank {rank} holds another rank's rows: {r['ids'].tolist()}"
         assert r["in_state_dict"]
         assert not any(n.startswith("cache.store.") for n in r["buffers"]), r["buffers"]
-    for a, b in zip(results[0]["params_equal"], results[1]["params_equal"]):
+    for a, b in zip(results[0]["params"], results[1]["params"]):
         assert torch.equal(a, b)  # DDP still trains the towers in step
 
 
