@@ -241,7 +241,7 @@ def pool():
 def test_random_call_sequences_keep_the_cache_consistent(pool):
     root = tempfile.mkdtemp(prefix="negcache-prop-")
 
-    @settings(max_examples=12, deadline=None, database=None,
+    @settings(max_examples=25, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
     @given(case=sequences())
     def check(case):
