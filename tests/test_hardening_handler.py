@@ -91,10 +91,27 @@ def tower_failures(rank: int, in_batch: bool) -> dict:
     return out
 
 
+def evaluation_in_batch(rank: int) -> dict:
+    """Evaluation with in-batch negatives at two ranks: the same loss as a training twin, nothing written."""
+    tower, out = Tower(), {}
+    train, ev = (make_handler(CACHE, num_negatives=2, in_batch_negatives=True, collective_timeout_s=20.0)
+                 for _ in range(2))
+    for h in (train, ev):
+        h.load_global_rows(global_cache(CACHE, tower))
+    q, data = batch(rank, 0)
+    want = train.update_cache_and_compute_loss(tower, q, tower(data), data).item()
+    before = snapshot(ev)
+    ev.eval()
+    with torch.inference_mode():
+        got = ev.update_cache_and_compute_loss(tower, q, tower(data), data).item()
+    return {"want": want, "got": got, "unchanged": unchanged(before, ev),
+            "sampled_equal": torch.equal(ev.last_step.sampled_rows, train.last_step.sampled_rows)}
+
+
 def two_rank_cases(rank: int, world: int) -> dict:
     """Every two-rank case of this module in one process pair (start-up is paid once)."""
     return {"cache": tower_failures(rank, False), "in_batch": tower_failures(rank, True),
-            "numeric": numeric_cases(rank), "ddp": ddp_defaults(rank)}
+            "numeric": numeric_cases(rank), "eval": evaluation_in_batch(rank), "ddp": ddp_defaults(rank)}
 
 
 @pytest.fixture(scope="module")
@@ -225,9 +242,13 @@ class WithCache(torch.nn.Module):
 
 def ddp_defaults(rank: int) -> dict:
     torch.manual_seed(0)
-    model = DDP(WithCache())  # broadcast_buffers=True: DDP's default
+    inner = WithCache()
+    rows = global_cache(CACHE, Tower(), empty_every=CACHE + 1, with_ids=True)  # as if resumed before wrapping
+    rows["doc_id"] = (1000 * (torch.arange(CACHE) // (CACHE // 2)) + 900 + torch.arange(CACHE)).unsqueeze(1)
+    inner.cache.load_global_rows(rows)  # rank r's rows hold ids 1000 r + ...
+    model = DDP(inner)  # broadcast_buffers=True: DDP's default (its constructor broadcasts rank 0's buffers)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    for step in range(4):
+    for step in range(2):
         g = torch.Generator().manual_seed(10 * step + rank)
         qx, x = torch.randn(3, FEAT, generator=g), torch.randn(3, FEAT, generator=g)
         ids = (1000 * rank + 10 * step + torch.arange(3)).unsqueeze(1)  # the rank is in the id
@@ -248,8 +269,9 @@ def ddp_defaults(rank: int) -> dict:
 def test_ddp_buffer_broadcast_leaves_each_shard_alone(two_ranks):
     results = [r["ddp"] for r in two_ranks]
     for rank, r in enumerate(results):
-        assert r["ids"].numel() == 8  # every row written (4 steps x 3 > 8 rows per rank)
+        assert r["ids"].numel() == 8  # 2 of the resumed rows and the 6 inserted ones
         assert torch.all(r["ids"] // 1000 == rank), f"rank {rank} holds another rank's rows: {r['ids'].tolist()}"
+    for r in results:
         assert r["in_state_dict"]
         assert not any(n.startswith("cache.store.") for n in r["buffers"]), r["buffers"]
     for a, b in zip(results[0]["params"], results[1]["params"]):
@@ -333,6 +355,12 @@ def test_evaluation_computes_the_loss_and_writes_nothing(mode):
     assert torch.equal(ev.last_step.sampled_rows, want.sampled_rows)
     for k, v in ev.state_dict().items():
         assert torch.equal(v, train.state_dict()[k]), k
+
+
+def test_evaluation_with_in_batch_negatives_on_two_ranks(two_ranks):
+    for r in (r["eval"] for r in two_ranks):
+        assert r["unchanged"] and r["sampled_equal"]
+        assert r["got"] == pytest.approx(r["want"], rel=1e-6)
 
 
 def test_score_keeps_the_gradient():
