@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -18,7 +18,7 @@ from torch.profiler import record_function
 
 from . import metrics
 from .codecs import EmbeddingCodec, make_codec
-from .combine import HomePartials, merge_partials, pack_partials
+from .combine import merge_partials, pack_partials
 from .exchange import DEFAULT_TIMEOUT_S, BatchRejected, CollectiveFailed, Comm
 from .jagged import Jagged, JaggedColumn
 from .layout import ShardLayout
@@ -176,6 +176,7 @@ class ShardedCacheLossHandler(nn.Module):
         self.register_buffer("step_count", torch.zeros((), dtype=torch.int64, device=device))
         self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64, device=device))
         self._step, self._seed = 0, seed
+        self._loading_strict = False  # see load_state_dict
         self.register_load_state_dict_pre_hook(_check_state_dict_before_loading)
         self.register_load_state_dict_post_hook(_sync_host_counters)
         self.last_step: StepResult | None = None
@@ -212,7 +213,9 @@ class ShardedCacheLossHandler(nn.Module):
             "reencode_on_every_rank": self.reencode_on_every_rank,
         }
 
-    def named_modules(self, memo: set | None = None, prefix: str = "", remove_duplicate: bool = True):  # type: ignore[override]
+    def named_modules(  # type: ignore[override]
+        self, memo: set[nn.Module] | None = None, prefix: str = "", remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, nn.Module]]:
         """The module tree without the cache shard (``store``): whole-model walks (DDP's buffer broadcast,
         mixed-precision buffer casts, ``model.buffers()``) must never see rank-local rows. ``state_dict``,
         ``load_state_dict`` and ``.to()`` still include them (they walk children directly)."""

@@ -13,7 +13,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_utils import run_ranks
-from engine_cases import DIM, FEAT, Tower, global_cache, make_handler, specs
+from engine_cases import DIM, FEAT, Tower, global_cache, make_handler
 from sharded_negcache import (
     BatchRejected, DocumentNetworkFailed, FieldSpec, NonFiniteLoss, ShardedCacheLossHandler,
 )
@@ -215,6 +215,11 @@ def test_different_reduction_is_rejected_on_every_rank(numeric_results):
         assert got["error"] is not None, "reduction differing between ranks was accepted"
         assert "reduction: rank 0='mean', rank 1='sum'" in got["error"], got["error"]
         assert got["unchanged"]
+
+
+def test_new_errors_are_the_kinds_users_already_catch():
+    assert issubclass(DocumentNetworkFailed, ValueError)  # a bad tower output was a ValueError before
+    assert issubclass(NonFiniteLoss, FloatingPointError)  # as NonFiniteRows
 
 
 def test_config_holds_every_setting_that_changes_the_numbers():
