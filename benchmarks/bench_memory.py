@@ -58,7 +58,7 @@ def measure_layout(codec: str, host: bool, rows: int) -> dict:
         values = torch.randint(0, VOCAB, (int(ln.sum()),), generator=g, dtype=torch.int32)
         h.store.insert(torch.randn(n, DIM, generator=g), {"tokens": Jagged(ln, values)})
         h.store.tick()
-    b = buffer_bytes(h)
+    b = buffer_bytes(h.store)  # the handler hides its shard from whole-model walks (DDP), see design §6
     return {"codec": codec, "features": "host" if host else "device", "rows": rows,
             "mean_length": float(lengths.float().mean()),
             "device_bytes_per_doc": b["device"] / rows, "host_bytes_per_doc": b["host"] / rows,

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable
+from typing import Callable, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -123,10 +123,21 @@ class Comm:
         codes = table[:, 0].tolist()
         if any(codes):
             mine = describe(codes[self.outer_rank]) if codes[self.outer_rank] else None
-            messages = self.all_gather_object(mine)
-            bad = [f"rank {r}: {msg}" for r, msg in enumerate(messages) if msg]
-            raise BatchRejected("batch rejected, cache unchanged; " + "; ".join(bad))
+            self.raise_together(mine, BatchRejected, "batch rejected, cache unchanged; ")
         return table
+
+    def raise_together(
+        self, mine: str | None, error: type[Exception], header: str, footer: str = "",
+        cause: BaseException | None = None,
+    ) -> NoReturn:
+        """Every rank raises ``error`` with one message naming each failing rank and its ``mine`` text.
+
+        Called by every rank once all know (from a collective) that some rank failed; ``mine`` is None
+        on ranks that did not. One object all-gather, on the error path only.
+        """
+        messages = self.all_gather_object(mine)
+        bad = "; ".join(f"rank {r}: {msg}" for r, msg in enumerate(messages) if msg)
+        raise error(header + bad + footer) from cause
 
     def all_gather_object(self, obj: object) -> list:
         """Every outer rank's ``obj`` (for error messages: runs over the outer group)."""

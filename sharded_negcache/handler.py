@@ -6,9 +6,10 @@ formulas in ``loss``. Read :meth:`update_cache_and_compute_loss` top to bottom: 
 """
 from __future__ import annotations
 
+import contextlib
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -17,18 +18,19 @@ from torch.profiler import record_function
 
 from . import metrics
 from .codecs import EmbeddingCodec, make_codec
-from .combine import HomePartials, merge_partials, pack_partials
+from .combine import merge_partials, pack_partials
 from .exchange import DEFAULT_TIMEOUT_S, BatchRejected, CollectiveFailed, Comm
 from .groups import ShardGroups
-from .jagged import Jagged
+from .jagged import Jagged, JaggedColumn
 from .layout import ShardLayout
-from .loss import cache_losses, staleness
+from .loss import in_batch_mask, nonfinite_queries, query_losses, reduce_loss, spread
 from .scoring import ScoreFn, make_score_fn, score_shard
 from .specs import CacheSchema, FieldSpec
-from .store import CacheTooLarge, FetchedRows, ShardStore, check_capacity
+from .store import CacheTooLarge, FetchedRows, ShardStore, check_capacity, first_occurrence
 
 __all__ = [
-    "ShardedCacheLossHandler", "StepResult", "BatchRejected", "NonFiniteRows", "CollectiveFailed", "CacheTooLarge",
+    "ShardedCacheLossHandler", "StepResult", "BatchRejected", "NonFiniteRows", "NonFiniteLoss", "DocumentNetworkFailed",
+    "CollectiveFailed", "CacheTooLarge",
 ]
 
 # Score-matrix bytes per chunk: bounds scoring memory. On CPU a small chunk stays cache-friendly
@@ -48,6 +50,15 @@ class NonFiniteRows(FloatingPointError):
     """The document tower produced NaN/Inf for some rows (policy 'raise'); raised on every rank, nothing written."""
 
 
+class NonFiniteLoss(FloatingPointError):
+    """Some query's log-partition or loss is NaN/Inf (policy 'raise'); raised on every rank, nothing written."""
+
+
+class DocumentNetworkFailed(ValueError):
+    """The document tower raised or returned something other than [rows, d] embeddings on some rank; raised
+    on every rank, naming each failing rank, with nothing written (the failing rank's error is the cause)."""
+
+
 @dataclass
 class StepResult:
     """What one step did, for this rank (detached). ``metrics`` holds global means (same on every rank)."""
@@ -62,10 +73,16 @@ class StepResult:
     refreshed_rows: torch.Tensor  # global ids this rank (as owner) rewrote
     inserted_rows: torch.Tensor  # global ids of this rank's new rows
     metrics: dict[str, float] = field(default_factory=dict)
+    # score(return_refreshes=True): (local slots, fresh embeddings) this rank, as owner, would have written
+    pending_refresh: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class ShardedCacheLossHandler(nn.Module):
     """Negative-cache loss over a cache sharded row-wise across the ranks of a process group.
+
+    A module: in eval mode (or under ``torch.inference_mode()``) a step computes and writes nothing (see
+    :meth:`score`); the cache shard is in ``state_dict`` but hidden from whole-model walks such as DDP's
+    buffer broadcast; dtype casts of the module leave its rows as the codec stores them.
 
     Args:
       specs: field name -> FieldSpec (or any object with ``shape`` and ``dtype``), the embedding included.
@@ -89,10 +106,11 @@ class ShardedCacheLossHandler(nn.Module):
         gradient average equals the mean over the global batch) or 'sum'.
       in_batch_negatives: also use the other positives of the global batch as fresh candidates (design
         §2 "cache plus in-batch negatives"); their gradient flows back to every rank's document tower.
-      nonfinite: NaN/Inf from the document tower. 'raise' (default): non-finite document embeddings are
-        rejected with the batch, and non-finite re-encoded rows raise NonFiniteRows on every rank before
-        anything is written. 'skip': such rows are neither inserted nor refreshed, their terms leave the
-        loss, and they are counted in ``cache/rejected_rows``.
+      nonfinite: NaN/Inf from the document tower or in a query's log-partition or loss. 'raise' (default):
+        non-finite document embeddings are rejected with the batch, and non-finite re-encoded rows or
+        losses raise NonFiniteRows / NonFiniteLoss on every rank before anything is written. 'skip': such
+        rows are neither inserted nor refreshed, such queries and terms leave the loss, and they are
+        counted in ``cache/rejected_rows`` and ``cache/nonfinite_queries``.
       collective_timeout_s: a collective that does not complete in this time (a rank died or stalled)
         raises CollectiveFailed naming the step and the collective.
       host_features: feature fields kept in host memory (pinned where CUDA is present) while the
@@ -166,6 +184,8 @@ class ShardedCacheLossHandler(nn.Module):
         self.register_buffer("step_count", torch.zeros((), dtype=torch.int64, device=device))
         self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64, device=device))
         self._step, self._seed, self._global_batch = 0, seed, 0
+        self._loading_strict = False  # see load_state_dict
+        self.register_load_state_dict_pre_hook(_check_state_dict_before_loading)
         self.register_load_state_dict_post_hook(_sync_host_counters)
         self.last_step: StepResult | None = None
 
@@ -198,7 +218,29 @@ class ShardedCacheLossHandler(nn.Module):
             "host_features": sorted(self.store.host_keys),
             "in_batch_negatives": self.in_batch_negatives,
             "nonfinite": self.nonfinite,
+            "reduction": self.reduction,
+            "reencode_on_every_rank": self.reencode_on_every_rank,
         }
+
+    def named_modules(  # type: ignore[override]
+        self, memo: set[nn.Module] | None = None, prefix: str = "", remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, nn.Module]]:
+        """The module tree without the cache shard (``store``): whole-model walks (DDP's buffer broadcast,
+        mixed-precision buffer casts, ``model.buffers()``) must never see rank-local rows. ``state_dict``,
+        ``load_state_dict`` and ``.to()`` still include them (they walk children directly)."""
+        hidden = f"{prefix}.store" if prefix else "store"
+        for name, module in super().named_modules(memo, prefix, remove_duplicate):
+            if name != hidden and not name.startswith(hidden + "."):
+                yield name, module
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):  # type: ignore[override]
+        """As ``nn.Module.load_state_dict``, but a bad state_dict (shapes, dtypes, and with ``strict`` missing or
+        unexpected keys) raises ValueError before anything is loaded."""
+        self._loading_strict = strict
+        try:
+            return super().load_state_dict(state_dict, strict, assign)
+        finally:
+            self._loading_strict = False
 
     # ---- whole-cache views (tests and resharding; gathers everything, not for the hot path) ----
     def gather_global_rows(self) -> dict[str, torch.Tensor]:
@@ -228,16 +270,60 @@ class ShardedCacheLossHandler(nn.Module):
 
         ``document_network`` maps a dict of the ``data_keys`` fields of some rows to their embeddings.
         Every rank must call this together (it runs collectives), with any batch size, zero included.
+        In eval mode (``handler.eval()``) or under ``torch.inference_mode()`` it writes nothing, as
+        :meth:`score`; under ``torch.no_grad()`` in train mode it writes (the module's mode decides).
         """
+        write = self.training and not torch.is_inference_mode_enabled()
+        return self._run_step(document_network, query_embeddings, document_embeddings, document_data, writer,
+                              write=write).loss
+
+    forward = update_cache_and_compute_loss
+
+    def score(
+        self,
+        document_network: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+        query_embeddings: torch.Tensor,
+        document_embeddings: torch.Tensor,
+        document_data: Mapping[str, torch.Tensor],
+        writer: Any = None,
+        *,
+        step: int | None = None,
+        return_refreshes: bool = False,
+    ) -> StepResult:
+        """One step's loss (with gradient), samples and metrics, writing nothing: no refresh, no insert, the
+        step counter stays. The tower is still called on the sampled rows. Every rank must call it together.
+
+        ``step`` keys the random numbers (default: the handler's step). ``return_refreshes`` also sends the
+        re-encoded rows to their owners and returns them there as ``pending_refresh`` (what a training step
+        would write): for callers that own the rows themselves (``compat``).
+        """
+        return self._run_step(document_network, query_embeddings, document_embeddings, document_data, writer,
+                              write=False, step=step, return_refreshes=return_refreshes)
+
+    def _run_step(
+        self,
+        document_network: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+        query_embeddings: torch.Tensor,
+        document_embeddings: torch.Tensor,
+        document_data: Mapping[str, torch.Tensor],
+        writer: Any,
+        *,
+        write: bool,
+        step: int | None = None,
+        return_refreshes: bool = False,
+    ) -> StepResult:
+        """The protocol of design §3, top to bottom; writes only when ``write``."""
         self._follow_device(query_embeddings)
-        self.comm.step = self._step
+        step = self._step if step is None else int(step)
+        self.comm.step = step
+        settings = {**self.config(), "step": step, "writes": write, "returns_refreshes": return_refreshes}
         with _stage("agree"):
-            sizes, features = self._agree_on_inputs(query_embeddings, document_embeddings, document_data)
-        rank, step, m = self.comm.rank, self._step, self.num_negatives
+            sizes, features = self._agree_on_inputs(query_embeddings, document_embeddings, document_data, settings)
+        rank, m = self.comm.rank, self.num_negatives
         own, first = sizes[rank], sum(sizes[:rank])
         query_pos = torch.arange(first, first + own, device=self.device)
 
-        with torch.no_grad():
+        with torch.no_grad(), _engine_precision(self.device):
             # 1. gather every rank's queries (and their positives' ids).
             with _stage("gather"):
                 queries = self.comm.gather_rows(query_embeddings.detach().float(), sizes)
@@ -257,7 +343,8 @@ class ShardedCacheLossHandler(nn.Module):
                     received, num_draws=m, top_k=self.top_k, seed=self.layout.stream_seed(self._seed), step=step,
                     query_pos=query_pos,
                 )
-        # 4. fetch the sampled rows from their owners and re-encode them with gradient.
+        # 4. fetch the sampled rows from their owners and re-encode them with gradient (the caller's autocast
+        #    applies to its tower only). A tower that fails here is reported to every rank at step 6.
         with _stage("fetch"):
             sampled = home.rows >= 0
             unique_rows, which = torch.unique(home.rows[sampled], return_inverse=True)
@@ -267,51 +354,87 @@ class ShardedCacheLossHandler(nn.Module):
             )
             fetched = self.store.unpack(packed, jagged)
         with _stage("reencode"):
-            fresh = self._reencode(document_network, fetched, query_embeddings)
+            fresh, failure = self._reencode(document_network, fetched, query_embeddings)
         # 5. the losses (rows the tower made non-finite are left out; optionally in-batch negatives).
-        with _stage("losses"):
+        with _stage("losses"), _engine_precision(self.device):
             fresh_ok = self.store.codec.storable(fresh)  # finite, and representable by the storage codec
             positive_ok = self.store.codec.storable(document_embeddings)
             positives = torch.where(positive_ok.unsqueeze(1), document_embeddings.float(), 0.0)
-            in_batch = self._in_batch_scores(query_embeddings, positives, exclude, sizes)
-            result = self._losses(
-                query_embeddings, positives, positive_ok, home, which, fresh_ok,
-                torch.where(fresh_ok.unsqueeze(1), fresh.float(), 0.0), fetched, in_batch,
+            batch_positives = batch_mask = None
+            if self.in_batch_negatives:
+                batch_positives = self.comm.gather_rows_with_grad(positives, sizes)
+                batch_mask = in_batch_mask(first, own, sum(sizes), exclude, self.device)
+            inputs = (query_embeddings, positives, home.lse, home.rows, which,
+                      torch.where(fresh_ok.unsqueeze(1), fresh.float(), 0.0), fresh_ok, fetched.embeddings,
+                      self.score_fn.on_dots, batch_positives, batch_mask)
+            losses = query_losses(*inputs, leave_out=~positive_ok)
+            bad = nonfinite_queries(losses, home.lse, positive_ok)
+            if self.nonfinite == "skip" and bool(bad.any()):
+                losses = query_losses(*inputs, leave_out=~positive_ok | bad)
+            result = StepResult(
+                loss=reduce_loss(losses.training, self.reduction, self.comm.outer_size, self._global_batch),
+                training_loss=losses.training.detach(), interpretable_loss=losses.interpretable.detach(),
+                prob_positive=losses.prob_positive, lse=home.lse, sampled_rows=home.rows,
+                staleness=losses.staleness, refreshed_rows=home.rows.new_empty(0), inserted_rows=home.rows.new_empty(0),
             )
-        # 6. global statistics; every rank learns of non-finite rows before anything is written.
+        # 6. global statistics; every rank learns of a failed tower or non-finite rows or losses before any write.
         with _stage("stats"):
             rejected = (~fresh_ok).sum() + (~positive_ok).sum()
-            result.metrics = self._global_metrics(result, fetched, which, rejected, positive_ok.sum())
-        if result.metrics["rejected_rows"] and self.nonfinite == "raise":
-            raise NonFiniteRows(
-                f"step {step}: the document tower produced NaN/Inf (or values the embedding codec cannot store) "
-                f"for {int(result.metrics['rejected_rows'])} "
-                "row(s) (sampled rows or positives, all ranks); cache unchanged. Use nonfinite='skip' to drop them."
+            inserting = positive_ok.sum() * write
+            result.metrics, failed_ranks = self._global_metrics(
+                result, fetched, which, rejected, inserting, failure is not None, bad.sum()
             )
+        self._raise_step_failures(step, result.metrics, failed_ranks, failure)
         # 7. fresh embeddings back to the owners, written in place; 8. insert the positives.
-        with _stage("write_back"):
-            slots, rows = self.comm.write_back(route, fresh.detach().float())
-            new_emb = document_embeddings.detach().float()
-            if self.nonfinite == "skip":
-                ok = self.store.codec.storable(rows)
-                slots, rows = slots[ok], rows[ok]
-                features = {
-                    k: v.select(positive_ok) if isinstance(v, Jagged) else v[positive_ok] for k, v in features.items()
-                }
-                new_emb = new_emb[positive_ok]
-            refreshed = self.store.refresh(slots, rows, self.use_lru)
-        with _stage("insert"):
-            inserted = self.store.insert(new_emb, features)
-            self.store.tick()
-        self._advance_step()
-        result.refreshed_rows = self.layout.to_global(refreshed)
-        result.inserted_rows = self.layout.to_global(inserted)
+        if write or return_refreshes:
+            with _stage("write_back"):
+                slots, rows = self.comm.write_back(route, fresh.detach().float())
+                if self.nonfinite == "skip":
+                    ok = self.store.codec.storable(rows)
+                    slots, rows = slots[ok], rows[ok]
+                if write:
+                    result.refreshed_rows = self.layout.to_global(self.store.refresh(slots, rows, self.use_lru))
+                else:
+                    slots, first_row = first_occurrence(slots)
+                    result.pending_refresh = (slots, rows[first_row])
+        if write:
+            with _stage("insert"):
+                new_emb = document_embeddings.detach().float()
+                if self.nonfinite == "skip":
+                    features = {
+                        k: v.select(positive_ok) if isinstance(v, Jagged) else v[positive_ok]
+                        for k, v in features.items()
+                    }
+                    new_emb = new_emb[positive_ok]
+                result.inserted_rows = self.layout.to_global(self.store.insert(new_emb, features))
+                self.store.tick()
+            self._advance_step()
         log_to, log_step = metrics.resolve_writer(writer, step)
         metrics.write_scalars(log_to, log_step, result.metrics, self.comm.outer_rank)  # one writer per job
         self.last_step = result
-        return result.loss
+        return result
 
-    forward = update_cache_and_compute_loss
+    def _raise_step_failures(
+        self, step: int, values: dict[str, float], failed_ranks: float, failure: tuple[str, BaseException | None] | None
+    ) -> None:
+        """After the statistics all-reduce every rank knows the same counts, so all raise together (or none)."""
+        if failed_ranks:
+            mine, cause = failure if failure is not None else (None, None)
+            self.comm.raise_together(mine, DocumentNetworkFailed, f"step {step}: document_network failed on ",
+                                     "; cache unchanged", cause)
+        if values["rejected_rows"] and self.nonfinite == "raise":
+            raise NonFiniteRows(
+                f"step {step}: the document tower produced NaN/Inf (or values the embedding codec cannot store) for "
+                f"{int(values['rejected_rows'])} "
+                "row(s) (sampled rows or positives, all ranks); cache unchanged. Use nonfinite='skip' to drop them."
+            )
+        count = int(values["nonfinite_queries"])
+        if count and self.nonfinite == "raise":
+            raise NonFiniteLoss(
+                f"step {step}: the log-partition or loss of {count} {'query' if count == 1 else 'queries'} (all "
+                "ranks) is NaN/Inf: scores overflowed (embeddings too large?) or the score transform returned "
+                "NaN/Inf; cache unchanged. Use nonfinite='skip' to leave such queries out."
+            )
 
     # ---- steps of the protocol -------------------------------------------------------------
     def _follow_device(self, query_embeddings: torch.Tensor) -> None:
@@ -329,8 +452,10 @@ class ShardedCacheLossHandler(nn.Module):
         query_embeddings: torch.Tensor,
         document_embeddings: torch.Tensor,
         document_data: Mapping[str, torch.Tensor],
+        settings: Mapping[str, Any],
     ) -> tuple[list[int], dict[str, Any]]:
-        """Validates locally, then one all-gather makes every rank raise together or go on.
+        """Validates locally, then one all-gather makes every rank raise together or go on; ``settings``
+        (the configuration, the step and the mode) must be the same on every rank.
 
         Returns the batch sizes of all ranks and this batch's features (jagged fields normalised).
         """
@@ -338,7 +463,7 @@ class ShardedCacheLossHandler(nn.Module):
             query_embeddings, document_embeddings, document_data, self.device, self.layout.rows_per_rank
         )
         batch = query_embeddings.shape[0] if problem is None else 0
-        config_crc = zlib.crc32(repr(sorted(self.config().items())).encode())
+        config_crc = zlib.crc32(repr(sorted(settings.items())).encode())
         status = torch.tensor([_ERR_INPUT if problem else 0, batch, config_crc], device=self.device)
         if problem is None:
             status[0] += (~torch.isfinite(query_embeddings)).any().to(torch.int64) * _ERR_QUERY_NONFINITE
@@ -361,12 +486,12 @@ class ShardedCacheLossHandler(nn.Module):
 
         table = self.comm.agree(status, describe)
         if len(set(table[:, 2].tolist())) > 1:
-            self._raise_config_mismatch()
+            self._raise_config_mismatch(settings)
         self._global_batch = int(table[:, 1].sum())  # every group's batch: the denominator of global_mean
         return table[self.comm.members, 1].tolist(), features
 
-    def _raise_config_mismatch(self) -> None:
-        configs = self.comm.all_gather_object(self.config())
+    def _raise_config_mismatch(self, settings: Mapping[str, Any]) -> None:
+        configs = self.comm.all_gather_object(dict(settings))
         diffs = [
             f"{key}: " + ", ".join(f"rank {r}={c[key]!r}" for r, c in enumerate(configs))
             for key in configs[0]
@@ -390,85 +515,29 @@ class ShardedCacheLossHandler(nn.Module):
         document_network: Callable[[dict[str, torch.Tensor]], torch.Tensor],
         fetched: FetchedRows,
         query_embeddings: torch.Tensor,
-    ) -> torch.Tensor:
-        """Current-tower embeddings of the sampled rows (with gradient); by default not called when none was sampled."""
-        count = fetched.embeddings.shape[0]
-        if count == 0 and not self.reencode_on_every_rank:
-            return query_embeddings.new_zeros(0, self.schema.dim)
-        fresh = document_network(self.schema.network_input(fetched.features))
-        if not isinstance(fresh, torch.Tensor) or tuple(fresh.shape) != (count, self.schema.dim):
-            got = tuple(fresh.shape) if isinstance(fresh, torch.Tensor) else type(fresh).__name__
-            raise ValueError(f"document_network must return [{count}, {self.schema.dim}] embeddings, got {got}")
-        return fresh
+    ) -> tuple[torch.Tensor, tuple[str, BaseException | None] | None]:
+        """Current-tower embeddings of the sampled rows (with gradient); by default not called when none was sampled.
 
-    def _in_batch_scores(
-        self,
-        query_embeddings: torch.Tensor,
-        document_embeddings: torch.Tensor,
-        positive_ids: torch.Tensor | None,
-        sizes: list[int],
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Scores [B, B_g] of my queries against every rank's positives (with gradient) and their mask.
-
-        A query's own positive is not its negative, nor is any positive with the same document id.
+        A tower that raises or returns anything but [rows, d] floats does not raise here (the other ranks
+        would wait in the next collective): it gives zero rows and (message, exception) for step 6.
         """
-        if not self.in_batch_negatives:
-            return None
-        positives = self.comm.gather_rows_with_grad(document_embeddings, sizes)
-        scores = self.score_fn.on_dots(query_embeddings.float() @ positives.t())
-        own = sizes[self.comm.rank]
-        first = sum(sizes[: self.comm.rank])
-        cols = torch.arange(positives.shape[0], device=self.device)
-        rows = torch.arange(first, first + own, device=self.device)
-        mask = cols.unsqueeze(0) != rows.unsqueeze(1)
-        if positive_ids is not None:
-            mask &= positive_ids.unsqueeze(0) != positive_ids[first : first + own].unsqueeze(1)
-        return scores, mask
-
-    def _losses(
-        self,
-        query_embeddings: torch.Tensor,
-        positives: torch.Tensor,
-        positive_ok: torch.Tensor,
-        home: HomePartials,
-        which: torch.Tensor,
-        fresh_ok: torch.Tensor,
-        fresh: torch.Tensor,
-        fetched: FetchedRows,
-        in_batch: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> StepResult:
-        """Per-query losses; ``positives`` and ``fresh`` are finite (non-finite rows zeroed and masked out)."""
-        q = query_embeddings.float()
-        pos_scores = self.score_fn.on_dots((q * positives).sum(-1))
-        rows = home.rows
-        drawn = _spread(fresh_ok, rows, which, False)  # a real draw whose re-encoding is finite
-        if fresh.shape[0]:
-            index = _spread(torch.arange(fresh.shape[0], device=rows.device), rows, which, 0)
-            neg_scores = self.score_fn.on_dots(torch.einsum("bd,bmd->bm", q, fresh[index]))
-        else:
-            neg_scores = q.new_zeros(rows.shape)
-        stale = _spread(staleness(fetched.embeddings, fresh), rows, which, float("nan"))
-        batch_scores, batch_mask = in_batch if in_batch is not None else (None, None)
-        training, interpretable, prob = cache_losses(pos_scores, home.lse, neg_scores, drawn, batch_scores, batch_mask)
-        training = torch.where(positive_ok, training, 0.0)  # a query whose positive is non-finite is left out
-        total = training.sum()
-        if self.reduction == "mean":
-            loss = total / max(training.shape[0], 1)
-        elif self.reduction == "global_mean":
-            loss = total * self.comm.outer_size / max(self._global_batch, 1)
-        else:
-            loss = total
-        return StepResult(
-            loss=loss,
-            training_loss=training.detach(),
-            interpretable_loss=torch.where(positive_ok, interpretable, float("nan")),
-            prob_positive=prob,
-            lse=home.lse,
-            sampled_rows=rows,
-            staleness=torch.where(drawn, stale, float("nan")),
-            refreshed_rows=rows.new_empty(0),
-            inserted_rows=rows.new_empty(0),
-        )
+        count = fetched.embeddings.shape[0]
+        zeros = query_embeddings.new_zeros(count, self.schema.dim, dtype=torch.float32)
+        if count == 0 and not self.reencode_on_every_rank:
+            return zeros, None
+        try:
+            fresh = document_network(self.schema.network_input(fetched.features))
+        except Exception as exc:  # reported on every rank after the statistics all-reduce
+            return zeros, (f"{type(exc).__name__}: {exc}", exc)
+        want = f"a floating-point tensor of shape [{count}, {self.schema.dim}] on {self.device}"
+        if not isinstance(fresh, torch.Tensor):
+            return zeros, (f"document_network must return {want} (one embedding per row given), "
+                           f"got {type(fresh).__name__}", None)
+        if (not fresh.is_floating_point() or tuple(fresh.shape) != (count, self.schema.dim)
+                or fresh.device != self.device):
+            return zeros, (f"document_network must return {want} (one embedding per row given), got shape "
+                           f"{list(fresh.shape)} dtype {fresh.dtype} on {fresh.device}", None)
+        return fresh, None
 
     def _advance_step(self) -> None:
         self._step += 1
@@ -481,23 +550,29 @@ class ShardedCacheLossHandler(nn.Module):
         which: torch.Tensor,
         rejected: torch.Tensor,
         inserting: torch.Tensor,
-    ) -> dict[str, float]:
-        """One all-reduce of sums, then global means (the same on every rank); runs before any write."""
+        tower_failed: bool,
+        nonfinite: torch.Tensor,
+    ) -> tuple[dict[str, float], float]:
+        """One all-reduce of sums, then global means (the same on every rank) and the number of ranks whose
+        tower failed; runs before any write."""
         drawn = torch.isfinite(result.staleness)
-        ages = _spread(fetched.ages.double(), result.sampled_rows, which, 0.0)
+        ages = spread(fetched.ages.double(), result.sampled_rows, which, 0.0)
         filled = self.store.filled.sum()
         filled_after = filled + torch.minimum(inserting, self.layout.rows_per_rank - filled)
         il = result.interpretable_loss.double()
+        il_ok = torch.isfinite(il)
         sums = torch.stack([
-            torch.nan_to_num(il, nan=0.0).sum(),
-            torch.isfinite(il).sum().double(),
+            torch.where(il_ok, il, 0.0).sum(),
+            il_ok.sum().double(),
             torch.where(drawn, result.staleness.double(), 0.0).sum(),
             drawn.sum().double(),
             torch.where(drawn, ages, 0.0).sum(),
             filled_after.double(),
             rejected.double(),
+            nonfinite.double(),
+            torch.tensor(float(tower_failed), dtype=torch.float64, device=il.device),
         ])
-        il_sum, nq, st, ns, age, filled, rej = self.comm.all_reduce_sum(sums).tolist()
+        il_sum, nq, st, ns, age, filled, rej, bad, failed = self.comm.all_reduce_sum(sums).tolist()
         return {
             "interpretable_loss": il_sum / max(nq, 1),
             "staleness": st / ns if ns else 0.0,
@@ -505,7 +580,8 @@ class ShardedCacheLossHandler(nn.Module):
             "sampled_age": age / ns if ns else 0.0,
             "sampled": ns,
             "rejected_rows": rej,
-        }
+            "nonfinite_queries": bad,
+        }, failed
 
 
 def _stage(name: str) -> record_function:
@@ -513,13 +589,48 @@ def _stage(name: str) -> record_function:
     return record_function(f"{STAGE_PREFIX}{name}")
 
 
-def _spread(values: torch.Tensor, rows: torch.Tensor, which: torch.Tensor, fill: float | bool | int) -> torch.Tensor:
-    """Values of the unique fetched rows spread to each (query, draw) [B, m]; ``fill`` where nothing was drawn."""
-    out = torch.full(rows.shape, fill, dtype=values.dtype, device=rows.device)
-    out[rows >= 0] = values[which]
-    return out
+def _engine_precision(device: torch.device) -> contextlib.AbstractContextManager:
+    """Scoring and the losses run at the engine's precision (fp32 products of the decoded codec), not at the
+    caller's autocast dtype: autocast is switched off inside (the tower call keeps it)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
+def _check_state_dict_before_loading(module: nn.Module, state_dict: Mapping[str, Any], prefix: str,
+                                     local_metadata: Any, strict: bool, *_: Any) -> None:
+    """Runs before anything of the handler is loaded: every tensor's shape and dtype (and, in a strict
+    ``handler.load_state_dict``, the key set) must match, or nothing changes (not even the step counter).
+    torch passes ``strict=True`` to every pre-hook, hence the flag set by :meth:`load_state_dict`."""
+    if not isinstance(module, ShardedCacheLossHandler):
+        return
+    mine = module.state_dict()
+    pools = {f"store.{name}.values" for name, m in module.store.named_modules() if isinstance(m, JaggedColumn)}
+    problems = []
+    for key, have in mine.items():
+        got = state_dict.get(prefix + key)
+        if got is None:
+            continue
+        if not isinstance(got, torch.Tensor):
+            problems.append(f"{prefix}{key} is a {type(got).__name__}, not a tensor")
+        elif key in pools:  # a value pool's size varies (it grows); its kind does not
+            if got.dim() != 1 or got.dtype != have.dtype:
+                problems.append(f"{prefix}{key} must be a 1-D {have.dtype} pool, got {list(got.shape)} {got.dtype}")
+        elif got.shape != have.shape or got.dtype != have.dtype:
+            problems.append(f"{prefix}{key} is {list(got.shape)} {got.dtype} in the state_dict, this handler's is "
+                            f"{list(have.shape)} {have.dtype}")
+    if getattr(module, "_loading_strict", False):  # set by a direct, strict load_state_dict call
+        missing = sorted(prefix + k for k in mine if prefix + k not in state_dict)
+        extra = sorted(k for k in state_dict if k.startswith(prefix) and k[len(prefix):] not in mine)
+        if missing:
+            problems.append(f"missing {missing}")
+        if extra:
+            problems.append(f"unexpected {extra}")
+    if problems:
+        raise ValueError(
+            "load_state_dict: " + "; ".join(problems) + " (saved with another cache_size, world size, codec or "
+            "specs? sharded_negcache.checkpoint reshards across world sizes); nothing was loaded"
+        )
 def _sync_host_counters(module: nn.Module, incompatible_keys: Any) -> None:
     """After load_state_dict, the host mirrors of the step counter and seed follow the loaded buffers."""
     if isinstance(module, ShardedCacheLossHandler):

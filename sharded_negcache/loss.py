@@ -4,9 +4,15 @@ Pure functions of tensors; nothing here knows about storage or ranks.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
-__all__ = ["cache_losses", "staleness"]
+__all__ = [
+    "cache_losses", "staleness", "spread", "in_batch_mask", "QueryLosses", "query_losses", "nonfinite_queries",
+    "reduce_loss",
+]
 
 STALENESS_EPS = 1e-12
 
@@ -51,3 +57,98 @@ def staleness(stale: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
     """‖c − e‖² / max(‖e‖², ε) per row: how far the cached embedding drifted from the current tower."""
     fresh = fresh.detach().float()
     return (stale.float() - fresh).pow(2).sum(-1) / fresh.pow(2).sum(-1).clamp(min=STALENESS_EPS)
+
+
+def spread(values: torch.Tensor, rows: torch.Tensor, which: torch.Tensor, fill: float | bool | int) -> torch.Tensor:
+    """Values of the unique fetched rows spread to each (query, draw) [B, m]; ``fill`` where nothing was drawn."""
+    out = torch.full(rows.shape, fill, dtype=values.dtype, device=rows.device)
+    out[rows >= 0] = values[which]
+    return out
+
+
+def in_batch_mask(first: int, own: int, total: int, positive_ids: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """[own, total]: which positives of the global batch are negatives of this rank's queries (global
+    positions ``first .. first + own``): not the query's own positive, nor any with the same document id."""
+    cols = torch.arange(total, device=device)
+    rows = torch.arange(first, first + own, device=device)
+    mask = cols.unsqueeze(0) != rows.unsqueeze(1)
+    if positive_ids is not None:
+        mask &= positive_ids.unsqueeze(0) != positive_ids[first : first + own].unsqueeze(1)
+    return mask
+
+
+@dataclass
+class QueryLosses:
+    """Per query of this rank: the training loss (with gradient), −log π⁺, π⁺, and staleness per draw."""
+
+    training: torch.Tensor  # [B]
+    interpretable: torch.Tensor  # [B], NaN for a left-out query
+    prob_positive: torch.Tensor  # [B]
+    staleness: torch.Tensor  # [B, m], NaN where nothing (finite) was drawn
+
+
+def query_losses(
+    queries: torch.Tensor,
+    positives: torch.Tensor,
+    lse: torch.Tensor,
+    rows: torch.Tensor,
+    which: torch.Tensor,
+    fresh: torch.Tensor,
+    fresh_ok: torch.Tensor,
+    stale: torch.Tensor,
+    transform: Callable[[torch.Tensor], torch.Tensor],
+    batch_positives: torch.Tensor | None = None,
+    batch_mask: torch.Tensor | None = None,
+    leave_out: torch.Tensor | None = None,
+) -> QueryLosses:
+    """Assembles the scores of design §2 for this rank's queries and applies :func:`cache_losses`.
+
+    ``queries`` [B, d] and ``positives`` [B, d] carry gradient; ``lse`` [B] and the sampled global
+    ``rows`` [B, m] (−1: none) come from the merged partials; ``which`` maps each drawn (query, draw)
+    to its row among the unique re-encoded rows ``fresh`` [U, d] (finite; ``fresh_ok`` marks rows the
+    tower made finite) whose stored embeddings are ``stale`` [U, d]. With in-batch negatives,
+    ``batch_positives`` [B_g, d] (with gradient) where ``batch_mask`` [B, B_g]. ``transform`` is T on
+    dot products. ``leave_out`` [B] marks queries whose terms leave the loss (0, no gradient): their
+    inputs are zeroed before the products, so no NaN or Inf can reach the gradient.
+    """
+    q = queries.float()
+    if leave_out is not None:
+        q = torch.where(leave_out.unsqueeze(1), 0.0, q)
+        lse = lse.masked_fill(leave_out, float("-inf"))
+    pos_scores = transform((q * positives).sum(-1))
+    drawn = spread(fresh_ok, rows, which, False)  # a real draw whose re-encoding is finite
+    counted = drawn if leave_out is None else drawn & ~leave_out.unsqueeze(1)
+    if fresh.shape[0]:
+        index = spread(torch.arange(fresh.shape[0], device=rows.device), rows, which, 0)
+        neg_scores = transform(torch.einsum("bd,bmd->bm", q, fresh[index]))
+    else:
+        neg_scores = q.new_zeros(rows.shape)
+    stale_per_draw = spread(staleness(stale, fresh), rows, which, float("nan"))
+    batch_scores = None
+    if batch_positives is not None:
+        batch_scores = transform(q @ batch_positives.float().t())
+        if leave_out is not None:
+            batch_mask = batch_mask & ~leave_out.unsqueeze(1)
+    training, interpretable, prob = cache_losses(pos_scores, lse, neg_scores, counted, batch_scores, batch_mask)
+    if leave_out is not None:
+        training = torch.where(leave_out, 0.0, training)
+        interpretable = torch.where(leave_out, float("nan"), interpretable)
+    return QueryLosses(training, interpretable, prob, torch.where(drawn, stale_per_draw, float("nan")))
+
+
+def nonfinite_queries(losses: QueryLosses, lse: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """[B] queries among ``counted`` whose log-partition (NaN or +Inf; −Inf means no candidate) or loss is not finite."""
+    bad = torch.isnan(lse) | (lse == float("inf"))
+    bad |= ~torch.isfinite(losses.training.detach()) | ~torch.isfinite(losses.interpretable)
+    return bad & counted
+
+
+def reduce_loss(training: torch.Tensor, reduction: str, world_size: int, global_batch: int) -> torch.Tensor:
+    """This rank's loss: 'mean' over its queries, 'global_mean' (× W / B_g, so that DDP's average over
+    ranks is the mean over the global batch) or 'sum'. An empty batch gives 0 connected to the graph."""
+    total = training.sum()
+    if reduction == "mean":
+        return total / max(training.shape[0], 1)
+    if reduction == "global_mean":
+        return total * world_size / max(global_batch, 1)
+    return total

@@ -11,6 +11,7 @@ TAGS = {
     "fill_fraction": "cache/fill_fraction",
     "sampled_age": "cache/sampled_age_mean",
     "rejected_rows": "cache/rejected_rows",
+    "nonfinite_queries": "cache/nonfinite_queries",
 }
 
 

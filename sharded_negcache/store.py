@@ -159,6 +159,12 @@ class ShardStore(nn.Module):
     def device(self) -> torch.device:
         return self.age.device
 
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        """Only device moves reach the rows: their dtypes are fixed by the codec and the specs, so a module-wide
+        cast (``.half()``, ``.to(torch.bfloat16)``) must not turn them into something the codec cannot read."""
+        device = fn(torch.zeros((), device=self.device)).device
+        return super()._apply(lambda t: t.to(device), recurse)
+
     def feature(self, key: str) -> Any:
         """A fixed field's buffer [rows, *shape], or a jagged field's ``JaggedColumn``."""
         return getattr(self.host_features if key in self.host_keys else self.features, key)

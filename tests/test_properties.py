@@ -313,14 +313,14 @@ def check_case(case: dict, per_rank: list[list[dict]]) -> None:
 
 
 # ---- a pool of 4 ranks kept for the module -----------------------------------------------------------
-def _pool_worker(rank: int, port: int, inbox, outbox) -> None:
+def _pool_worker(rank: int, port: int, inbox, outbox, size: int = POOL) -> None:
     import os
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=POOL)
-    groups = {w: dist.new_group(list(range(w))) for w in range(2, POOL)}
-    groups[POOL] = None
+    dist.init_process_group("gloo", rank=rank, world_size=size)
+    groups = {w: dist.new_group(list(range(w))) for w in range(2, size)}
+    groups[size] = None
     while True:
         case = inbox.get()
         if case is None:
@@ -329,25 +329,32 @@ def _pool_worker(rank: int, port: int, inbox, outbox) -> None:
             outbox.put((rank, "idle", None))
             continue
         try:
-            outbox.put((rank, "ok", run_case(rank, case, groups[case["world"]])))
+            runner = case.get("runner", run_case)  # another test module's scenario runner (module-level)
+            outbox.put((rank, "ok", runner(rank, case, groups[case["world"]])))
         except BaseException as exc:  # reported to the test
             outbox.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
     dist.destroy_process_group()
 
 
 class RankPool:
-    """Four gloo processes that run scenarios on demand; restarted after a failed scenario."""
+    """``size`` (default four) gloo processes that run scenarios on demand; restarted after a failed scenario.
 
-    def __init__(self) -> None:
+    A scenario is a dict with ``world`` (ranks that take part) and, optionally, ``runner``: a module-level
+    function ``runner(rank, case, group)`` (default :func:`run_case`).
+    """
+
+    def __init__(self, size: int = POOL) -> None:
         self.procs: list = []
+        self.size = size
 
     def _start(self) -> None:
         ctx = mp.get_context("spawn")
-        self.inboxes = [ctx.Queue() for _ in range(POOL)]
+        self.inboxes = [ctx.Queue() for _ in range(self.size)]
         self.outbox = ctx.Queue()
         port = free_port()
-        self.procs = [ctx.Process(target=_pool_worker, args=(r, port, self.inboxes[r], self.outbox), daemon=True)
-                      for r in range(POOL)]
+        self.procs = [ctx.Process(target=_pool_worker, args=(r, port, self.inboxes[r], self.outbox, self.size),
+                                  daemon=True)
+                      for r in range(self.size)]
         for p in self.procs:
             p.start()
 
@@ -358,12 +365,12 @@ class RankPool:
             box.put(case)
         got: dict[int, tuple] = {}
         try:
-            while len(got) < POOL:
+            while len(got) < self.size:
                 rank, status, value = self.outbox.get(timeout=CASE_TIMEOUT_S)
                 got[rank] = (status, value)
         except queue.Empty:
             self.close()
-            raise TimeoutError(f"ranks {sorted(set(range(POOL)) - set(got))} gave no result in {CASE_TIMEOUT_S} s")
+            raise TimeoutError(f"ranks {sorted(set(range(self.size)) - set(got))} gave no result in {CASE_TIMEOUT_S} s")
         errors = {r: v for r, (st_, v) in got.items() if st_ == "error"}
         if errors:
             self.close()  # a failed scenario may leave collectives unmatched: fresh processes next time

@@ -1,11 +1,13 @@
 """Runs one step of the sharded engine over a cache shard that the caller owns (the compat distributed loss).
 
 The reference's API is functional: the loss reads the cache and *returns* the updates, and the
-caller applies them with ``CacheManager``. So the engine borrows this rank's rows without copying
-(``BorrowedShard``); the rows it would refresh in place are recorded and returned instead, and it
-inserts nothing (the caller inserts its own positives). Everything else is the engine's step: all
-queries scored against every rank's shard in chunks, exact merge of the partials, fetch of the
-sampled rows from their owners, write-back of the fresh embeddings to the owners.
+caller applies them with ``CacheManager``. So the engine reads this rank's rows in place, without
+copying (``BorrowedShard``), and runs :meth:`ShardedCacheLossHandler.score`, the engine's public
+"score and sample without writing" step: all queries scored against every rank's shard in chunks,
+exact merge of the partials, fetch of the sampled rows from their owners, and the fresh embeddings
+sent back to the owners, which return them (``pending_refresh``) for the caller to write. The
+engine inserts nothing (the caller inserts its own positives); the step that keys the random
+numbers is counted here, one per call.
 """
 from __future__ import annotations
 
@@ -18,19 +20,18 @@ import torch.distributed as dist
 from ..codecs import make_codec
 from ..handler import ShardedCacheLossHandler
 from ..specs import FieldSpec
-from ..store import ShardStore, first_occurrence
+from ..store import ShardStore
 
 __all__ = ["BorrowedShard", "EngineOutcome", "EngineStep"]
 
 
 class BorrowedShard(ShardStore):
-    """A ShardStore whose rows are the caller's tensors; refreshes are recorded, inserts and ticks skipped."""
+    """A ShardStore whose rows are the caller's tensors (read only: the engine runs ``score``, which writes nothing)."""
 
     def __init__(
         self, rows: int, dim: int, feature_specs: Mapping[str, FieldSpec], embedding_dtype: torch.dtype
     ) -> None:
         super().__init__(rows, dim, feature_specs, make_codec(embedding_dtype), device="meta")  # allocates nothing
-        self.recorded: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def bind(self, embeddings: torch.Tensor, features: Mapping[str, torch.Tensor], filled: torch.Tensor) -> None:
         """Points the store at this step's rows (no copy). Ages are not part of the loss: zeros."""
@@ -40,18 +41,6 @@ class BorrowedShard(ShardStore):
         self.filled = filled.to(torch.bool)
         if self.age.device != embeddings.device:
             self.age = torch.zeros(self.rows, dtype=torch.int64, device=embeddings.device)
-        self.recorded = None
-
-    def refresh(self, slots: torch.Tensor, embeddings: torch.Tensor, use_lru: bool) -> torch.Tensor:
-        uniq, first = first_occurrence(slots)
-        self.recorded = (uniq, embeddings[first])
-        return uniq
-
-    def insert(self, embeddings: torch.Tensor, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return torch.empty(0, dtype=torch.int64, device=self.device)
-
-    def tick(self) -> None:
-        return None
 
 
 @dataclass
@@ -88,6 +77,7 @@ class EngineStep:
     def __init__(self) -> None:
         self._engine: ShardedCacheLossHandler | None = None
         self._key: tuple | None = None
+        self._step = 0
 
     def run(
         self,
@@ -112,13 +102,14 @@ class EngineStep:
         store: BorrowedShard = engine.store  # type: ignore[assignment]
         store.bind(embeddings, features, filled)
         batch = query_embeddings.shape[0]
-        placeholders = {  # the engine validates the positives' features; BorrowedShard.insert ignores them
+        placeholders = {  # the engine validates the positives' features; score() inserts nothing
             k: torch.zeros((batch, *s.shape), dtype=s.dtype, device=embeddings.device)
             for k, s in store.feature_specs.items()
         }
         capture = _Capture(doc_network)
-        engine.update_cache_and_compute_loss(capture, query_embeddings, pos_doc_embeddings, placeholders)
-        res = engine.last_step
+        res = engine.score(capture, query_embeddings, pos_doc_embeddings, placeholders,
+                           step=self._step, return_refreshes=True)
+        self._step += 1
         rows = res.sampled_rows[:, 0]
         sampled = rows >= 0
         fresh = query_embeddings.new_zeros((batch, embeddings.shape[1]))
@@ -128,11 +119,8 @@ class EngineStep:
                 raise RuntimeError("engine re-encoded rows in an unexpected order; compat needs sorted unique rows")
             which = torch.searchsorted(uniq, rows[sampled])
             fresh = fresh.index_put((sampled.nonzero().squeeze(1),), capture.output[which].to(fresh.dtype))
-        if store.recorded is None:
-            slots = torch.empty(0, dtype=torch.int64, device=embeddings.device)
-            written = embeddings.new_zeros((0, embeddings.shape[1]))
-        else:
-            slots, written = store.recorded
+        assert res.pending_refresh is not None
+        slots, written = res.pending_refresh
         return EngineOutcome(
             prob_positive=res.prob_positive,
             interpretable_loss=res.interpretable_loss,
@@ -170,6 +158,6 @@ class EngineStep:
             engine.store = BorrowedShard(rows, dim, feature_specs, embeddings.dtype)
             for name, buf in list(engine.named_buffers(recurse=False)):  # counters: off the meta device
                 setattr(engine, name, torch.zeros_like(buf, device=embeddings.device))
-            self._engine, self._key = engine, key
+            self._engine, self._key, self._step = engine, key, 0
         assert self._engine is not None
         return self._engine
