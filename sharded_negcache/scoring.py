@@ -214,8 +214,8 @@ def score_shard(
         end = min(start + chunk_rows, store.rows)
         scores = score_fn.on_prepared(q @ store.decode(start, end).t())
         _mask_chunk(scores, store, start, end, filled[c], exclude_key, exclude_ids)
+        lse_c = fused_scan.block_lse(scores, bs, b * layout.cache_size)  # same choice on every rank and W
         s3 = scores.view(b, -1, bs)
-        lse_c = fused_scan.block_lse(s3, b * store.rows)
         block_lse[:, start // bs : end // bs] = lse_c
         # stage 1 for this chunk's blocks; stage 2 at once for the draws whose winner changed,
         # from the scores still in memory: no re-scoring, no gathered copy of embeddings.
