@@ -6,6 +6,7 @@ formulas in ``loss``. Read :meth:`update_cache_and_compute_loss` top to bottom: 
 """
 from __future__ import annotations
 
+import logging
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping, Sequence
@@ -22,13 +23,15 @@ from .exchange import DEFAULT_TIMEOUT_S, BatchRejected, CollectiveFailed, Comm
 from .jagged import Jagged
 from .layout import ShardLayout
 from .loss import cache_losses, staleness
-from .scoring import ScoreFn, make_score_fn, score_shard
+from .scoring import ScoreFn, make_score_fn, resolve_backend, score_shard
 from .specs import CacheSchema, FieldSpec
 from .store import CacheTooLarge, FetchedRows, ShardStore, check_capacity
 
 __all__ = [
     "ShardedCacheLossHandler", "StepResult", "BatchRejected", "NonFiniteRows", "CollectiveFailed", "CacheTooLarge",
 ]
+
+_log = logging.getLogger("sharded_negcache")
 
 # Score-matrix bytes per chunk: bounds scoring memory. On CPU a small chunk stays cache-friendly
 # (2-8 MB measured best, 32 MB 35-45% slower); a GPU wants few, large kernels.
@@ -84,6 +87,8 @@ class ShardedCacheLossHandler(nn.Module):
       block_size: rows per sampling block (must divide the rows per rank; default gcd(256, rows)).
       chunk_bytes: size of the score matrix scored at once (memory bound of scoring); default 8 MB on
         CPU, 256 MB on CUDA.
+      scoring_backend: 'auto' (the fused Triton kernel on CUDA when triton imports, sampling mode and a
+        float score transform; else the torch scan), 'torch' or 'triton'. The choice is logged once.
       reduction: 'mean' over this rank's queries (the reference), 'global_mean' (scaled so that DDP's
         gradient average equals the mean over the global batch) or 'sum'.
       in_batch_negatives: also use the other positives of the global batch as fresh candidates (design
@@ -125,6 +130,7 @@ class ShardedCacheLossHandler(nn.Module):
         collective_timeout_s: float = DEFAULT_TIMEOUT_S,
         host_features: Sequence[str] = (),
         reencode_on_every_rank: bool = False,
+        scoring_backend: Literal["auto", "torch", "triton"] = "auto",
     ) -> None:
         super().__init__()
         if not isinstance(num_negatives, int) or num_negatives < 1:
@@ -142,6 +148,9 @@ class ShardedCacheLossHandler(nn.Module):
         self.nonfinite = nonfinite
         self.layout = ShardLayout.build(cache_size, process_group, block_size)
         self.score_fn: ScoreFn = make_score_fn(score_transform)
+        if scoring_backend != "auto":  # refuse an impossible request now (the device may come later)
+            resolve_backend(scoring_backend, torch.device("cuda"), self.score_fn, top_k)
+        self.scoring_backend, self._backend = scoring_backend, None
         self.top_k, self.num_negatives, self.use_lru = top_k, num_negatives, use_lru
         self.chunk_bytes, self.reduction = chunk_bytes, reduction
         self.in_batch_negatives = bool(in_batch_negatives)
@@ -189,6 +198,7 @@ class ShardedCacheLossHandler(nn.Module):
             "host_features": sorted(self.store.host_keys),
             "in_batch_negatives": self.in_batch_negatives,
             "nonfinite": self.nonfinite,
+            "scoring_backend": self.scoring_backend,
         }
 
     # ---- whole-cache views (tests and resharding; gathers everything, not for the hot path) ----
@@ -240,7 +250,7 @@ class ShardedCacheLossHandler(nn.Module):
                     self.store, self.layout, queries, self.score_fn,
                     num_draws=m, top_k=self.top_k, seed=self._seed, step=step,
                     chunk_rows=self._chunk_rows(sum(sizes)),
-                    exclude_key=self.schema.doc_id_key, exclude_ids=exclude,
+                    exclude_key=self.schema.doc_id_key, exclude_ids=exclude, backend=self._scoring_backend(),
                 )
             # 3. send each query's partials to its home rank and combine them there.
             with _stage("partials"):
@@ -363,6 +373,13 @@ class ShardedCacheLossHandler(nn.Module):
             return None
         own = document_data[key].reshape(-1).to(self.store.feature(key).dtype)
         return self.comm.gather_rows(own, sizes)
+
+    def _scoring_backend(self) -> str:
+        """The scan's backend, resolved on the first step (the cache's device is known then); logged once."""
+        if self._backend is None:
+            self._backend, why = resolve_backend(self.scoring_backend, self.device, self.score_fn, self.top_k)
+            _log.info("sharded_negcache: scoring backend %s (%s)", self._backend, why)
+        return self._backend
 
     def _chunk_rows(self, num_queries: int) -> int:
         budget = self.chunk_bytes or DEFAULT_CHUNK_BYTES.get(self.device.type, DEFAULT_CHUNK_BYTES["cpu"])
