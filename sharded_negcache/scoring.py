@@ -139,12 +139,12 @@ def pick_in_block(scores: torch.Tensor, block_lse: torch.Tensor, u: torch.Tensor
     Never returns a row without mass: u = 0 gives the first row with mass (``right=True`` skips
     leading zeros) and u = 1 (or rounding at the top of the CDF) the last row with mass.
     """
-    w = (scores.double() - block_lse.double().unsqueeze(1)).exp_()
-    cdf = w.cumsum(1)
-    target = u.double().unsqueeze(1) * cdf[:, -1:]
-    within = torch.searchsorted(cdf, target, right=True).squeeze(1)
-    last = (scores.shape[1] - 1) - (w > 0).flip(1).to(torch.int8).argmax(1)
-    return torch.minimum(within, last)
+    cdf = (scores.double() - block_lse.double().unsqueeze(1)).exp_().cumsum_(1)
+    total = cdf[:, -1:]
+    within = torch.searchsorted(cdf, u.double().unsqueeze(1) * total, right=True)
+    # the first index where the CDF reaches its total is the last row with mass (its step is > 0)
+    last = torch.searchsorted(cdf, total, right=False)
+    return torch.minimum(within, last).squeeze(1)
 
 
 class _Draws:
