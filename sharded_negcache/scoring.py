@@ -140,7 +140,7 @@ def pick_in_block(scores: torch.Tensor, block_lse: torch.Tensor, u: torch.Tensor
     leading zeros) and u = 1 (or rounding at the top of the CDF) the last row with mass.
     """
     cdf = (scores.double() - block_lse.double().unsqueeze(1)).exp_().cumsum_(1)
-    total = cdf[:, -1:]
+    total = cdf[:, -1:].contiguous()
     within = torch.searchsorted(cdf, u.double().unsqueeze(1) * total, right=True)
     # the first index where the CDF reaches its total is the last row with mass (its step is > 0)
     last = torch.searchsorted(cdf, total, right=False)

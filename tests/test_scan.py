@@ -143,3 +143,23 @@ def test_compile_mode_from_the_environment(monkeypatch):
     for value, mode in (("0", "off"), ("off", "off"), ("1", "on"), ("", "auto")):
         monkeypatch.setenv(fused_scan.ENV_COMPILE, value)
         assert fused_scan.compile_mode() == mode
+
+
+# ---- the scoring_backend option ------------------------------------------------------------------
+def test_scoring_backend_option_is_checked_resolved_and_logged_once(caplog):
+    with pytest.raises(ValueError, match="scoring_backend must be one of"):
+        make_handler(16, scoring_backend="cuda")
+    with pytest.raises(ValueError, match="scoring_backend='triton' is not possible here: top_k mode"):
+        make_handler(16, scoring_backend="triton", top_k=2)
+    with pytest.raises(ValueError, match="callable score_transform"):
+        make_handler(16, scoring_backend="triton", score_transform=torch.tanh)
+    tower = Tower()
+    h = make_handler(16)
+    assert h.config()["scoring_backend"] == "auto"
+    h.load_global_rows(global_cache(16, tower))
+    x = torch.randn(3, 6)
+    with caplog.at_level(logging.INFO, logger="sharded_negcache"):
+        for _ in range(2):
+            h.update_cache_and_compute_loss(tower, torch.randn(3, 8), tower({"x": x}), {"x": x})
+    chosen = [r.getMessage() for r in caplog.records if "scoring backend" in r.getMessage()]
+    assert chosen == ["sharded_negcache: scoring backend torch (device is cpu, the kernel is for CUDA)"]
