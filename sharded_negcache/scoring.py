@@ -149,21 +149,35 @@ def pick_in_block(scores: torch.Tensor, block_lse: torch.Tensor, u: torch.Tensor
 
 class _Draws:
     """Running stage-1 winners of the m draws of every query: a Gumbel keyed by (query, global
-    block, draw) on each block's LSE; ties keep the lower block (strict ``>`` in increasing block order)."""
+    block, draw) on each block's LSE; ties keep the lower block (strict ``>`` in increasing block order).
 
-    def __init__(self, seed: int, step: int, b: int, m: int, first_block: int, device: torch.device) -> None:
+    The Gumbel grid is computed for ``span`` blocks at a time (several chunks' worth: a dozen hash
+    ops per call), bounded like a chunk: ~4 int64 temporaries per element while it is built.
+    """
+
+    def __init__(self, seed: int, step: int, b: int, m: int, layout: ShardLayout, budget_rows: int,
+                 device: torch.device) -> None:
         pos = torch.arange(b, device=device, dtype=torch.int64)
         self.keys = keyed_random.draw_keys(seed, step, Stream.BLOCK_GUMBEL, pos, m)
         self.u = keyed_random.uniform(keyed_random.draw_keys(seed, step, Stream.ROW_UNIFORM, pos, m))
-        self.first_block = first_block
+        self.first_block, self.blocks = layout.row_offset // layout.block_size, layout.blocks_per_rank
+        self.span = max(1, budget_rows // (8 * max(m, 1)))  # chunk budget / (32 bytes x B x m)
+        self.grid, self.grid_lo = torch.empty(b, m, 0, device=device), 0
         self.best_key = torch.full((b, m), _NEG_INF, device=device)
         self.best_row = torch.full((b, m), -1, dtype=torch.int64, device=device)  # local row (or block)
+
+    def _gumbel(self, lo: int, hi: int) -> torch.Tensor:
+        """[B, m, hi - lo] Gumbels of local blocks [lo, hi)."""
+        if not (self.grid_lo <= lo and hi <= self.grid_lo + self.grid.shape[2]):
+            top = min(max(hi, lo + self.span), self.blocks)
+            ids = torch.arange(lo, top, device=self.keys.device) + self.first_block
+            self.grid, self.grid_lo = keyed_random.gumbel(self.keys, ids), lo
+        return self.grid[:, :, lo - self.grid_lo : hi - self.grid_lo]
 
     def offer(self, lse: torch.Tensor, lo: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Blocks ``lo, lo + 1, ...`` (local) with LSEs ``lse`` [B, n]: updates the best keys and
         returns the (query, draw) pairs they improved and their winning block (relative to ``lo``)."""
-        ids = torch.arange(lo, lo + lse.shape[1], device=lse.device) + self.first_block
-        key, blk = keyed_random.gumbel(self.keys, ids).add_(lse.unsqueeze(1)).max(dim=-1)
+        key, blk = (self._gumbel(lo, lo + lse.shape[1]) + lse.unsqueeze(1)).max(dim=-1)
         better = key > self.best_key
         qi, ti = better.nonzero(as_tuple=True)
         self.best_key[qi, ti] = key[qi, ti]
@@ -200,7 +214,7 @@ def score_shard(
     bs = layout.block_size
     if top_k:
         return _scan_topk(store, layout, q, score_fn, top_k, max(bs, chunk_rows // bs * bs), exclude_key, exclude_ids)
-    draws = _Draws(seed, step, b, num_draws, layout.row_offset // bs, device)
+    draws = _Draws(seed, step, b, num_draws, layout, chunk_rows, device)
     if b == 0:
         return draws.partials(torch.empty(0, device=device), layout)
     if backend == "triton":
@@ -244,9 +258,8 @@ def _sample_triton(
     bs, (b, m) = layout.block_size, draws.best_key.shape
     block_lse = triton_scan.block_lse(q, rows, bs, exclude_ids)
     best_blk = torch.zeros((b, m), dtype=torch.int64, device=q.device)
-    span = max(1, chunk_rows // (8 * max(m, 1)))  # ~4 int64 temporaries per grid element, as the chunk
-    for lo in range(0, layout.blocks_per_rank, span):
-        qi, ti, blk = draws.offer(block_lse[:, lo : lo + span], lo)
+    for lo in range(0, layout.blocks_per_rank, draws.span):
+        qi, ti, blk = draws.offer(block_lse[:, lo : lo + draws.span], lo)
         best_blk[qi, ti] = blk + lo
     found = torch.isfinite(draws.best_key)
     win_lse = block_lse.gather(1, best_blk)
