@@ -235,7 +235,9 @@ def score_shard(
         # from the scores still in memory: no re-scoring, no gathered copy of embeddings.
         qi, ti, blk = draws.offer(lse_c, start // bs)
         if qi.numel():
-            within = pick_in_block(s3[qi, blk], lse_c[qi, blk], draws.u[qi, ti])
+            pair = qi * s3.shape[1] + blk  # (query, block) as a row of [B * blocks, block]: a contiguous gather
+            within = pick_in_block(s3.reshape(-1, bs).index_select(0, pair), lse_c.reshape(-1).index_select(0, pair),
+                                   draws.u[qi, ti])
             draws.best_row[qi, ti] = start + blk * bs + within
     return draws.partials(torch.logsumexp(block_lse, dim=1), layout)
 
