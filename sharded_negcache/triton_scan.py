@@ -78,6 +78,7 @@ def _load_rows_t(data_ptr, sb_ptr, rows, offs_k, rmask, kmask, stride_row, strid
     """The [BLOCK_K, BLOCK_R] transposed tile of rows ``rows`` x columns ``offs_k``, decoded in registers
     to the compute dtype (fp32 for fp32 rows, the row dtype for bf16/fp16, bf16 for int8/int4)."""
     m = kmask[:, None] & rmask[None, :]
+    rows = rows.to(tl.int64)  # rows x stride passes 2^31 bytes on large shards
     if CODEC == 0 or CODEC == 1 or CODEC == 2:
         return tl.load(data_ptr + rows[None, :] * stride_row + offs_k[:, None], mask=m, other=0.0)
     scale = tl.load(sb_ptr + rows * stride_sb + D // 4, mask=rmask, other=0.0).to(tl.float32)
@@ -106,8 +107,11 @@ def _block_lse_kernel(q_ptr, data_ptr, sb_ptr, filled_ptr, rid_ptr, qid_ptr, out
                       B, D, n_blocks, stride_q, stride_row, stride_sb,
                       BS: tl.constexpr, CODEC: tl.constexpr, HAS_EXCL: tl.constexpr, UPCAST: tl.constexpr,
                       BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_q = tl.program_id(0)  # query tiles vary fastest: programs in flight share a block (L2 reuse)
-    blk = tl.program_id(1)
+    # one flat grid (axis 1 is limited to 65535 programs): query tiles vary fastest, so programs in
+    # flight share a block's rows (L2 reuse)
+    n_qt = tl.cdiv(B, BLOCK_Q)
+    pid_q = tl.program_id(0) % n_qt
+    blk = tl.program_id(0) // n_qt
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     qmask = offs_q < B
     qid = tl.load(qid_ptr + offs_q, mask=qmask, other=-2) if HAS_EXCL else offs_q
@@ -217,7 +221,7 @@ def block_lse(q: torch.Tensor, rows: StoredRows, bs: int, exclude_ids: torch.Ten
     q = q.float().contiguous()
     block_r, block_k = _tiles(bs, rows.dim)
     qid = exclude_ids.to(torch.int64).contiguous() if exclude_ids is not None else q
-    grid = (triton.cdiv(b, block_q), n_blocks)
+    grid = (triton.cdiv(b, block_q) * n_blocks,)
     _block_lse_kernel[grid](
         q, rows.data, rows.scale_bias, rows.filled, rows.row_ids if rows.row_ids is not None else rows.filled, qid, out,
         b, rows.dim, n_blocks, q.stride(0), rows.data.stride(0), rows.scale_bias.stride(0),
