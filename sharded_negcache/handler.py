@@ -375,11 +375,12 @@ class ShardedCacheLossHandler(nn.Module):
         return self.comm.gather_rows(own, sizes)
 
     def _scoring_backend(self) -> str:
-        """The scan's backend, resolved on the first step (the cache's device is known then); logged once."""
-        if self._backend is None:
-            self._backend, why = resolve_backend(self.scoring_backend, self.device, self.score_fn, self.top_k)
-            _log.info("sharded_negcache: scoring backend %s (%s)", self._backend, why)
-        return self._backend
+        """The scan's backend, resolved on the first step on a device (known then); logged once per device."""
+        if self._backend is None or self._backend[0] != self.device:
+            backend, why = resolve_backend(self.scoring_backend, self.device, self.score_fn, self.top_k)
+            self._backend = (self.device, backend)
+            _log.info("sharded_negcache: scoring backend %s (%s)", backend, why)
+        return self._backend[1]
 
     def _chunk_rows(self, num_queries: int) -> int:
         budget = self.chunk_bytes or DEFAULT_CHUNK_BYTES.get(self.device.type, DEFAULT_CHUNK_BYTES["cpu"])
