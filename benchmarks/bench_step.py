@@ -18,8 +18,9 @@ by wrapping it, is subtracted from the step):
    Times are the minimum over ``--reps`` interleaved repetitions (least disturbed by other jobs on the
    machine); medians are in the JSON.
 2. the same step at one size for several ``chunk_bytes`` (fastest is reported).
-Targets (issue 11, same run, wall time, min over reps): step / chunked bare <= 1.5 at 16K rows and
-<= 1.3 at 128K and 1M.
+Targets (issue 11, same run): step / chunked bare <= 1.5 at 16K rows and <= 1.3 at 128K and 1M,
+judged on the paired ratio: the median over reps of (step / the chunked product timed right after
+it), which cancels most of the load of a shared machine (the min / min ratios are printed beside it).
 3. W gloo processes (1 thread each): bytes each rank sends per step, from the engine's ``Comm``
    counters and, independently, from wrapping the ``torch.distributed`` calls, for several cache sizes.
 
@@ -164,8 +165,8 @@ def single_child(rank: int, world: int, rows: int, cfg: dict) -> dict:
         t_reenc.append(ren)
         t_net.append(tot - ren)
         c_net.append(ctot - cren)
-        for fn, args, wall, cpu in ((_bare_full, (qbare, emb), t_full, c_full),
-                                    (_bare_chunked, (qbare, emb, chunk), t_chunked, c_chunked)):
+        for fn, args, wall, cpu in ((_bare_chunked, (qbare, emb, chunk), t_chunked, c_chunked),
+                                    (_bare_full, (qbare, emb), t_full, c_full)):
             w, c = _timed(fn, *args)
             wall.append(w)
             cpu.append(c)
@@ -340,7 +341,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--feat", type=int, default=16, help="width of the feature field the tower reads")
     ap.add_argument("--threads", type=int, default=1, help="torch threads in every single-process run")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--chunk-mb", default="2,8,32", help="chunk_bytes sweep, in MB")
     ap.add_argument("--sweep-rows", default="128K")
     ap.add_argument("--bytes-rows", default="16K,128K,1M", help="global cache sizes for the bytes table")
@@ -376,11 +377,16 @@ def main(argv: list[str] | None = None) -> dict:
     for p in single:
         net, full, chk = min(p["handler_net_s"]), min(p["bare_s"]), min(p["bare_chunked_s"])
         cnet, cfull, cchk = min(p["cpu_handler_net_s"]), min(p["cpu_bare_s"]), min(p["cpu_bare_chunked_s"])
+        # paired: each rep's step over the chunked product timed right after it (same load), median
+        paired = median([a / b for a, b in zip(p["handler_net_s"], p["bare_chunked_s"])])
+        cpu_paired = median([a / b for a, b in zip(p["cpu_handler_net_s"], p["cpu_bare_chunked_s"])])
+        p["paired_ratio_over_bare_chunked"], p["cpu_paired_ratio_over_bare_chunked"] = paired, cpu_paired
         rows_tab.append({
             "rows": size_label(p["rows"]), "threads": p["threads"], "handler_s": net,
             "reencode_ms": 1e3 * median(p["reencode_s"]), "bare_s": full, "bare_chunked_s": chk,
             "handler/bare": net / full, "handler/chunked": net / chk,
             "cpu:handler/bare": cnet / cfull, "cpu:handler/chunked": cnet / cchk,
+            "paired:handler/chunked": paired, "cpu_paired:handler/chunked": cpu_paired,
             "scoring_peak_MB": p["scoring_extra_peak_mb"], "step_peak_MB": p["step_extra_peak_mb"],
             "bare_peak_MB": p["bare_extra_peak_mb"], "cache_MB": p["cache_mb"],
         })
@@ -427,9 +433,9 @@ def main(argv: list[str] | None = None) -> dict:
         limit = TARGET_CHUNKED.get(p["rows"])
         if limit is not None:
             targets[f"step_within_{limit}x_of_chunked_bare_at_{size_label(p['rows'])}"] = (
-                p["ratio_handler_over_bare_chunked"] <= limit)
+                p["paired_ratio_over_bare_chunked"] <= limit)
             targets[f"step_within_{limit}x_of_chunked_bare_at_{size_label(p['rows'])}_cpu_time"] = (
-                p["cpu_ratio_handler_over_bare_chunked"] <= limit)
+                p["cpu_paired_ratio_over_bare_chunked"] <= limit)
     targets["scoring_extra_peak_<256MB_at_1M"] = (all(p["scoring_extra_peak_mb"] < TARGET_SCORING_MB for p in at_1m)
                                                   if at_1m else None)
     targets["bytes_per_step_independent_of_cache_size"] = indep["ok"]
