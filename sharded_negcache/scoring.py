@@ -19,6 +19,7 @@ per chunk also keep the loop cheap when the CPU is oversubscribed (each op is an
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,6 +33,7 @@ from .store import ShardStore
 __all__ = ["ScoreFn", "LocalPartials", "score_shard", "make_score_fn", "pick_in_block", "resolve_backend", "BACKENDS"]
 
 _NEG_INF = float("-inf")
+log = logging.getLogger("sharded_negcache")
 
 
 class ScoreFn:
@@ -217,7 +219,7 @@ def score_shard(
     draws = _Draws(seed, step, b, num_draws, layout, chunk_rows, device)
     if b == 0:
         return draws.partials(torch.empty(0, device=device), layout)
-    if backend == "triton":
+    if backend == "triton" and _triton_trusted(store, bs, device):
         return _sample_triton(store, layout, q, draws, chunk_rows, exclude_key, exclude_ids)
     chunk_rows = max(bs, chunk_rows // bs * bs)
     filled = store.filled_per_chunk(chunk_rows)
@@ -240,6 +242,24 @@ def score_shard(
                                    draws.u[qi, ti])
             draws.best_row[qi, ti] = start + blk * bs + within
     return draws.partials(torch.logsumexp(block_lse, dim=1), layout)
+
+
+_TRITON_CHECKED: dict[tuple[str, str, int], bool] = {}
+
+
+def _triton_trusted(store: ShardStore, bs: int, device: torch.device) -> bool:
+    """The kernel's self-check (once per process, device, codec and block size): where it fails to
+    compile or disagrees with torch, one warning and the torch scan from then on."""
+    key = (str(device), store.codec.name, bs)
+    if key not in _TRITON_CHECKED:
+        from . import triton_scan
+
+        problem = triton_scan.self_check(store.codec, store.dim, bs, device)
+        if problem is not None:
+            log.warning("sharded_negcache: the Triton scan failed its self-check on %s with %s rows (%s); "
+                        "scoring runs the torch scan", device, store.codec.name, problem)
+        _TRITON_CHECKED[key] = problem is None
+    return _TRITON_CHECKED[key]
 
 
 def _sample_triton(

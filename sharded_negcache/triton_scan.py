@@ -251,3 +251,27 @@ def pick_rows(q: torch.Tensor, rows: StoredRows, bs: int, blocks: torch.Tensor, 
         BS=bs, CODEC=CODECS[rows.codec], HAS_EXCL=exclude_ids is not None, BLOCK_R=block_r, BLOCK_K=block_k,
     )
     return torch.where(found, out.view(b, m), torch.full_like(blk, -1))
+
+
+def self_check(codec, dim: int, bs: int, device: torch.device) -> str | None:
+    """Runs the block-LSE kernel once on synthetic rows of ``codec`` (4 blocks, 16 queries, one empty
+    row) against torch; None when it agrees within :func:`score_error_bound`, else what went wrong.
+    The engine calls it once per process, device and codec before trusting the kernel."""
+    g = torch.Generator().manual_seed(0)
+    n = 4 * bs
+    stored = codec.encode(torch.randn(n, dim, generator=g).to(device))
+    filled = torch.ones(n, dtype=torch.bool, device=device)
+    filled[1] = False
+    q = (3 * torch.randn(16, dim, generator=g)).to(device)
+    try:
+        got = block_lse(q, StoredRows.of(stored, codec.name, dim, filled, None), bs, None)
+    except Exception as exc:  # noqa: BLE001 - a kernel that does not compile or launch here
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    rows = codec.decode(stored, dim).float()
+    a = (q @ rows.t()).masked_fill(~filled[None, :], float("-inf"))
+    want = torch.logsumexp(a.view(16, 4, bs), dim=-1)
+    bound = score_error_bound(codec.name, dim) * (q.abs() @ rows.abs().t()).view(16, 4, bs).amax(-1) + 1e-4
+    err = (got - want).abs()
+    if not torch.isfinite(got).all() or bool((err > bound).any()):
+        return f"block LSEs differ from torch by up to {float(err.max()):.3g} (bound {float(bound.min()):.3g})"
+    return None

@@ -158,3 +158,30 @@ def test_handler_step_with_the_triton_backend():
     assert out["triton"][0] == pytest.approx(out["torch"][0], rel=1e-5, abs=1e-6)
     assert torch.equal(out["triton"][1], out["torch"][1])
     torch.testing.assert_close(out["triton"][2], out["torch"][2], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("codec", ["fp32", "bf16", "int8", "int4"])
+def test_self_check_passes_for_a_correct_kernel(codec):
+    assert triton_scan.self_check(make_codec(codec), 16, 16, torch.device("cpu")) is None
+
+
+def test_a_failing_self_check_falls_back_to_the_torch_scan(monkeypatch, caplog):
+    """A kernel that disagrees with torch (here: off by one in every LSE) is never used."""
+    import logging
+
+    from sharded_negcache import scoring
+
+    real = triton_scan.block_lse
+    monkeypatch.setattr(triton_scan, "block_lse", lambda *a, **k: real(*a, **k) + 1.0)
+    assert "differ from torch" in triton_scan.self_check(make_codec("fp32"), 16, 16, torch.device("cpu"))
+    monkeypatch.setattr(scoring, "_TRITON_CHECKED", {})
+    tower = Tower()
+    h = make_handler(48, num_negatives=2, block_size=16)
+    h.load_global_rows(global_cache(48, tower))
+    q = global_batch(5, tower)["q"]
+    kw = dict(num_draws=2, top_k=None, seed=3, step=1, chunk_rows=32)
+    with caplog.at_level(logging.WARNING, logger="sharded_negcache"):
+        got = score_shard(h.store, h.layout, q, h.score_fn, backend="triton", **kw)
+    ref = score_shard(h.store, h.layout, q, h.score_fn, backend="torch", **kw)
+    assert torch.equal(got.lse, ref.lse) and torch.equal(got.win_row, ref.win_row)  # the torch scan ran
+    assert any("failed its self-check" in r.getMessage() for r in caplog.records)
