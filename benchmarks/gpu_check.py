@@ -13,7 +13,10 @@ Steps (each one reports and the script goes on, so one failure does not hide the
    rows that fits in ``--mem-fraction`` of the free memory (8M rows x 768 bf16 = 12 GiB), global batch
    B = 512 ... 4096: handler step time (cheap document tower), the bare bf16 product and the bare fp32
    product of the same shapes (chunked: a full [B, rows] output does not fit), extra peak memory, and a
-   ``chunk_bytes`` sweep. Configurations that would overrun the time budget are skipped (reported).
+   ``chunk_bytes`` sweep. Configurations that would overrun the time budget are skipped (reported);
+5. the fused Triton scan (``gpu_check_kernel.py``): kernel vs torch path vs bare bf16 product on one
+   shard, their agreement, and a roofline model printing its assumptions. In a dry run on CPU it runs
+   in triton's interpreter at tiny sizes (timings meaningless).
 
 The short table is printed last. JSON goes to ``$OUT/gpu_check.json`` when ``OUT`` is set, else to
 ``benchmarks/results/gpu_check.json`` (or ``--out``).
@@ -305,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, pytest --collect-only")
     ap.add_argument("--budget-s", type=float, default=450.0, help="wall-clock budget of the whole script")
-    ap.add_argument("--reserve-s", type=float, default=15.0, help="kept free at the end of the budget")
+    ap.add_argument("--reserve-s", type=float, default=100.0,
+                    help="kept free at the end of the benchmark for the kernel check (step 5) and the report")
     ap.add_argument("--test-timeout", type=float, default=200.0)
     ap.add_argument("--no-tests", action="store_true")
     ap.add_argument("--pytest-args", default="", help="extra pytest arguments (one string)")
@@ -329,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         device = "cuda"
     elif args.dry_run:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":  # the kernel step runs in triton's interpreter (before triton is imported)
+            os.environ.setdefault("TRITON_INTERPRET", "1")
         args.max_rows = args.min_rows = 1 << 16
         args.dim, args.batches, args.sweep_batch, args.chunk_mb, args.reps = 64, [128, 256], 256, [2.0], 2
         args.test_timeout = min(args.test_timeout, 120)
@@ -377,6 +383,25 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         result["bench"]["error"] = traceback.format_exc()[-2000:]
         log("benchmark: error\n" + result["bench"]["error"])
+        ok = False
+    try:
+        import gpu_check_kernel as K
+
+        if importlib.util.find_spec("triton") is None:
+            result["kernel"] = {"status": "skipped", "reason": "triton is not installed"}
+        elif budget.left() < 45:
+            result["kernel"] = {"status": "skipped", "reason": f"{budget.left():.0f} s of the budget left"}
+        else:
+            log("fused Triton scan vs torch path vs bare bf16 product")
+            kr = K.run(device, 512, 32, [0, 1, 6], 1, "h100-sxm") if args.dry_run or device != "cuda" else \
+                K.run(device, min(result["bench"].get("rows", 1 << 22), 4 << 20), args.dim, [512, 2048, 4096], args.reps,
+                      "h100-sxm")
+            result["kernel"] = kr
+            print(K.report(kr), flush=True)
+            ok = ok and all(p["lse_ok"] and (p["kernel_trusted"] or p["batch"] == 0) for p in kr["points"])
+    except Exception:
+        result["kernel"] = {"error": traceback.format_exc()[-2000:]}
+        log("kernel: error\n" + result["kernel"]["error"])
         ok = False
     result["device"] = result.get("environment", {}).get("gpu", device)
     result["ok"] = ok

@@ -7,6 +7,7 @@ formulas in ``loss``. Read :meth:`update_cache_and_compute_loss` top to bottom: 
 from __future__ import annotations
 
 import contextlib
+import logging
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
@@ -24,7 +25,7 @@ from .groups import ShardGroups
 from .jagged import Jagged, JaggedColumn
 from .layout import ShardLayout
 from .loss import in_batch_mask, nonfinite_queries, query_losses, reduce_loss, spread
-from .scoring import ScoreFn, make_score_fn, score_shard
+from .scoring import ScoreFn, make_score_fn, resolve_backend, score_shard
 from .specs import CacheSchema, FieldSpec
 from .store import CacheTooLarge, FetchedRows, ShardStore, check_capacity, first_occurrence
 
@@ -32,6 +33,8 @@ __all__ = [
     "ShardedCacheLossHandler", "StepResult", "BatchRejected", "NonFiniteRows", "NonFiniteLoss", "DocumentNetworkFailed",
     "CollectiveFailed", "CacheTooLarge",
 ]
+
+_log = logging.getLogger("sharded_negcache")
 
 # Score-matrix bytes per chunk: bounds scoring memory. On CPU a small chunk stays cache-friendly
 # (2-8 MB measured best, 32 MB 35-45% slower); a GPU wants few, large kernels.
@@ -102,6 +105,8 @@ class ShardedCacheLossHandler(nn.Module):
       block_size: rows per sampling block (must divide the rows per rank; default gcd(256, rows)).
       chunk_bytes: size of the score matrix scored at once (memory bound of scoring); default 8 MB on
         CPU, 256 MB on CUDA.
+      scoring_backend: 'auto' (the fused Triton kernel on CUDA when triton imports, sampling mode and a
+        float score transform; else the torch scan), 'torch' or 'triton'. The choice is logged once.
       reduction: 'mean' over this rank's queries (the reference), 'global_mean' (scaled so that DDP's
         gradient average equals the mean over the global batch) or 'sum'.
       in_batch_negatives: also use the other positives of the global batch as fresh candidates (design
@@ -118,7 +123,7 @@ class ShardedCacheLossHandler(nn.Module):
       reencode_on_every_rank: call ``document_network`` on every rank every step, with zero rows where
         nothing was sampled; needed when the tower runs collectives itself (e.g. a TorchRec sharded
         embedding lookup). By default a rank that sampled nothing does not call it.
-      shard_group_size: G, the two-level layout (docs/design.md §9): the W ranks form W/G groups of G
+      shard_group_size: G, the two-level layout (docs/design.md §10): the W ranks form W/G groups of G
         consecutive ranks, each group holds its own cache of ``cache_size`` rows (``cache_size / G`` per
         rank) fed by its own positives, and a query is scored only in its group, so the per-rank step
         does not grow with W. In-batch negatives come from the group; group g samples with seed
@@ -150,6 +155,7 @@ class ShardedCacheLossHandler(nn.Module):
         host_features: Sequence[str] = (),
         reencode_on_every_rank: bool = False,
         shard_group_size: int | None = None,
+        scoring_backend: Literal["auto", "torch", "triton"] = "auto",
     ) -> None:
         super().__init__()
         if not isinstance(num_negatives, int) or num_negatives < 1:
@@ -168,6 +174,9 @@ class ShardedCacheLossHandler(nn.Module):
         self.nonfinite = nonfinite
         self.layout = ShardLayout.build(cache_size, groups.shard, block_size, groups.index, groups.count)
         self.score_fn: ScoreFn = make_score_fn(score_transform)
+        if scoring_backend != "auto":  # refuse an impossible request now (the device may come later)
+            resolve_backend(scoring_backend, torch.device("cuda"), self.score_fn, top_k)
+        self.scoring_backend, self._backend = scoring_backend, None
         self.top_k, self.num_negatives, self.use_lru = top_k, num_negatives, use_lru
         self.chunk_bytes, self.reduction = chunk_bytes, reduction
         self.in_batch_negatives = bool(in_batch_negatives)
@@ -220,6 +229,7 @@ class ShardedCacheLossHandler(nn.Module):
             "nonfinite": self.nonfinite,
             "reduction": self.reduction,
             "reencode_on_every_rank": self.reencode_on_every_rank,
+            "scoring_backend": self.scoring_backend,
         }
 
     def named_modules(  # type: ignore[override]
@@ -334,7 +344,7 @@ class ShardedCacheLossHandler(nn.Module):
                     self.store, self.layout, queries, self.score_fn,
                     num_draws=m, top_k=self.top_k, seed=self.layout.stream_seed(self._seed), step=step,
                     chunk_rows=self._chunk_rows(sum(sizes)),
-                    exclude_key=self.schema.doc_id_key, exclude_ids=exclude,
+                    exclude_key=self.schema.doc_id_key, exclude_ids=exclude, backend=self._scoring_backend(),
                 )
             # 3. send each query's partials to its home rank and combine them there.
             with _stage("partials"):
@@ -505,6 +515,14 @@ class ShardedCacheLossHandler(nn.Module):
             return None
         own = document_data[key].reshape(-1).to(self.store.feature(key).dtype)
         return self.comm.gather_rows(own, sizes)
+
+    def _scoring_backend(self) -> str:
+        """The scan's backend, resolved on the first step on a device (known then); logged once per device."""
+        if self._backend is None or self._backend[0] != self.device:
+            backend, why = resolve_backend(self.scoring_backend, self.device, self.score_fn, self.top_k)
+            self._backend = (self.device, backend)
+            _log.info("sharded_negcache: scoring backend %s (%s)", backend, why)
+        return self._backend[1]
 
     def _chunk_rows(self, num_queries: int) -> int:
         budget = self.chunk_bytes or DEFAULT_CHUNK_BYTES.get(self.device.type, DEFAULT_CHUNK_BYTES["cpu"])

@@ -1,14 +1,16 @@
 """Chunked scoring of all gathered queries against this rank's rows, producing per-query partials.
 
 Never materialises [queries, shard rows]: rows are decoded and scored ``chunk_rows`` at a time
-(design §3 step 2). Per chunk only the passes the log-partition needs anyway run: the product, the
-block max, ``exp(a - max)`` in place and the block sums, written into [queries, blocks] partials
-(B_g × rows / block_size floats). After the scan:
+(design §3 step 2). Per chunk: the product and the block log-sum-exp (one fused pass where
+``torch.compile`` works, see :mod:`fused_scan`), written into [queries, blocks] partials
+(B_g × rows / block_size floats). Then:
 
 * sampling mode: ``lse`` over the blocks, and for each draw the two-stage Gumbel sampler: stage 1
-  picks a global block with probability Z_b / Z (a Gumbel keyed by the block id on the block LSEs);
-  stage 2 re-scores only the winning block of each (query, draw) and picks a row by inverse CDF
-  with a uniform keyed by the query and draw;
+  picks a global block with probability Z_b / Z (a Gumbel keyed by the block id on the block LSEs,
+  a running best over the chunks); stage 2 picks a row inside the block by inverse CDF with a
+  uniform keyed by the query and draw. On the torch path stage 2 runs inside the scan, only for the
+  draws whose winner the chunk changed, reading the scores the chunk already holds (no re-scoring,
+  no gathered copy); the Triton kernel, which never writes scores, re-scores each winning block;
 * top-k mode: the exact local top-k scores and their global row ids (kept running per chunk).
 
 Every random number is keyed by (seed, step, global query position, global block id, draw), so the
@@ -17,19 +19,21 @@ per chunk also keep the loop cheap when the CPU is oversubscribed (each op is an
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from . import keyed_random
+from . import fused_scan, keyed_random
 from .keyed_random import Stream
 from .layout import ShardLayout
 from .store import ShardStore
 
-__all__ = ["ScoreFn", "LocalPartials", "score_shard", "make_score_fn"]
+__all__ = ["ScoreFn", "LocalPartials", "score_shard", "make_score_fn", "pick_in_block", "resolve_backend", "BACKENDS"]
 
 _NEG_INF = float("-inf")
+log = logging.getLogger("sharded_negcache")
 
 
 class ScoreFn:
@@ -83,16 +87,33 @@ class LocalPartials:
     topk_row: torch.Tensor | None = None  # [B, k] int64, -1 padding
 
 
-def _candidate_mask(
-    store: ShardStore, rows: torch.Tensor, exclude_key: str | None, exclude_ids: torch.Tensor | None
-) -> torch.Tensor:
-    """Candidates among local ``rows`` [..., n] for the queries of the leading dimension: filled and
-    not holding the query's own positive."""
-    ok = store.filled[rows]
-    if exclude_ids is not None:
-        row_ids = store.feature(exclude_key)[rows].squeeze(-1)
-        ok &= row_ids != exclude_ids.view(-1, *([1] * (rows.dim() - 1)))
-    return ok
+BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_backend(requested: str, device: torch.device, score_fn: ScoreFn, top_k: int | None) -> tuple[str, str]:
+    """(backend, reason) for ``scoring_backend``: 'auto' takes the Triton kernel on CUDA when triton
+    imports, the transform is a float scale and the mode is sampling; otherwise the torch scan."""
+    if requested not in BACKENDS:
+        raise ValueError(f"scoring_backend must be one of {BACKENDS}, got {requested!r}")
+    if requested == "torch":
+        return "torch", "requested"
+    why_not = None
+    if top_k:
+        why_not = "top_k mode runs on the torch path"
+    elif score_fn.fn is not None:
+        why_not = "a callable score_transform runs on the torch path (the kernel folds a float scale into the queries)"
+    elif requested == "auto" and device.type != "cuda":
+        why_not = f"device is {device.type}, the kernel is for CUDA"
+    else:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            why_not = "triton is not installed"
+    if why_not is None:
+        return "triton", "requested" if requested == "triton" else "CUDA device and triton available"
+    if requested == "triton":
+        raise ValueError(f"scoring_backend='triton' is not possible here: {why_not}")
+    return "torch", why_not
 
 
 def _mask_chunk(
@@ -103,72 +124,71 @@ def _mask_chunk(
     filled: int,
     exclude_key: str | None,
     exclude_ids: torch.Tensor | None,
-) -> bool:
-    """-inf for empty rows and rows holding the query's own positive (in place); True if anything was masked."""
-    masked = False
+) -> None:
+    """-inf (in place) for empty rows and rows holding the query's own positive."""
     if filled < end - start:
         scores.masked_fill_(~store.filled[start:end][None, :], _NEG_INF)
-        masked = True
     if exclude_ids is not None:
         row_ids = store.feature(exclude_key)[start:end].reshape(-1)
         scores.masked_fill_(row_ids[None, :] == exclude_ids[:, None], _NEG_INF)
-        masked = True
-    return masked
 
 
-def _block_lse(scores: torch.Tensor, block: int, masked: bool) -> torch.Tensor:
-    """Per (query, block): log Σ exp(a) over the block's candidates (-inf if none); overwrites ``scores``.
+def pick_in_block(scores: torch.Tensor, block_lse: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Stage 2's inverse CDF: for each of P pairs, the index inside its block of the row drawn with
+    probability exp(a_j) / Z_b, from ``scores`` [P, block] (-inf for non-candidates), the block LSEs
+    [P] and uniforms ``u`` [P].
 
-    The max is per block, so a block's value does not depend on the chunk that holds it.
+    Never returns a row without mass: u = 0 gives the first row with mass (``right=True`` skips
+    leading zeros) and u = 1 (or rounding at the top of the CDF) the last row with mass.
     """
-    s3 = scores.view(scores.shape[0], -1, block)
-    bmax = s3.amax(dim=-1)
-    shift = torch.where(torch.isfinite(bmax), bmax, torch.zeros_like(bmax)) if masked else bmax
-    s3.sub_(shift.unsqueeze(-1)).exp_()
-    return s3.sum(dim=-1).log_().add_(shift)
+    cdf = (scores.double() - block_lse.double().unsqueeze(1)).exp_().cumsum_(1)
+    total = cdf[:, -1:].contiguous()
+    within = torch.searchsorted(cdf, u.double().unsqueeze(1) * total, right=True)
+    # the first index where the CDF reaches its total is the last row with mass (its step is > 0)
+    last = torch.searchsorted(cdf, total, right=False)
+    return torch.minimum(within, last).squeeze(1)
 
 
-def _pick_rows_in_blocks(
-    store: ShardStore,
-    queries: torch.Tensor,
-    score_fn: ScoreFn,
-    block_idx: torch.Tensor,
-    u: torch.Tensor,
-    block: int,
-    exclude_key: str | None,
-    exclude_ids: torch.Tensor | None,
-    budget_bytes: int,
-) -> torch.Tensor:
-    """Stage 2: for each (query, draw) re-score its winning local block and pick a row by inverse CDF.
+class _Draws:
+    """Running stage-1 winners of the m draws of every query: a Gumbel keyed by (query, global
+    block, draw) on each block's LSE; ties keep the lower block (strict ``>`` in increasing block order).
 
-    ``queries`` [B, d] are prepared (scaled); ``block_idx`` [B, m] local block ids (any value where
-    the draw has no winner: the result is then ignored); ``u`` [B, m] uniforms. Returns local rows.
-    Each distinct (query, block) pair is scored once, however many draws chose it, in pieces that
-    keep the gathered rows under ``budget_bytes``.
+    The Gumbel grid is computed for ``span`` blocks at a time (several chunks' worth: a dozen hash
+    ops per call), bounded like a chunk: ~4 int64 temporaries per element while it is built.
     """
-    b, m = block_idx.shape
-    if b == 0:
-        return block_idx.clone()
-    query = torch.arange(b, device=queries.device).unsqueeze(1).expand(b, m)
-    pair_key, which = torch.unique(query * store.rows + block_idx, return_inverse=True)
-    pair_q, pair_blk = pair_key // store.rows, pair_key % store.rows
-    offsets = torch.arange(block, device=queries.device)
-    step = max(1, budget_bytes // (block * store.dim * 4))
-    cdfs = []
-    for lo in range(0, pair_key.numel(), step):
-        qi, blk = pair_q[lo : lo + step], pair_blk[lo : lo + step]
-        rows = blk.unsqueeze(1) * block + offsets  # [P, block] local rows
-        emb = store.codec.decode(store.embeddings[rows.reshape(-1)], store.dim).view(rows.shape[0], block, store.dim)
-        a = score_fn.on_prepared(torch.bmm(emb, queries[qi].unsqueeze(-1)).squeeze(-1))
-        ok = _candidate_mask(store, rows, exclude_key, None if exclude_ids is None else exclude_ids[qi])
-        a = a.masked_fill(~ok, _NEG_INF)
-        shift = a.amax(dim=1, keepdim=True)
-        w = (a - torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))).exp()
-        cdfs.append(w.to(torch.float64).cumsum_(1))
-    cdf = torch.cat(cdfs)[which.reshape(-1)]  # [B*m, block]: each draw's block
-    target = u.reshape(-1, 1).to(torch.float64) * cdf[:, -1:]
-    within = torch.searchsorted(cdf, target, right=True).clamp_(max=block - 1)
-    return (block_idx.reshape(-1, 1) * block + within).view(b, m)
+
+    def __init__(self, seed: int, step: int, b: int, m: int, layout: ShardLayout, budget_rows: int,
+                 device: torch.device) -> None:
+        pos = torch.arange(b, device=device, dtype=torch.int64)
+        self.keys = keyed_random.draw_keys(seed, step, Stream.BLOCK_GUMBEL, pos, m)
+        self.u = keyed_random.uniform(keyed_random.draw_keys(seed, step, Stream.ROW_UNIFORM, pos, m))
+        self.first_block, self.blocks = layout.row_offset // layout.block_size, layout.blocks_per_rank
+        self.span = max(1, budget_rows // (8 * max(m, 1)))  # chunk budget / (32 bytes x B x m)
+        self.grid, self.grid_lo = torch.empty(b, m, 0, device=device), 0
+        self.best_key = torch.full((b, m), _NEG_INF, device=device)
+        self.best_row = torch.full((b, m), -1, dtype=torch.int64, device=device)  # local row (or block)
+
+    def _gumbel(self, lo: int, hi: int) -> torch.Tensor:
+        """[B, m, hi - lo] Gumbels of local blocks [lo, hi)."""
+        if not (self.grid_lo <= lo and hi <= self.grid_lo + self.grid.shape[2]):
+            top = min(max(hi, lo + self.span), self.blocks)
+            ids = torch.arange(lo, top, device=self.keys.device) + self.first_block
+            self.grid, self.grid_lo = keyed_random.gumbel(self.keys, ids), lo
+        return self.grid[:, :, lo - self.grid_lo : hi - self.grid_lo]
+
+    def offer(self, lse: torch.Tensor, lo: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Blocks ``lo, lo + 1, ...`` (local) with LSEs ``lse`` [B, n]: updates the best keys and
+        returns the (query, draw) pairs they improved and their winning block (relative to ``lo``)."""
+        key, blk = (self._gumbel(lo, lo + lse.shape[1]) + lse.unsqueeze(1)).max(dim=-1)
+        better = key > self.best_key
+        qi, ti = better.nonzero(as_tuple=True)
+        self.best_key[qi, ti] = key[qi, ti]
+        return qi, ti, blk[qi, ti]
+
+    def partials(self, lse: torch.Tensor, layout: ShardLayout) -> LocalPartials:
+        found = torch.isfinite(self.best_key)
+        rows = torch.where(found, layout.to_global(self.best_row), torch.full_like(self.best_row, -1))
+        return LocalPartials(lse=lse, win_key=self.best_key, win_row=rows)
 
 
 def score_shard(
@@ -184,75 +204,114 @@ def score_shard(
     chunk_rows: int,
     exclude_key: str | None = None,
     exclude_ids: torch.Tensor | None = None,
+    backend: str = "torch",
 ) -> LocalPartials:
-    """Scores ``queries`` [B, d] (global batch order) against every filled local row, chunk by chunk."""
+    """Scores ``queries`` [B, d] (global batch order) against every filled local row.
+
+    ``backend``: 'torch' (chunks of ``chunk_rows`` rows) or 'triton' (the fused kernel of
+    :mod:`triton_scan`, no score matrix at all; sampling mode with a float scale only).
+    """
     b, device = queries.shape[0], queries.device
     q = score_fn.prepare_queries(queries.float())
     bs = layout.block_size
+    if top_k:
+        return _scan_topk(store, layout, q, score_fn, top_k, max(bs, chunk_rows // bs * bs), exclude_key, exclude_ids)
+    draws = _Draws(seed, step, b, num_draws, layout, chunk_rows, device)
+    if b == 0:
+        return draws.partials(torch.empty(0, device=device), layout)
+    if backend == "triton" and _triton_trusted(store, bs, device):
+        return _sample_triton(store, layout, q, draws, chunk_rows, exclude_key, exclude_ids)
     chunk_rows = max(bs, chunk_rows // bs * bs)
     filled = store.filled_per_chunk(chunk_rows)
-    if top_k:
-        best_val = torch.full((b, top_k), _NEG_INF, device=device)
-        best_row = torch.full((b, top_k), -1, dtype=torch.int64, device=device)
-    else:
-        block_lse = torch.full((b, layout.blocks_per_rank), _NEG_INF, device=device)
+    block_lse = torch.full((b, layout.blocks_per_rank), _NEG_INF, device=device)
+    for c, start in enumerate(range(0, store.rows, chunk_rows)):
+        if filled[c] == 0:
+            continue
+        end = min(start + chunk_rows, store.rows)
+        scores = score_fn.on_prepared(q @ store.decode(start, end).t())
+        _mask_chunk(scores, store, start, end, filled[c], exclude_key, exclude_ids)
+        lse_c = fused_scan.block_lse(scores, bs, b * layout.cache_size)  # same choice on every rank and W
+        s3 = scores.view(b, -1, bs)
+        block_lse[:, start // bs : end // bs] = lse_c
+        # stage 1 for this chunk's blocks; stage 2 at once for the draws whose winner changed,
+        # from the scores still in memory: no re-scoring, no gathered copy of embeddings.
+        qi, ti, blk = draws.offer(lse_c, start // bs)
+        if qi.numel():
+            pair = qi * s3.shape[1] + blk  # (query, block) as a row of [B * blocks, block]: a contiguous gather
+            within = pick_in_block(s3.reshape(-1, bs).index_select(0, pair), lse_c.reshape(-1).index_select(0, pair),
+                                   draws.u[qi, ti])
+            draws.best_row[qi, ti] = start + blk * bs + within
+    return draws.partials(torch.logsumexp(block_lse, dim=1), layout)
 
+
+_TRITON_CHECKED: dict[tuple[str, str, int], bool] = {}
+
+
+def _triton_trusted(store: ShardStore, bs: int, device: torch.device) -> bool:
+    """The kernel's self-check (once per process, device, codec and block size): where it fails to
+    compile or disagrees with torch, one warning and the torch scan from then on."""
+    key = (str(device), store.codec.name, bs)
+    if key not in _TRITON_CHECKED:
+        from . import triton_scan
+
+        problem = triton_scan.self_check(store.codec, store.dim, bs, device)
+        if problem is not None:
+            log.warning("sharded_negcache: the Triton scan failed its self-check on %s with %s rows (%s); "
+                        "scoring runs the torch scan", device, store.codec.name, problem)
+        _TRITON_CHECKED[key] = problem is None
+    return _TRITON_CHECKED[key]
+
+
+def _sample_triton(
+    store: ShardStore,
+    layout: ShardLayout,
+    q: torch.Tensor,
+    draws: _Draws,
+    chunk_rows: int,
+    exclude_key: str | None,
+    exclude_ids: torch.Tensor | None,
+) -> LocalPartials:
+    """The fused kernel writes only [B, blocks] LSEs; stage 1 walks them in ranges whose Gumbel grid
+    stays within the chunk budget; stage 2 re-scores each winning block inside a second kernel."""
+    from . import triton_scan
+
+    row_ids = store.feature(exclude_key).reshape(-1) if exclude_ids is not None else None
+    rows = triton_scan.StoredRows.of(store.embeddings, store.codec.name, store.dim, store.filled, row_ids)
+    bs, (b, m) = layout.block_size, draws.best_key.shape
+    block_lse = triton_scan.block_lse(q, rows, bs, exclude_ids)
+    best_blk = torch.zeros((b, m), dtype=torch.int64, device=q.device)
+    for lo in range(0, layout.blocks_per_rank, draws.span):
+        qi, ti, blk = draws.offer(block_lse[:, lo : lo + draws.span], lo)
+        best_blk[qi, ti] = blk + lo
+    found = torch.isfinite(draws.best_key)
+    win_lse = block_lse.gather(1, best_blk)
+    draws.best_row = triton_scan.pick_rows(q, rows, bs, best_blk, win_lse, draws.u, found, exclude_ids)
+    return draws.partials(torch.logsumexp(block_lse, dim=1), layout)
+
+
+def _scan_topk(
+    store: ShardStore,
+    layout: ShardLayout,
+    q: torch.Tensor,
+    score_fn: ScoreFn,
+    k: int,
+    chunk_rows: int,
+    exclude_key: str | None,
+    exclude_ids: torch.Tensor | None,
+) -> LocalPartials:
+    """The exact local top-k (value, global row), kept running chunk by chunk."""
+    b, device = q.shape[0], q.device
+    best_val = torch.full((b, k), _NEG_INF, device=device)
+    best_row = torch.full((b, k), -1, dtype=torch.int64, device=device)
+    filled = store.filled_per_chunk(chunk_rows)
     for c, start in enumerate(range(0, store.rows, chunk_rows)):
         if b == 0 or filled[c] == 0:
             continue
         end = min(start + chunk_rows, store.rows)
         scores = score_fn.on_prepared(q @ store.decode(start, end).t())
-        masked = _mask_chunk(scores, store, start, end, filled[c], exclude_key, exclude_ids)
-        if top_k:
-            val, idx = scores.topk(min(top_k, end - start), dim=1)
-            row = torch.where(torch.isfinite(val), idx + (layout.row_offset + start), torch.full_like(idx, -1))
-            val, pick = torch.cat([best_val, val], 1).topk(top_k, dim=1)
-            best_val, best_row = val, torch.cat([best_row, row], 1).gather(1, pick)
-        else:
-            cols = slice(start // bs, end // bs)
-            block_lse[:, cols] = _block_lse(scores, bs, masked)
-
-    if top_k:
-        return LocalPartials(topk_val=best_val, topk_row=best_row)
-    return _sample_blocks(store, layout, q, score_fn, block_lse, num_draws, seed, step,
-                          exclude_key, exclude_ids, budget_bytes=chunk_rows * max(b, 1) * 4)
-
-
-def _sample_blocks(
-    store: ShardStore,
-    layout: ShardLayout,
-    q: torch.Tensor,
-    score_fn: ScoreFn,
-    block_lse: torch.Tensor,
-    m: int,
-    seed: int,
-    step: int,
-    exclude_key: str | None,
-    exclude_ids: torch.Tensor | None,
-    budget_bytes: int,
-) -> LocalPartials:
-    """Local LSE and, per draw, the local winner of the two-stage sampler.
-
-    Stage 1 walks the blocks in ranges whose Gumbel grid [B, m, range] stays within ``budget_bytes``,
-    keeping a running best per (query, draw); the keys depend only on global block ids, so the
-    ranges change nothing.
-    """
-    b, device = q.shape[0], q.device
-    lse = torch.logsumexp(block_lse, dim=1)
-    pos = torch.arange(b, device=device, dtype=torch.int64)
-    keys = keyed_random.draw_keys(seed, step, Stream.BLOCK_GUMBEL, pos, m)
-    first_block = layout.row_offset // layout.block_size
-    best_key = torch.full((b, m), _NEG_INF, device=device)
-    best_blk = torch.zeros((b, m), dtype=torch.int64, device=device)
-    span = max(1, budget_bytes // (8 * 4 * max(b * m, 1)))  # ~4 int64 temporaries per grid element
-    for lo in range(0, layout.blocks_per_rank, span):
-        hi = min(lo + span, layout.blocks_per_rank)
-        ids = torch.arange(lo, hi, device=device) + first_block
-        key, blk = keyed_random.gumbel(keys, ids).add_(block_lse[:, None, lo:hi]).max(dim=-1)
-        better = key > best_key  # strict: on ties the lower block id (an earlier range) keeps the draw
-        best_key = torch.where(better, key, best_key)
-        best_blk = torch.where(better, blk + lo, best_blk)
-    u = keyed_random.uniform(keyed_random.draw_keys(seed, step, Stream.ROW_UNIFORM, pos, m))
-    rows = _pick_rows_in_blocks(store, q, score_fn, best_blk, u, layout.block_size, exclude_key, exclude_ids, budget_bytes)
-    found = torch.isfinite(best_key)
-    return LocalPartials(lse=lse, win_key=best_key, win_row=torch.where(found, layout.to_global(rows), torch.full_like(rows, -1)))
+        _mask_chunk(scores, store, start, end, filled[c], exclude_key, exclude_ids)
+        val, idx = scores.topk(min(k, end - start), dim=1)
+        row = torch.where(torch.isfinite(val), idx + (layout.row_offset + start), torch.full_like(idx, -1))
+        val, pick = torch.cat([best_val, val], 1).topk(k, dim=1)
+        best_val, best_row = val, torch.cat([best_row, row], 1).gather(1, pick)
+    return LocalPartials(topk_val=best_val, topk_row=best_row)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import socket
 import time
@@ -55,8 +54,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shard-group-size", type=int, default=None,
                    help="two-level layout: groups of G ranks, each with its own cache of --cache-size rows")
     p.add_argument("--negatives", type=int, default=8, help="negatives sampled from the cache per query")
-    p.add_argument("--block-size", type=int, default=64,
-                   help="cache rows per sampling block: the sampler is exact for any size, this is a speed knob")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one training run per seed")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
@@ -124,14 +121,8 @@ def in_batch_loss(q: torch.Tensor, d: torch.Tensor, scale: float) -> torch.Tenso
 
 def make_handler(args: argparse.Namespace, doc_len: int, seed: int) -> ShardedCacheLossHandler:
     """The sharded cache: each row keeps a document's tokens (to re-encode it) and its id (so a query
-    never samples its own positive as a negative).
-
-    Sampling blocks of 64 rows instead of the engine's default 256: the second sampling stage
-    re-scores one block per (query, draw), so with few rows per rank smaller blocks are cheaper
-    (measured here: 150 steps took 21.7 s with 256-row blocks, 8.9 s with 64, 9.2 s with 32).
+    never samples its own positive as a negative). The engine's default sampling blocks are used.
     """
-    shard = args.cache_size // (args.shard_group_size or dist.get_world_size())
-    block_size = math.gcd(args.block_size, shard)  # must divide a shard
     specs = {
         "doc_tokens": FieldSpec((doc_len,), torch.int32),
         "doc_id": FieldSpec((1,), torch.int64),
@@ -140,7 +131,7 @@ def make_handler(args: argparse.Namespace, doc_len: int, seed: int) -> ShardedCa
     return ShardedCacheLossHandler(
         specs, args.cache_size, "embedding", ("doc_tokens",),
         score_transform=args.scale, num_negatives=args.negatives, seed=seed,
-        doc_id_key="doc_id", in_batch_negatives=args.loss == "both", block_size=block_size,
+        doc_id_key="doc_id", in_batch_negatives=args.loss == "both",
         shard_group_size=args.shard_group_size,
     )
 

@@ -1,0 +1,168 @@
+"""The torch scan: stage 2 inside the scan against a dense reference, chunk independence, the inverse
+CDF at the edges of (0, 1), and the compiled block log-sum-exp (with its fallback)."""
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+from engine_cases import Tower, global_cache, make_handler
+from sharded_negcache import fused_scan, keyed_random
+from sharded_negcache.keyed_random import Stream
+from sharded_negcache.scoring import pick_in_block, score_shard
+
+NEG_INF = float("-inf")
+
+
+# ---- stage 2's inverse CDF ------------------------------------------------------------------
+def test_inverse_cdf_never_picks_a_row_without_mass_at_the_edges():
+    # a block of 6 rows: rows 0 and 4, 5 are masked (the last rows empty), rows 1-3 are candidates
+    a = torch.tensor([[NEG_INF, 0.5, -1.0, 2.0, NEG_INF, NEG_INF]] * 2)
+    lse = torch.logsumexp(a, dim=1)
+    got = pick_in_block(a, lse, torch.tensor([0.0, 1.0]))
+    assert got.tolist() == [1, 3]  # u = 0: first row with mass; u = 1: last row with mass
+    # a block where only the last row has mass, and one where a tiny candidate follows the big one
+    b = torch.tensor([[NEG_INF, NEG_INF, NEG_INF, 1.0], [5.0, -1e4, NEG_INF, NEG_INF]])
+    got = pick_in_block(b, torch.logsumexp(b, dim=1), torch.tensor([1.0, 1.0]))
+    assert got.tolist() == [3, 0]  # exp(-1e4 - 5) underflows even in float64: no mass, never picked
+
+
+def test_inverse_cdf_matches_a_loop_over_cumulative_weights():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(40, 16, generator=g)
+    a[a < -1.2] = NEG_INF
+    u = torch.rand(40, generator=g)
+    got = pick_in_block(a, torch.logsumexp(a, dim=1), u)
+    for i in range(40):
+        w = [float(torch.exp(x.double())) for x in a[i]]
+        target, acc = float(u[i]) * sum(w), 0.0
+        want = next(j for j, wj in enumerate(w) if (acc := acc + wj) > target)
+        assert got[i].item() == want
+
+
+# ---- the scan against a dense reference -------------------------------------------------------
+def dense_reference(store, layout, q, m, seed, step, exclude_ids=None):
+    """All scores at once, per-block LSE by logsumexp, a Gumbel per (query, block, draw), argmax, and
+    the inverse CDF inside the winner: the two-stage sampler written without chunks."""
+    bs = layout.block_size
+    a = q @ store.codec.decode(store.embeddings, store.dim).t()
+    a = a.masked_fill(~store.filled[None, :], NEG_INF)
+    if exclude_ids is not None:
+        a = a.masked_fill(store.feature("doc_id").reshape(1, -1) == exclude_ids[:, None], NEG_INF)
+    blse = torch.logsumexp(a.view(q.shape[0], -1, bs), dim=-1)
+    pos = torch.arange(q.shape[0])
+    keys = keyed_random.draw_keys(seed, step, Stream.BLOCK_GUMBEL, pos, m)
+    ids = torch.arange(layout.blocks_per_rank) + layout.row_offset // bs
+    key, blk = (keyed_random.gumbel(keys, ids) + blse[:, None, :]).max(dim=-1)
+    u = keyed_random.uniform(keyed_random.draw_keys(seed, step, Stream.ROW_UNIFORM, pos, m))
+    rows = torch.full_like(blk, -1)
+    for i in range(q.shape[0]):
+        for t in range(m):
+            if torch.isfinite(key[i, t]):
+                b = int(blk[i, t])
+                seg = a[i, b * bs : (b + 1) * bs]
+                rows[i, t] = b * bs + int(pick_in_block(seg[None], blse[i, b : b + 1], u[i, t : t + 1]))
+    return torch.logsumexp(blse, dim=1), key, rows
+
+
+@pytest.mark.parametrize("chunk_rows", [4, 8, 12, 64])
+def test_scan_matches_dense_reference_for_every_chunk_size(chunk_rows):
+    tower = Tower()
+    h = make_handler(48, with_ids=True, num_negatives=3)
+    h.load_global_rows(global_cache(48, tower, with_ids=True))
+    g = torch.Generator().manual_seed(5)
+    q = h.score_fn.prepare_queries(torch.randn(7, 8, generator=g))
+    ids = torch.randint(0, 12, (7,), generator=g)
+    lse, key, rows = dense_reference(h.store, h.layout, q, 3, seed=4, step=2, exclude_ids=ids)
+    got = score_shard(h.store, h.layout, torch.randn(7, 8, generator=torch.Generator().manual_seed(5)),
+                      h.score_fn, num_draws=3, top_k=None, seed=4, step=2, chunk_rows=chunk_rows,
+                      exclude_key="doc_id", exclude_ids=ids)
+    torch.testing.assert_close(got.lse, lse, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got.win_key, key, rtol=1e-6, atol=1e-6)
+    assert torch.equal(got.win_row, rows)
+    assert bool((got.win_row >= 0).all())
+    assert bool(h.store.filled[got.win_row].all())  # never an empty row
+    own = h.store.feature("doc_id").reshape(-1)[got.win_row]
+    assert bool((own != ids[:, None]).all())  # never the query's own positive
+
+
+def test_scan_with_no_queries_and_with_an_empty_cache():
+    tower = Tower()
+    h = make_handler(16)
+    empty = score_shard(h.store, h.layout, torch.randn(3, 8), h.score_fn, num_draws=2, top_k=None, seed=0,
+                        step=0, chunk_rows=8)
+    assert torch.equal(empty.lse, torch.full((3,), NEG_INF)) and torch.equal(empty.win_row, torch.full((3, 2), -1))
+    h.load_global_rows(global_cache(16, tower))
+    none = score_shard(h.store, h.layout, torch.randn(0, 8), h.score_fn, num_draws=2, top_k=None, seed=0,
+                       step=0, chunk_rows=8)
+    assert none.lse.shape == (0,) and none.win_row.shape == (0, 2) and none.win_key.shape == (0, 2)
+
+
+# ---- the compiled block LSE ---------------------------------------------------------------------
+def test_compiled_block_lse_matches_eager_without_recompiling_per_batch(monkeypatch):
+    """One compile in this test (seconds; the suite's other tests run eagerly: their steps are below
+    MIN_COMPILE_SCORES). Batch sizes 3 and 5 share the compiled graph (dynamic shapes)."""
+    from torch._dynamo.utils import counters
+
+    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        pytest.skip("no C++ compiler: inductor cannot compile here (the fallback is tested below)")
+    monkeypatch.setenv(fused_scan.ENV_COMPILE, "1")
+    monkeypatch.setattr(fused_scan._Compiled, "fns", {})
+    monkeypatch.setattr(fused_scan._Compiled, "failed", False)
+    g = torch.Generator().manual_seed(0)
+    counters.clear()
+    for b, rows in ((3, 64), (5, 64), (6, 96)):
+        x = 4 * torch.randn(b, rows, generator=g)
+        x[0, :16] = NEG_INF  # a fully masked block
+        x[1, 3] = NEG_INF
+        got = fused_scan.block_lse(x, 16, 0)
+        want = torch.logsumexp(x.view(b, -1, 16), dim=-1)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        assert got[0, 0].item() == NEG_INF
+    assert not fused_scan._Compiled.failed and set(fused_scan._Compiled.fns) == {16}
+    assert counters["stats"]["unique_graphs"] == 1  # no recompilation for new batch or chunk sizes
+
+
+def test_compile_failure_falls_back_once_with_one_warning(monkeypatch, caplog):
+    def broken(*a, **k):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setenv(fused_scan.ENV_COMPILE, "1")
+    monkeypatch.setattr(fused_scan._Compiled, "fns", {})
+    monkeypatch.setattr(fused_scan._Compiled, "failed", False)
+    monkeypatch.setattr(torch, "compile", broken)
+    x = torch.randn(4, 32)
+    with caplog.at_level(logging.WARNING, logger="sharded_negcache"):
+        for _ in range(3):
+            torch.testing.assert_close(fused_scan.block_lse(x, 8, 0), torch.logsumexp(x.view(4, 4, 8), -1))
+    warnings = [r for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(warnings) == 1 and "no C++ compiler" in warnings[0].getMessage()
+    assert fused_scan._Compiled.failed
+
+
+def test_compile_mode_from_the_environment(monkeypatch):
+    for value, mode in (("0", "off"), ("off", "off"), ("1", "on"), ("", "auto")):
+        monkeypatch.setenv(fused_scan.ENV_COMPILE, value)
+        assert fused_scan.compile_mode() == mode
+
+
+# ---- the scoring_backend option ------------------------------------------------------------------
+def test_scoring_backend_option_is_checked_resolved_and_logged_once(caplog):
+    with pytest.raises(ValueError, match="scoring_backend must be one of"):
+        make_handler(16, scoring_backend="cuda")
+    with pytest.raises(ValueError, match="scoring_backend='triton' is not possible here: top_k mode"):
+        make_handler(16, scoring_backend="triton", top_k=2)
+    with pytest.raises(ValueError, match="callable score_transform"):
+        make_handler(16, scoring_backend="triton", score_transform=torch.tanh)
+    tower = Tower()
+    h = make_handler(16)
+    assert h.config()["scoring_backend"] == "auto"
+    h.load_global_rows(global_cache(16, tower))
+    x = torch.randn(3, 6)
+    with caplog.at_level(logging.INFO, logger="sharded_negcache"):
+        for _ in range(2):
+            h.update_cache_and_compute_loss(tower, torch.randn(3, 8), tower({"x": x}), {"x": x})
+    chosen = [r.getMessage() for r in caplog.records if "scoring backend" in r.getMessage()]
+    assert chosen == ["sharded_negcache: scoring backend torch (device is cpu, the kernel is for CUDA)"]
