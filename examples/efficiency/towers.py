@@ -57,7 +57,12 @@ def build_sentence_transformer(
     torch.manual_seed(seed)
     bert = BertModel(config, add_pooling_layer=False)
     os.makedirs(directory, exist_ok=True)
-    bert.save_pretrained(directory)
+    # Written by hand: under torch.distributed, save_pretrained writes on the main process only, and
+    # every rank needs its own copy here.
+    from safetensors.torch import save_file
+
+    config.to_json_file(os.path.join(directory, "config.json"))
+    save_file({k: v.contiguous() for k, v in bert.state_dict().items()}, os.path.join(directory, "model.safetensors"))
     tokenizer.save_pretrained(directory)
     transformer = Transformer(directory, processor_kwargs={"model_max_length": max_length})
     transformer.max_seq_length = max_length
