@@ -140,7 +140,8 @@ class CachedNegativesRankingLoss(nn.Module):
         """The cache handler, built on first use over the default process group (if initialised)."""
         if self.handler is None:
             base = self._base()
-            dim = base.get_embedding_dimension()
+            dim_of = getattr(base, "get_embedding_dimension", None) or base.get_sentence_embedding_dimension
+            dim = dim_of()
             max_length = base.max_seq_length
             if dim is None or max_length is None:
                 raise ValueError("the model must report get_embedding_dimension() and max_seq_length")
