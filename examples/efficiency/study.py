@@ -190,8 +190,12 @@ def evaluate(model, queries: list[str], docs: list[str], rank: int, world: int, 
 
     q, d = encode(queries), encode(docs)
     model.train()
-    scores = q @ d.t()
-    rank_of_true = (scores > scores.diagonal()[:, None]).sum(1)  # 0 = first
+    return retrieval_metrics(q @ d.t())
+
+
+def retrieval_metrics(scores: torch.Tensor) -> dict:
+    """MRR@10, Recall@1, Recall@10 when query i's right document is column i (ties count against it)."""
+    rank_of_true = (scores >= scores.diagonal()[:, None]).sum(1) - 1  # 0 = first
     rr = torch.where(rank_of_true < 10, 1.0 / (rank_of_true + 1).double(), 0.0)
     return {"mrr@10": float(rr.mean()), "recall@1": float((rank_of_true < 1).double().mean()),
             "recall@10": float((rank_of_true < 10).double().mean())}
