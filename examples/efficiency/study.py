@@ -54,7 +54,7 @@ class Settings:
     data_dir: str = "runs/efficiency/data"
     methods: tuple[str, ...] = METHODS
     seeds: tuple[int, ...] = (0, 1, 2)
-    budget_s: float = 75.0  # training wall time per run (evaluation excluded)
+    budget_s: float = 120.0  # training wall time per run (evaluation excluded)
     eval_fractions: tuple[float, ...] = (1 / 3, 2 / 3, 1.0)
     eval_pairs: int = 1000  # held-out queries, each retrieved among the same number of held-out functions
     layers: int = 2
