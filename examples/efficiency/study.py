@@ -352,23 +352,30 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(results: list[dict], path: Path) -> None:
+    """Held-out MRR@10 and Recall@10 against training wall time, and MRR@10 against steps (mean over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     for method in dict.fromkeys(r["method"] for r in results):
         rs = [r for r in results if r["method"] == method]
         n = min(len(r["evals"]) for r in rs)
-        xs = [sum(r["evals"][i]["train_s"] for r in rs) / len(rs) for i in range(n)]
-        for ax, key in zip(axes, ("mrr@10", "recall@10")):
-            ys = [sum(r["evals"][i][key] for r in rs) / len(rs) for i in range(n)]
-            ax.plot(xs, ys, marker="o", label=method)
-    for ax, key in zip(axes, ("MRR@10", "Recall@10")):
-        ax.set_xlabel("training wall time per run (s), 2 ranks")
-        ax.set_ylabel(f"held-out {key} (mean over seeds)")
+
+        def mean(key, i):
+            return sum(r["evals"][i][key] for r in rs) / len(rs)
+
+        xs = [mean("train_s", i) for i in range(n)]
+        axes[0].plot(xs, [mean("mrr@10", i) for i in range(n)], marker="o", label=method)
+        axes[1].plot(xs, [mean("recall@10", i) for i in range(n)], marker="o", label=method)
+        axes[2].plot([mean("steps", i) for i in range(n)], [mean("mrr@10", i) for i in range(n)], marker="o", label=method)
+    for ax, (x, y) in zip(axes, (("training wall time per run (s)", "MRR@10"),
+                                  ("training wall time per run (s)", "Recall@10"), ("optimizer steps", "MRR@10"))):
+        ax.set_xlabel(x + ", 2 ranks")
+        ax.set_ylabel(f"held-out {y} (mean over seeds)")
         ax.grid(alpha=0.3)
+    axes[2].set_xscale("log")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -381,7 +388,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--tiny", action="store_true", help="test size: stdlib json/csv corpus, tiny towers")
+    parser.add_argument("--replot", action="store_true", help="only redraw table.md and study.png from <out>/results.json")
     args = parser.parse_args(argv)
+    if args.replot:
+        blob = json.loads((Path(args.out) / "results.json").read_text())
+        (Path(args.out) / "table.md").write_text(table(summarise(blob["runs"])) + "\n")
+        plot(blob["runs"], Path(args.out) / "study.png")
+        return
     st = Settings(out=args.out, budget_s=args.budget, seeds=tuple(range(args.seeds)),
                   methods=tuple(args.methods.split(",")))
     if args.tiny:
