@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import os
@@ -379,6 +380,7 @@ def plot(results: list[dict], path: Path) -> None:
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -386,6 +388,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=Settings.out)
     parser.add_argument("--budget", type=float, default=Settings.budget_s, help="training seconds per run")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="keep <out>/results.json's runs, do only the missing ones")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--tiny", action="store_true", help="test size: stdlib json/csv corpus, tiny towers")
     parser.add_argument("--replot", action="store_true", help="only redraw table.md and study.png from <out>/results.json")
@@ -395,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
         (Path(args.out) / "table.md").write_text(table(summarise(blob["runs"])) + "\n")
         plot(blob["runs"], Path(args.out) / "study.png")
         return
-    st = Settings(out=args.out, budget_s=args.budget, seeds=tuple(range(args.seeds)),
+    st = Settings(out=args.out, budget_s=args.budget, seeds=tuple(range(args.first_seed, args.first_seed + args.seeds)),
                   methods=tuple(args.methods.split(",")))
     if args.tiny:
         st.libraries, st.packages = False, ("json", "csv", "textwrap", "argparse", "email")
@@ -422,9 +426,15 @@ def main(argv: list[str] | None = None) -> None:
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tok_dir)
     results: list[dict] = []
+    if args.resume and (out / "results.json").exists():
+        results = json.loads((out / "results.json").read_text())["runs"]
+    done = {(r["method"], r["seed"]) for r in results}
     started = time.time()
     for seed in st.seeds:
         for method in st.methods:
+            if (method, seed) in done:
+                continue
+            gc.collect()
             r = run_one(method, seed, st, tokenizer, train_pairs, evalset, rank, world, workdir)
             results.append(asdict(r))
             if rank == 0:
