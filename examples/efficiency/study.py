@@ -358,6 +358,7 @@ def plot(results: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     for method in dict.fromkeys(r["method"] for r in results):
@@ -377,6 +378,9 @@ def plot(results: list[dict], path: Path) -> None:
         ax.set_ylabel(f"held-out {y} (mean over seeds)")
         ax.grid(alpha=0.3)
     axes[2].set_xscale("log")
+    axes[2].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes[2].xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axes[2].set_xticks([20, 50, 100, 200, 500, 1000])
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
