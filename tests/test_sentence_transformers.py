@@ -129,6 +129,17 @@ def test_token_hash_ignores_padding_and_separates_texts():
     assert h[0] == h[1] and h[0] != h[2] and bool((h >= 0).all())
 
 
+def test_left_padded_token_ids_are_cached_real_tokens_first():
+    from sharded_negcache.integrations.sentence_transformers import _left_align
+
+    ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 1]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    assert _left_align(ids, mask).tolist() == [[5, 6, 0, 0], [7, 8, 9, 1]]
+    right = torch.tensor([[5, 6, 0, 0], [7, 8, 9, 1]])
+    # the same texts right-padded: the same document ids (the positive's copy is excluded whatever the padding)
+    assert torch.equal(token_hash(ids, mask), token_hash(right, torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])))
+
+
 def test_evaluation_leaves_the_cache_alone(model):
     m = copy.deepcopy(model)
     anchors, positives = pairs(6, seed=3)

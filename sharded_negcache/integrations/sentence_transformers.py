@@ -52,9 +52,9 @@ def token_hash(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     The positive of an anchor may still sit in the cache from an earlier epoch or batch; rows with the
     same token ids are never sampled as that anchor's negatives (design §2, candidate set).
     """
-    ids = input_ids.to(torch.int64)
+    ids = _left_align(input_ids, attention_mask)  # the same text hashes the same however it was padded
     pos = torch.arange(ids.shape[1], device=ids.device, dtype=torch.int64).expand_as(ids)
-    keep = attention_mask.bool()
+    keep = pos < attention_mask.sum(1, keepdim=True)
     hi = torch.where(keep, _mix(_mix(ids ^ 0x5BD1E995) ^ (pos + 0x27D4EB2F)), 0).sum(1) & 0x7FFFFFFF
     lo = torch.where(keep, _mix(_mix(ids + 0x165667B1) ^ (pos * 0x9E3779B1)), 0).sum(1) & 0x7FFFFFFF
     return (hi << 31) | lo
