@@ -179,14 +179,16 @@ class CachedNegativesRankingLoss(nn.Module):
             )
         anchor_features, positive_features = features
         inputs = dict(positive_features)  # the model's forward adds its outputs to the dict it is given
+        training = torch.is_grad_enabled() and self._base().training
+        if training:
+            self._remember_extras(inputs)  # refuse unrebuildable inputs before any forward or cache access
         anchors, positives = self._embed(anchor_features), self._embed(positive_features)
-        if not (torch.is_grad_enabled() and self._base().training):
+        if not training:
             # Evaluation: MNRL's in-batch loss on this rank's batch; the cache is neither read nor written.
             scores = self.scale * anchors @ positives.t()
             return F.cross_entropy(scores, torch.arange(scores.shape[0], device=scores.device))
         handler = self.handler_for(anchors.device)
         ids, mask = inputs[IDS], inputs["attention_mask"]
-        self._remember_extras(inputs)
         data: dict[str, Any] = {IDS: (_left_align(ids, mask), mask.sum(1))}
         if self.exclude_same_text:
             data[DOC_ID] = token_hash(ids, mask)[:, None]
