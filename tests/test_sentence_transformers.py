@@ -170,6 +170,10 @@ def test_refuses_what_it_cannot_do(model):
     a, p = pairs(2)
     with pytest.raises(ValueError, match="pairs, got 3 text columns"):
         ours([features(model, a), features(model, p), features(model, p)], None)
+    odd = features(model, p)
+    odd["pixel_values"] = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"tensor inputs \['pixel_values'\] that cannot be rebuilt"):
+        ours([features(model, a), odd], None)
     assert ours.handler is None  # nothing was built or written
 
 
