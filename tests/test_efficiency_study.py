@@ -40,6 +40,14 @@ def test_saved_tensor_meter_counts_what_backward_keeps():
     y.backward()
     del y
     assert meter.alive == 0 and meter.peak == 8000
+    kept = []
+    for _ in range(3):  # graphs kept past their step (a library holding them) do not add to later peaks
+        with meter.hooks():
+            kept.append((x * w).sum())
+            y = (x * w).sum()
+        y.backward()
+    assert meter.alive == 3 * 8000  # three kept graphs
+    assert meter.peak == 16000  # per step: that step's kept graph and y (summed over steps it would be 32000)
 
 
 def test_tiny_study_two_ranks(tmp_path):

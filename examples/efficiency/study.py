@@ -88,34 +88,47 @@ class RunResult:
 
 
 # ---- memory: bytes autograd keeps for backward ----------------------------------------------------
+class _Held:
+    """A saved tensor and its size; its finaliser tells the meter when autograd let go of it."""
+
+    __slots__ = ("tensor", "size", "meter")
+
+    def __init__(self, tensor: torch.Tensor, meter: "SavedTensorMeter") -> None:
+        self.tensor, self.size, self.meter = tensor, tensor.numel() * tensor.element_size(), meter
+        meter.alive += self.size
+        meter._rise()
+
+    def __del__(self) -> None:
+        self.meter.alive -= self.size
+
+
 class SavedTensorMeter:
-    """Peak bytes of tensors saved for backward (activations), tracked while alive via pack/unpack hooks."""
+    """Peak bytes of tensors saved for backward (activations), tracked while alive via pack/unpack hooks.
+
+    The peak is per step: the largest rise of the saved bytes above what was alive when the step's
+    :meth:`hooks` context opened.
+    """
 
     def __init__(self) -> None:
         self.alive = 0
-        self.peak = 0
+        self.peak = 0  # the largest rise of ``alive`` within one step (see :meth:`hooks`)
+        self._base = 0
 
-    def _pack(self, t: torch.Tensor):
-        meter = self
+    def _pack(self, t: torch.Tensor) -> _Held:
+        return _Held(t, self)
 
-        class Held:
-            __slots__ = ("tensor", "size", "__weakref__")
-
-            def __init__(self, tensor: torch.Tensor) -> None:
-                self.tensor, self.size = tensor, tensor.numel() * tensor.element_size()
-                meter.alive += self.size
-                meter.peak = max(meter.peak, meter.alive)
-
-            def __del__(self) -> None:
-                meter.alive -= self.size
-
-        return Held(t)
+    def _rise(self) -> None:
+        self.peak = max(self.peak, self.alive - self._base)
 
     @staticmethod
-    def _unpack(held) -> torch.Tensor:
+    def _unpack(held: _Held) -> torch.Tensor:
         return held.tensor
 
     def hooks(self):
+        """One step's context: the peak is measured from what was alive when it opened, so tensors that some
+        library keeps past its step (measured: ~15 small [batch, width] tensors a step with
+        sentence-transformers' MNRL) do not accumulate into later steps' peaks."""
+        self._base = self.alive
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
 
