@@ -131,3 +131,27 @@ def test_build_is_deterministic_and_saved_copy_round_trips(data, tmp_path: Path)
     assert len(list(tmp_path.glob("*.pt"))) == 1
     assert loaded.train == saved.train == data.train and loaded.vocab.itos == data.vocab.itos
     assert torch.equal(loaded.held_out_tensors["doc_tokens"], data.held_out_tensors["doc_tokens"])
+
+
+def test_installed_libraries_join_the_corpus_with_their_versions():
+    """A small installed package (``tokenizers``' pure-Python helpers) next to ``json``: modules named from
+    site-packages, pairs deduplicated across both, the version recorded, the split disjoint by module."""
+    from importlib import metadata
+
+    data = D.build(packages=["json"], libraries=["tokenizers", "not_installed_pkg"])
+    packages = {p.package for p in data.train + data.held_out}
+    assert packages == {"json", "tokenizers"}
+    lib = [p for p in data.train + data.held_out if p.package == "tokenizers"]
+    assert lib and all(p.module.startswith("tokenizers.") or p.module == "tokenizers" for p in lib)
+    assert data.settings["libraries"] == {"tokenizers": metadata.version("tokenizers"), "not_installed_pkg": None}
+    assert {p.module for p in data.train}.isdisjoint({p.module for p in data.held_out})
+    summary = data.summary()
+    assert sum(summary["train_pairs_by_package"].values()) == len(data.train)
+    only_stdlib = D.collect_pairs(packages=["json"])
+    assert [p for p in data.train + data.held_out if p.package == "json"] != [] and len(only_stdlib) < len(lib) + len(only_stdlib)
+
+
+def test_deeply_nested_generated_code_is_skipped_not_fatal():
+    # 600 chained additions parse, but walking them recurses past Python's limit (sympy ships such code).
+    nested = "def f():\n    \"\"\"A generated function with a deep expression.\"\"\"\n    return " + " + ".join(["x"] * 600)
+    assert D.pairs_from_source(nested, "gen") == []  # RecursionError while walking: the module is skipped

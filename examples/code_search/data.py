@@ -127,10 +127,10 @@ def pairs_from_source(source: str, module: str, min_query_words: int = 3) -> lis
     """Every (docstring summary, docstring-free source) pair of one module's source text."""
     try:
         tree = ast.parse(source)
-    except (SyntaxError, ValueError):
+        collector = _FunctionCollector()
+        collector.visit(tree)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # generated code can nest past the stack
         return []
-    collector = _FunctionCollector()
-    collector.visit(tree)
     package = module.split(".")[0]
     pairs = []
     for qualname, node in collector.found:
@@ -144,18 +144,58 @@ def pairs_from_source(source: str, module: str, min_query_words: int = 3) -> lis
         _strip_docstrings(body)
         if all(isinstance(s, ast.Pass) for s in body.body):
             continue  # only a docstring: nothing to retrieve
-        code = ast.unparse(body)
+        try:
+            code = ast.unparse(body)
+        except RecursionError:
+            continue
         pairs.append(Pair(f"{module}:{qualname}:{node.lineno}", module, package, query, code))
     return pairs
 
 
-def collect_pairs(root: Path | None = None, packages: Sequence[str] | None = None) -> list[Pair]:
-    """All pairs of the standard library (or of ``packages`` in it), repeated queries and codes removed."""
-    root = Path(root) if root is not None else stdlib_root()
+def site_root() -> Path:
+    """Where the running interpreter's third-party packages live (``purelib``: the venv's site-packages)."""
+    return Path(sysconfig.get_paths()["purelib"])
+
+
+# Installed third-party packages the library corpus is drawn from: the project's pinned stack and what it
+# pulls in (``requirements-cpu.txt``). Their versions are recorded in the build's summary.
+LIBRARIES = (
+    "torch", "numpy", "transformers", "scipy", "sklearn", "pandas", "matplotlib", "sympy", "networkx",
+    "torchrec", "sentence_transformers", "datasets", "accelerate", "huggingface_hub", "tokenizers",
+)
+DISTRIBUTIONS = {"sklearn": "scikit-learn", "sentence_transformers": "sentence-transformers",
+                 "huggingface_hub": "huggingface-hub"}
+
+
+def library_versions(libraries: Sequence[str]) -> dict[str, str | None]:
+    """Installed version of each package (None when it is not installed)."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in libraries:
+        try:
+            out[name] = metadata.version(DISTRIBUTIONS.get(name, name))
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _sources(root: Path | None, packages: Sequence[str] | None, libraries: Sequence[str] | None) -> Iterator[tuple[str, Path]]:
+    yield from iter_modules(Path(root) if root is not None else stdlib_root(), packages)
+    if libraries:
+        site = site_root()
+        yield from iter_modules(site, [name for name in libraries if (site / name).is_dir()])
+
+
+def collect_pairs(
+    root: Path | None = None, packages: Sequence[str] | None = None, libraries: Sequence[str] | None = None,
+) -> list[Pair]:
+    """All pairs of the standard library (or of ``packages`` in it), then of the installed ``libraries``
+    (top-level package names in site-packages), repeated queries and codes removed (the first kept)."""
     seen_queries: set[str] = set()
     seen_codes: set[str] = set()
     pairs = []
-    for module, path in iter_modules(root, packages):
+    for module, path in _sources(root, packages, libraries):
         try:
             source = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
@@ -250,6 +290,8 @@ class CodeSearchData:
             "train_modules": len({p.module for p in self.train}),
             "held_out_modules": len({p.module for p in self.held_out}),
             "vocab_size": len(self.vocab),
+            "train_pairs_by_package": dict(sorted(Counter(p.package for p in self.train).items())),
+            "held_out_pairs_by_package": dict(sorted(Counter(p.package for p in self.held_out).items())),
             **self.settings,
         }
 
@@ -261,14 +303,19 @@ def build(
     query_len: int = 32,
     doc_len: int = 128,
     max_vocab: int = 16384,
+    libraries: Sequence[str] | None = None,
 ) -> CodeSearchData:
-    """Collects, splits, tokenizes. Deterministic for a given interpreter and arguments."""
-    pairs = collect_pairs(root, packages)
+    """Collects, splits, tokenizes. Deterministic for a given interpreter, installed packages and arguments.
+
+    ``libraries``: also the documented functions of these installed packages (e.g. :data:`LIBRARIES`).
+    """
+    pairs = collect_pairs(root, packages, libraries)
     train, held_out = split_by_module(pairs, held_out_fraction)
     vocab = Vocab.build((text for p in train for text in (p.query, p.code)), max_size=max_vocab)
     settings = dict(
         held_out_fraction=held_out_fraction, query_len=query_len, doc_len=doc_len, max_vocab=max_vocab,
         packages=list(packages) if packages is not None else None,
+        libraries=library_versions(libraries) if libraries else None,
     )
     return CodeSearchData(
         train, held_out, vocab,
@@ -280,8 +327,9 @@ def build(
 
 def load_or_build(cache_dir: Path | str, **kwargs) -> CodeSearchData:
     """``build(**kwargs)``, saved under ``cache_dir`` keyed by the interpreter, the arguments and the builder version."""
+    versions = library_versions(kwargs["libraries"]) if kwargs.get("libraries") else None
     key = json.dumps(
-        {"v": BUILDER_VERSION, "py": sys.version, "root": str(kwargs.get("root") or stdlib_root()),
+        {"v": BUILDER_VERSION, "py": sys.version, "root": str(kwargs.get("root") or stdlib_root()), "versions": versions,
          **{k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in sorted(kwargs.items()) if k != "root"}},
         sort_keys=True, default=str,
     )
@@ -322,10 +370,13 @@ def _from_blob(blob: dict) -> CodeSearchData:
 
 
 if __name__ == "__main__":
+    import argparse
     import time
 
+    parser = argparse.ArgumentParser(description="Build the code-search pairs and print their counts.")
+    parser.add_argument("--libraries", action="store_true", help=f"also the installed packages {', '.join(LIBRARIES)}")
     t0 = time.perf_counter()
-    data = build()
+    data = build(libraries=LIBRARIES if parser.parse_args().libraries else None)
     print(json.dumps(data.summary(), indent=1))
     print(f"built in {time.perf_counter() - t0:.1f} s")
     for p in data.held_out[:3]:

@@ -1,0 +1,256 @@
+"""The sentence-transformers loss on one process: equal to MNRL and to the engine called by hand, eval, trainer, fit.
+
+Everything is offline: a 2-layer BERT from a config and a WordPiece tokenizer trained on the fly.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("sentence_transformers")
+pytest.importorskip("datasets")
+
+from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments  # noqa: E402
+from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss  # noqa: E402
+from sentence_transformers.util import pairwise_cos_sim  # noqa: E402
+from st_fixtures import pairs, tiny_model  # noqa: E402
+
+from sharded_negcache import FieldSpec, JaggedFieldSpec, ShardedCacheLossHandler  # noqa: E402
+from sharded_negcache.integrations.sentence_transformers import (  # noqa: E402
+    CachedNegativesRankingLoss,
+    NegativeCacheCallback,
+    token_hash,
+)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny_model(str(tmp_path_factory.mktemp("st") / "model"))
+
+
+def features(model, texts):
+    """What the trainer's collator hands the loss: the model's preprocessing of one text column."""
+    return dict(model.preprocess(texts))
+
+
+def grads(module):
+    return torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel()) for p in module.parameters()])
+
+
+def test_empty_cache_with_in_batch_negatives_equals_mnrl(model):
+    """With nothing cached, cache + in-batch is MNRL's in-batch softmax: same value, same gradients."""
+    m = copy.deepcopy(model)
+    anchors, positives = pairs(8, seed=1)
+    ours = CachedNegativesRankingLoss(m, scale=20.0, cache_size=16, in_batch_negatives=True)
+    value = ours([features(m, anchors), features(m, positives)], None)
+    value.backward()
+    g_ours = grads(m)
+    m.zero_grad()
+    reference = MultipleNegativesRankingLoss(m, scale=20.0)([features(m, anchors), features(m, positives)], None)
+    reference.backward()
+    assert value.item() == pytest.approx(reference.item(), rel=1e-5)
+    torch.testing.assert_close(g_ours, grads(m), rtol=1e-4, atol=1e-6)
+    assert ours.handler.last_step.metrics["sampled"] == 0 and ours.handler.steps_done == 1
+
+
+def _reference_handler(dim: int, max_length: int, cache_size: int, num_negatives: int) -> ShardedCacheLossHandler:
+    """The engine used by hand: token ids as a list-format jagged field, the pair index as document id."""
+    specs = {
+        "emb": FieldSpec((dim,), torch.float32),
+        "tokens": JaggedFieldSpec(max_length, torch.int64, format="list"),
+        "pair": FieldSpec((1,), torch.int64),
+    }
+    return ShardedCacheLossHandler(specs, cache_size, "emb", ["tokens"], score_transform=20.0,
+                                   num_negatives=num_negatives, seed=7, doc_id_key="pair")
+
+
+def test_equals_engine_called_by_hand_over_steps(model):
+    """Loss values, gradients and sampled rows equal a hand-written use of ShardedCacheLossHandler.
+
+    Positives repeat across steps (the cache holds earlier copies of a query's positive); the adapter's
+    token hash must exclude them exactly as the true pair index does in the reference.
+    """
+    ours_model, ref_model = copy.deepcopy(model), copy.deepcopy(model)
+    ours = CachedNegativesRankingLoss(ours_model, scale=20.0, cache_size=32, num_negatives=3, seed=7)
+    ref = _reference_handler(32, 16, 32, 3)
+    opt_ours = torch.optim.SGD(ours_model.parameters(), lr=0.5)
+    opt_ref = torch.optim.SGD(ref_model.parameters(), lr=0.5)
+    anchors, positives = pairs(16, seed=2)
+
+    def encode(texts_or_tokens, as_tokens=False):
+        if as_tokens:  # rebuild right-padded inputs from the cached token ids
+            width = max(len(t) for t in texts_or_tokens)
+            ids = torch.stack([F.pad(t, (0, width - len(t))) for t in texts_or_tokens])
+            mask = torch.stack([F.pad(torch.ones_like(t), (0, width - len(t))) for t in texts_or_tokens])
+            feats = {"input_ids": ids, "attention_mask": mask, "modality": "text"}
+        else:
+            feats = features(ref_model, texts_or_tokens)
+        return F.normalize(ref_model(feats)["sentence_embedding"], dim=-1)
+
+    excluded_hits = 0
+    for step, idx in enumerate([range(0, 8), range(8, 16), range(4, 12), range(0, 8), range(2, 10)]):
+        a, p = [anchors[i] for i in idx], [positives[i] for i in idx]
+        cached_ids = ours.handler.gather_global_rows()["doc_id"][:, 0] if ours.handler is not None else None
+        value = ours([features(ours_model, a), features(ours_model, p)], None)
+        value.backward()
+
+        pf = features(ref_model, p)
+        tokens = [row[mask.bool()] for row, mask in zip(pf["input_ids"], pf["attention_mask"])]
+        ref_loss = ref.update_cache_and_compute_loss(
+            lambda rows: encode(rows["tokens"], as_tokens=True), encode(a), encode(p),
+            {"tokens": tokens, "pair": torch.tensor(list(idx))[:, None]},
+        )
+        ref_loss.backward()
+        mine, theirs = ours.handler.last_step, ref.last_step
+        assert torch.equal(mine.sampled_rows, theirs.sampled_rows), f"step {step}"
+        assert value.item() == pytest.approx(theirs.interpretable_loss.mean().item(), rel=1e-5)
+        torch.testing.assert_close(grads(ours_model), grads(ref_model), rtol=1e-4, atol=1e-6)
+        if cached_ids is not None:  # no query sampled a row holding its own positive's tokens
+            own = token_hash(pf["input_ids"], pf["attention_mask"])
+            drawn = mine.sampled_rows
+            hit = cached_ids[drawn.clamp(min=0)] == own[:, None]
+            assert not bool((hit & (drawn >= 0)).any())
+            excluded_hits += int((cached_ids[None, :] == own[:, None]).any(1).sum())
+        opt_ours.step(), opt_ref.step(), opt_ours.zero_grad(), opt_ref.zero_grad()
+    assert excluded_hits > 0, "the data never put a query's own positive in the cache: the exclusion went untested"
+    assert ours.handler.last_step.metrics["staleness"] > 0
+
+
+def test_token_hash_ignores_padding_and_separates_texts():
+    ids = torch.tensor([[2, 5, 6, 3, 0], [2, 5, 6, 3, 9], [2, 6, 5, 3, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0]])
+    h = token_hash(ids, mask)
+    assert h[0] == h[1] and h[0] != h[2] and bool((h >= 0).all())
+
+
+def test_left_padded_token_ids_are_cached_real_tokens_first():
+    from sharded_negcache.integrations.sentence_transformers import _left_align
+
+    ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 1]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    assert _left_align(ids, mask).tolist() == [[5, 6, 0, 0], [7, 8, 9, 1]]
+    right = torch.tensor([[5, 6, 0, 0], [7, 8, 9, 1]])
+    # the same texts right-padded: the same document ids (the positive's copy is excluded whatever the padding)
+    assert torch.equal(token_hash(ids, mask), token_hash(right, torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])))
+
+
+def test_evaluation_leaves_the_cache_alone(model):
+    m = copy.deepcopy(model)
+    anchors, positives = pairs(6, seed=3)
+    ours = CachedNegativesRankingLoss(m, cache_size=16)
+    ours([features(m, anchors), features(m, positives)], None)
+    before = {k: v.clone() for k, v in ours.handler.gather_global_rows().items()}
+    m.eval()
+    with torch.no_grad():
+        value = ours([features(m, anchors), features(m, positives)], None)
+        a = m.encode(anchors, convert_to_tensor=True)
+        p = m.encode(positives, convert_to_tensor=True)
+    sims = 20.0 * pairwise_cos_sim(a[:, None, :].expand(-1, 6, -1).reshape(36, -1), p.repeat(6, 1)).reshape(6, 6)
+    expected = -torch.log_softmax(sims, dim=1).diagonal().mean()
+    assert value.item() == pytest.approx(expected.item(), rel=1e-4)
+    assert ours.handler.steps_done == 1
+    after = ours.handler.gather_global_rows()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_refuses_what_it_cannot_do(model):
+    from sentence_transformers.util import manhattan_sim
+
+    with pytest.raises(ValueError, match="similarity_fct"):
+        CachedNegativesRankingLoss(model, similarity_fct=manhattan_sim)
+    with pytest.raises(ValueError, match="scale"):
+        CachedNegativesRankingLoss(model, scale=0.0)
+    ours = CachedNegativesRankingLoss(copy.deepcopy(model), cache_size=8)
+    a, p = pairs(2)
+    with pytest.raises(ValueError, match="pairs, got 3 text columns"):
+        ours([features(model, a), features(model, p), features(model, p)], None)
+    odd = features(model, p)
+    odd["pixel_values"] = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"tensor inputs \['pixel_values'\] that cannot be rebuilt"):
+        ours([features(model, a), odd], None)
+    assert ours.handler is None  # nothing was built or written
+
+
+def _trainer(model, out_dir, loss, *, max_steps, save_steps=2):
+    from datasets import Dataset
+
+    anchors, positives = pairs(64, seed=4)
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(out_dir), per_device_train_batch_size=8, max_steps=max_steps, logging_steps=2,
+        save_steps=save_steps, report_to=[], use_cpu=True, learning_rate=1e-3, seed=0, disable_tqdm=True,
+        dataloader_drop_last=True,
+    )
+    trainer = SentenceTransformerTrainer(
+        model=model, args=args, train_dataset=Dataset.from_dict({"anchor": anchors, "positive": positives}), loss=loss,
+    )
+    NegativeCacheCallback.attach(trainer)
+    return trainer
+
+
+def test_trainer_logs_checkpoints_and_resumes_exactly(model, tmp_path):
+    """Cache metrics in the logs; checkpoint-N/negcache written; a resumed run ends with the same cache."""
+    m = copy.deepcopy(model)
+    loss = CachedNegativesRankingLoss(m, cache_size=32, num_negatives=2)
+    trainer = _trainer(m, tmp_path, loss, max_steps=4)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in logs] == [2, 4]
+    # batches of 8 into 32 rows: fill 8, 16 | 24, 32 rows after steps 1-4; logged as the mean per window.
+    assert logs[0]["negcache/fill_fraction"] == pytest.approx((8 + 16) / 2 / 32)
+    assert logs[1]["negcache/fill_fraction"] == pytest.approx((24 + 32) / 2 / 32)
+    assert logs[0]["negcache/sampled"] == pytest.approx((0 + 16) / 2)  # nothing cached at step 1
+    assert {"negcache/interpretable_loss", "negcache/staleness", "negcache/sampled_age"} <= set(logs[1])
+    assert (tmp_path / "checkpoint-2" / "negcache" / ".metadata").exists()
+    final = loss.handler.gather_global_rows()
+
+    m2 = copy.deepcopy(model)
+    loss2 = CachedNegativesRankingLoss(m2, cache_size=32, num_negatives=2)
+    resumed = _trainer(m2, tmp_path, loss2, max_steps=4)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    cb = next(c for c in resumed.callback_handler.callbacks if isinstance(c, NegativeCacheCallback))
+    assert cb.loaded_from == str(tmp_path / "checkpoint-2" / "negcache")
+    again = loss2.handler.gather_global_rows()
+    assert loss2.handler.steps_done == 4
+    assert set(final) == {"embedding", "age", "filled", "input_ids", "input_ids:lengths", "doc_id"}
+    for key in ("input_ids", "input_ids:lengths", "doc_id", "age", "filled"):
+        assert torch.equal(final[key], again[key]), key
+    torch.testing.assert_close(final["embedding"], again["embedding"], rtol=1e-4, atol=1e-5)
+
+
+def test_resume_without_a_cache_is_refused(model, tmp_path):
+    m = copy.deepcopy(model)
+    loss = CachedNegativesRankingLoss(m, cache_size=32)
+    trainer = _trainer(m, tmp_path, loss, max_steps=2)
+    trainer.train()
+    import shutil
+
+    shutil.rmtree(tmp_path / "checkpoint-2" / "negcache")
+    m2 = copy.deepcopy(model)
+    resumed = _trainer(m2, tmp_path, CachedNegativesRankingLoss(m2, cache_size=32), max_steps=4)
+    with pytest.raises(FileNotFoundError, match="holds no negative cache"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+
+def test_model_fit(model):
+    from sentence_transformers import InputExample
+    from torch.utils.data import DataLoader
+
+    m = copy.deepcopy(model)
+    anchors, positives = pairs(24, seed=5)
+    data = DataLoader([InputExample(texts=[a, p]) for a, p in zip(anchors, positives)], batch_size=8, shuffle=False)
+    loss = CachedNegativesRankingLoss(m, cache_size=16)
+    before = grads_free_copy(m)
+    m.fit(train_objectives=[(data, loss)], epochs=1, warmup_steps=0, show_progress_bar=False,
+          optimizer_params={"lr": 1e-3})
+    assert loss.handler.steps_done == 3 and loss.handler.last_step.metrics["fill_fraction"] == 1.0
+    assert not torch.equal(before, grads_free_copy(m))
+
+
+def grads_free_copy(module):
+    return torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()])
