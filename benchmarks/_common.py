@@ -1,9 +1,11 @@
 """Shared pieces of the benchmarks: synthetic caches, a cheap document tower, timers, memory and byte counters.
 
-Nothing here changes the engine. Timing splits and byte counts are taken by *wrapping* the engine's
-functions and the ``torch.distributed`` collectives from the benchmark process (see
-:class:`Sections`, :func:`instrument_engine` and :class:`WireCounter`); the engine's own per-collective
-counters (``handler.comm.bytes_sent``) are read as well and cross-checked against the wrapper.
+Nothing here changes or wraps the engine. The engine's time split is read from its own profiler ranges
+(``negcache/<stage>``, what a user's trace shows; :func:`stage_split`, :func:`split_from_stages`); the
+benchmarks' own code (the alternative designs of ``bench_scaling``, the user's tower) is timed with
+:class:`Sections`. Bytes are counted by wrapping the ``torch.distributed`` collectives from the benchmark
+process (:class:`WireCounter`); the engine's own per-collective counters (``handler.comm.bytes_sent``) are
+read as well and cross-checked against it.
 
 Memory is measured as resident set size (RSS) of the process, which covers torch's CPU allocator:
 ``reset_peak()`` writes ``5`` to ``/proc/self/clear_refs`` (Linux >= 4.0), which resets the kernel's
@@ -176,26 +178,25 @@ class PeakMeter:
 
 
 # ---------------------------------------------------------------------------------------------
-# time split by wrapping
+# time split: the benchmarks' own sections, and the engine's profiler ranges
 # ---------------------------------------------------------------------------------------------
 class Sections:
     """Exclusive time per named section (wall clock and process CPU time); nested sections pause their parent.
 
-    CPU time (``time.process_time``: every thread of this process) is what a section costs this rank
-    in work; wall time also holds waiting: for other ranks in collectives, and for a core when other
-    jobs share the machine.
+    For the benchmarks' own code (the alternative designs in ``bench_scaling``, the user's tower); the
+    engine's split comes from its profiler ranges (:func:`stage_split`). CPU time (``time.process_time``:
+    every thread of this process) is what a section costs this rank in work; wall time also holds waiting:
+    for other ranks in collectives, and for a core when other jobs share the machine.
     """
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
         self.cpu_seconds: dict[str, float] = defaultdict(float)
         self._stack: list[list[Any]] = []
-        self.peaks: dict[str, float] = defaultdict(float)
 
     def reset(self) -> None:
         self.seconds.clear()
         self.cpu_seconds.clear()
-        self.peaks.clear()
 
     def push(self, name: str) -> None:
         now, cpu = time.perf_counter(), time.process_time()
@@ -222,26 +223,90 @@ class Sections:
         finally:
             self.pop()
 
-    def wrap(self, name: str, fn: Callable, measure_peak: bool = False) -> Callable:
+    def wrap(self, name: str, fn: Callable) -> Callable:
+        """``fn`` timed as section ``name`` on every call (the benchmarks wrap the user's tower with it)."""
+
         @functools.wraps(fn)
         def wrapped(*a: Any, **k: Any) -> Any:
-            if measure_peak:  # extra RSS touched inside this call (scoring's memory bound)
-                ok = reset_peak()
-                before = rss_mb()
-            self.push(name)
-            try:
+            with self.section(name):
                 return fn(*a, **k)
-            finally:
-                self.pop()
-                if measure_peak and ok:
-                    self.peaks[name] = max(self.peaks[name], hwm_mb() - before)
 
         return wrapped
 
 
 SPLIT_KEYS = ("scoring", "collectives", "fetch", "reencode", "writeback", "other")
 
+# The engine's profiler ranges (``negcache/<stage>``) folded into SPLIT_KEYS. The stages that are a
+# collective and little else go to 'collectives' (agree: all-gather of the step's agreement; gather:
+# all-gather of the queries; partials: all-to-all of the scan's partial results and their merge; stats:
+# all-reduce of the metrics), each with its wait for the slowest rank. 'fetch' and 'writeback' keep the
+# all-to-alls they contain (row counts, row ids and rows; fresh embeddings back to their owners): the
+# profiler shows gloo's work on its own threads, not the caller's wait, so a range cannot be split into
+# its local work and its collectives. 'losses' and the time outside every range (validation, step
+# bookkeeping) are 'other'.
+STAGE_TO_SPLIT = {
+    "agree": "collectives", "gather": "collectives", "score": "scoring", "partials": "collectives",
+    "fetch": "fetch", "reencode": "reencode", "losses": "other", "stats": "collectives",
+    "write_back": "writeback", "insert": "writeback",
+}
 
+_LSE_OPS = ("aten::amax", "aten::exp_", "aten::sum", "aten::log_")
+
+
+def stage_split(prof: Any) -> dict[str, float]:
+    """Seconds in each engine range of a profile (summed over the profiled steps): the one place that reads
+    the ``negcache/<stage>`` ranges.
+
+    ``prof`` is a finished ``torch.profiler.profile(activities=[ProfilerActivity.CPU])``. Returns every
+    stage of ``handler.STAGES`` (0 where absent), plus ``score.matmul`` (the ``aten::mm`` calls inside the
+    score range) and ``score.lse`` (the compiled block log-sum-exp, or the eager ops it replaces), which
+    are parts of ``score``. Range times are wall time on the calling thread (the profiler's
+    ``cpu_time_total``), waiting for other ranks included.
+    """
+    from sharded_negcache.handler import STAGE_PREFIX, STAGES
+
+    out = {s: 0.0 for s in STAGES}
+    mm = lse = 0.0
+    for e in prof.events():
+        if e.name.startswith(STAGE_PREFIX) and e.name[len(STAGE_PREFIX):] in out:
+            out[e.name[len(STAGE_PREFIX):]] += e.cpu_time_total / 1e6
+        elif e.name == "aten::mm" or e.name in _LSE_OPS or e.name.startswith("Torch-Compiled Region"):
+            chain, parent = [], e.cpu_parent
+            while parent is not None:
+                chain.append(parent.name)
+                parent = parent.cpu_parent
+            if STAGE_PREFIX + "score" not in chain or any(n.startswith("Torch-Compiled Region") for n in chain):
+                continue
+            if e.name == "aten::mm":
+                mm += e.cpu_time_total / 1e6
+            elif e.name.startswith("Torch-Compiled Region") or "aten::logsumexp" not in chain:
+                lse += e.cpu_time_total / 1e6
+    out["score.matmul"], out["score.lse"] = mm, lse
+    return out
+
+
+def split_from_stages(stages: dict[str, float], total: float, steps: int = 1) -> dict[str, float]:
+    """Per-step seconds of each SPLIT_KEYS entry from :func:`stage_split`'s ranges (``STAGE_TO_SPLIT``);
+    'other' also takes the step time outside every range (``total``: wall seconds of the profiled steps)."""
+    out = dict.fromkeys(SPLIT_KEYS, 0.0)
+    for stage, key in STAGE_TO_SPLIT.items():
+        out[key] += stages.get(stage, 0.0) / steps
+    out["other"] += max(total - sum(stages.get(s, 0.0) for s in STAGE_TO_SPLIT), 0.0) / steps
+    return out
+
+
+def split_of(sections: Sections, total: float, steps: int, cpu: bool = False) -> dict[str, float]:
+    """Per-step seconds of each split key from a :class:`Sections`; 'other' is the step total minus the
+    named sections. ``cpu``: CPU seconds (then ``total`` must be the step's CPU time too)."""
+    src = sections.cpu_seconds if cpu else sections.seconds
+    out = {k: src.get(k, 0.0) / steps for k in SPLIT_KEYS if k != "other"}
+    out["other"] = max(total / steps - sum(out.values()), 0.0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# bytes on the wire, counted by wrapping torch.distributed
+# ---------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def patched(items: Iterable[tuple[Any, str, Any]]):
     """Temporarily sets ``setattr(obj, name, value)`` for each item; restores on exit."""
@@ -256,66 +321,6 @@ def patched(items: Iterable[tuple[Any, str, Any]]):
             setattr(obj, name, value)
 
 
-@contextlib.contextmanager
-def instrument_engine(sections: Sections, measure_scoring_peak: bool = False):
-    """Wraps the engine's step pieces so one handler step splits into SPLIT_KEYS (exclusive times).
-
-    scoring: ``handler.score_shard``; collectives: every ``Comm`` collective (includes waiting for the
-    slowest rank); fetch: ``Comm.fetch_rows`` (row lookup and packing, its collectives excluded) and
-    ``ShardStore.unpack``; writeback: ``Comm.write_back`` (its collective excluded), ``ShardStore.refresh``,
-    ``insert`` and ``tick``; reencode: the document network (wrap it with ``sections.wrap('reencode', f)``).
-    Whatever is left of the step (merging partials, losses, metrics, validation) is 'other'.
-    Inside scoring, the engine's helpers (when present) are timed as ``scoring.block_lse`` (per-block
-    max and exp-sum), ``scoring.sample`` (stage-1 Gumbel over blocks) and ``scoring.stage2`` (re-scoring
-    the winning blocks); :func:`scoring_parts` reads them, :func:`split_of` folds them into 'scoring'.
-    """
-    import sharded_negcache.handler as H
-    from sharded_negcache.exchange import Comm
-    from sharded_negcache.store import ShardStore
-
-    import sharded_negcache.scoring as S
-
-    items = [(H, "score_shard", sections.wrap("scoring", H.score_shard, measure_scoring_peak))]
-    # inside scoring (when the engine has these helpers): reported as scoring.<part>, folded into scoring
-    for fn_name, part in (("_block_lse", "scoring.block_lse"), ("_block_max_and_sum", "scoring.block_lse"),
-                          ("_sample_blocks", "scoring.sample"), ("_pick_rows_in_blocks", "scoring.stage2")):
-        if hasattr(S, fn_name):
-            items.append((S, fn_name, sections.wrap(part, getattr(S, fn_name))))
-    for name in ("agree", "gather_rows", "all_to_all", "exchange_counts", "all_reduce_sum", "all_gather_object"):
-        if hasattr(Comm, name):
-            items.append((Comm, name, sections.wrap("collectives", getattr(Comm, name))))
-    items.append((Comm, "fetch_rows", sections.wrap("fetch", Comm.fetch_rows)))
-    items.append((ShardStore, "unpack", sections.wrap("fetch", ShardStore.unpack)))
-    items.append((Comm, "write_back", sections.wrap("writeback", Comm.write_back)))
-    for name in ("refresh", "insert", "tick"):
-        items.append((ShardStore, name, sections.wrap("writeback", getattr(ShardStore, name))))
-    with patched(items):
-        yield
-
-
-def scoring_parts(sections: Sections, steps: int = 1, cpu: bool = False) -> dict[str, float]:
-    """Per-step seconds inside scoring: 'matmul+rest' (score_shard itself) and each wrapped helper."""
-    src = sections.cpu_seconds if cpu else sections.seconds
-    out = {"matmul+rest": src.get("scoring", 0.0) / steps}
-    out.update({k.split(".", 1)[1]: v / steps for k, v in src.items() if k.startswith("scoring.")})
-    return out
-
-
-def split_of(sections: Sections, total: float, steps: int, cpu: bool = False) -> dict[str, float]:
-    """Per-step seconds of each split key; 'other' is the step total minus the named sections.
-
-    ``cpu``: CPU seconds (then ``total`` must be the step's CPU time too)."""
-    src = dict(sections.cpu_seconds if cpu else sections.seconds)
-    for k in [k for k in src if k.startswith("scoring.")]:
-        src["scoring"] = src.get("scoring", 0.0) + src.pop(k)
-    out = {k: src.get(k, 0.0) / steps for k in SPLIT_KEYS if k != "other"}
-    out["other"] = max(total / steps - sum(out.values()), 0.0)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# bytes on the wire, counted by wrapping torch.distributed
-# ---------------------------------------------------------------------------------------------
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 

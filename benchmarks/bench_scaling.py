@@ -20,9 +20,17 @@ Experiments (global batch fixed at ``--global-batch`` queries, split evenly over
 * strong scaling: ``--strong-rows`` rows in all, W = 1, 2, 4 (the shard shrinks with W);
 * bytes vs cache size: W = ``--sweep-world`` at the ``--sweep-rows`` global sizes, every design.
 
-Time split (per step, exclusive, by wrapping the engine's functions from this process): scoring,
-collectives (including waiting for the slowest rank), fetch, re-encode (the document network),
-write-back (refresh, insert, age tick) and other (merging partials, losses, validation, metrics).
+Time split (per step, exclusive): scoring, collectives (including waiting for the slowest rank), fetch,
+re-encode (the document network), write-back and other. For the engine (``sharded``) it is read from
+its own profiler ranges (``negcache/<stage>``, what a user's trace shows) by ``_common.stage_split``:
+the measured steps run *without* the profiler (their times are the step times reported), then
+``--profiled-steps`` extra steps (default 1) run under ``torch.profiler.profile(activities=[CPU])`` and
+give the split (``split_s``; the raw ranges per step are ``stage_s``). Stages map to the keys as
+``_common.STAGE_TO_SPLIT``: score -> scoring; agree, gather, partials, stats -> collectives; fetch ->
+fetch (with its row all-to-alls); reencode -> reencode; write_back, insert -> writeback; losses and the
+time outside every range -> other. The ranges are wall time: the engine has no per-key CPU split
+(``cpu_split_s`` is null, ``cpu_s`` is still the step's CPU time). The two alternatives are this
+benchmark's own code and time their sections directly (``_common.Sections``), in wall and CPU time.
 Bytes: counted per rank by wrapping the ``torch.distributed`` calls (and, for the engine, its own
 ``Comm`` counters). Memory: peak RSS per rank during the measured steps minus the RSS of the same
 process before the design's cache was built. One torch thread per rank: W=4 on a 2-core machine is
@@ -46,9 +54,9 @@ import torch
 import torch.distributed as dist
 
 from _common import (MB, RESULTS_DIR, SPLIT_KEYS, CheapTower, Sections, WireCounter, fill_local,
-                     hwm_mb, instrument_engine, machine_info, make_batch, make_handler, median, parse_sizes,
-                     reset_peak, rss_mb, run_ranks, size_label, split_of, synthetic_rows, table, trim,
-                     write_json)
+                     hwm_mb, machine_info, make_batch, make_handler, median, parse_sizes, reset_peak, rss_mb,
+                     run_ranks, size_label, split_from_stages, split_of, stage_split, synthetic_rows, table,
+                     trim, write_json)
 
 DESIGNS = ("sharded", "replicated", "gather")
 SCALE = 20.0
@@ -230,6 +238,23 @@ BUILD = {"sharded": Sharded, "replicated": Replicated, "gather": GatherEverythin
 # ---------------------------------------------------------------------------------------------
 # one rank
 # ---------------------------------------------------------------------------------------------
+def engine_split(impl: Sharded, net, batches: list) -> tuple[dict[str, float], dict[str, float]]:
+    """(split per step over SPLIT_KEYS, seconds per step in each ``negcache/<stage>`` range) of the engine,
+    from ``len(batches)`` extra steps run under the profiler (every rank runs the same number)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    total = 0.0
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for q, p, data in batches:
+            t0 = time.perf_counter()
+            loss = impl.step(net, q, p, data, None)
+            total += time.perf_counter() - t0
+            loss.backward()  # outside the timed span, as in the measured steps
+    stages = stage_split(prof)
+    n = len(batches)
+    return split_from_stages(stages, total, n), {k: v / n for k, v in stages.items()}
+
+
 def rank_main(rank: int, world: int, experiments: list[dict], cfg: dict) -> list[dict]:
     d, f, m = cfg["dim"], cfg["feat"], cfg["draws"]
     tower = CheapTower(f, d)
@@ -238,45 +263,51 @@ def rank_main(rank: int, world: int, experiments: list[dict], cfg: dict) -> list
         rows, design = exp["cache_rows"], exp["design"]
         b = cfg["global_batch"] // world
         steps, warmup = exp.get("steps", cfg["steps"]), cfg["warmup"]
+        profiled = cfg["profiled_steps"] if design == "sharded" else 0
         dist.barrier()
         trim()
         base = rss_mb()
         impl = BUILD[design](rows, d, f, m, cfg["chunk_bytes"], rank, world)
         sec = Sections()
         net = sec.wrap("reencode", tower)
-        batches = [make_batch(b, d, tower, seed=10_000 * rank + i) for i in range(warmup + steps)]
+        batches = [make_batch(b, d, tower, seed=10_000 * rank + i) for i in range(warmup + steps + profiled)]
         times: list[float] = []
         cpu: list[float] = []
-        with instrument_engine(sec):
-            for i in range(warmup):
-                impl.step(net, *batches[i], sec)
-            dist.barrier()
-            trim()
-            resident = rss_mb() - base
-            reset_peak()
-            sec.reset()
-            comm = getattr(getattr(impl, "handler", None), "comm", None)
-            if comm is not None:
-                comm.reset_counters()
-            with WireCounter() as wire:
-                for i in range(steps):
-                    q, p, data = batches[warmup + i]
-                    c0, t0 = time.process_time(), time.perf_counter()
-                    loss = impl.step(net, q, p, data, sec)
-                    times.append(time.perf_counter() - t0)
-                    cpu.append(time.process_time() - c0)
-                    loss.backward()  # not timed: the gradient path must exist, its cost is the user's
-        peak = hwm_mb() - base
+        for i in range(warmup):
+            impl.step(net, *batches[i], sec)
+        dist.barrier()
+        trim()
+        resident = rss_mb() - base
+        reset_peak()
+        sec.reset()
+        comm = getattr(getattr(impl, "handler", None), "comm", None)
+        if comm is not None:
+            comm.reset_counters()
+        with WireCounter() as wire:
+            for i in range(steps):
+                q, p, data = batches[warmup + i]
+                c0, t0 = time.process_time(), time.perf_counter()
+                loss = impl.step(net, q, p, data, sec)
+                times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
+                loss.backward()  # not timed: the gradient path must exist, its cost is the user's
+        peak = hwm_mb() - base  # before the profiled steps: the profiler's own memory is not the design's
+        comm_bytes = {k: v / steps for k, v in comm.bytes_sent.items()} if comm is not None else None
+        if design == "sharded":  # the engine: split from its profiler ranges, on extra steps
+            split, stage_s = engine_split(impl, net, batches[warmup + steps:])
+            cpu_split = None
+        else:  # this benchmark's own designs: their sections, timed on the measured steps
+            split, stage_s = split_of(sec, sum(times), steps), None
+            cpu_split = split_of(sec, sum(cpu), steps, cpu=True)
         out.append({
             **exp, "rank": rank, "world": world, "batch_per_rank": b, "steps": steps,
             "threads": torch.get_num_threads(), "step_s": times, "cpu_s": cpu,
-            "split_s": split_of(sec, sum(times), steps),
-            "cpu_split_s": split_of(sec, sum(cpu), steps, cpu=True),
+            "split_s": split, "cpu_split_s": cpu_split, "stage_s": stage_s, "profiled_steps": profiled,
             "wire_bytes_per_step": {k: v / steps for k, v in wire.bytes.items()},
             "wire_total_per_step": wire.total / steps,
-            "comm_bytes_per_step": ({k: v / steps for k, v in comm.bytes_sent.items()} if comm is not None else None),
+            "comm_bytes_per_step": comm_bytes,
             "cache_bytes": impl.cache_bytes(), "resident_mb": resident, "peak_mb": peak,
-            "peak_rss_mb": hwm_mb(), "baseline_rss_mb": base,
+            "peak_rss_mb": peak + base, "baseline_rss_mb": base,
         })
         del impl, batches
     dist.barrier()
@@ -293,7 +324,10 @@ def aggregate(per_rank: list[dict]) -> dict:
     # a step ends for everyone at its last collective: the step's time is the slowest rank's
     per_step = [max(r["step_s"][i] for r in per_rank) for i in range(per_rank[0]["steps"])]
     split = {k: sum(r["split_s"][k] for r in per_rank) / w for k in SPLIT_KEYS}
-    cpu_split = {k: sum(r["cpu_split_s"][k] for r in per_rank) / w for k in SPLIT_KEYS}
+    cpu_split = (None if any(r["cpu_split_s"] is None for r in per_rank)
+                 else {k: sum(r["cpu_split_s"][k] for r in per_rank) / w for k in SPLIT_KEYS})
+    stages = (None if any(r.get("stage_s") is None for r in per_rank)
+              else {k: sum(r["stage_s"][k] for r in per_rank) / w for k in per_rank[0]["stage_s"]})
     comm_tags: dict[str, float] = {}
     if per_rank[0]["comm_bytes_per_step"] is not None:
         for r in per_rank:
@@ -305,7 +339,7 @@ def aggregate(per_rank: list[dict]) -> dict:
         "batch_per_rank": per_rank[0]["batch_per_rank"], "threads_per_rank": per_rank[0]["threads"],
         "step_s": median(per_step), "step_s_best": min(per_step), "step_s_all": per_step,
         "step_s_per_rank": med, "cpu_s": max(median(r["cpu_s"]) for r in per_rank), "split_s": split,
-        "cpu_split_s": cpu_split,
+        "cpu_split_s": cpu_split, "stage_s": stages,
         "bytes_per_rank_per_step": sum(r["wire_total_per_step"] for r in per_rank) / w,
         "bytes_per_rank_per_step_max": max(r["wire_total_per_step"] for r in per_rank),
         "bytes_by_collective": {k: sum(r["wire_bytes_per_step"].get(k, 0) for r in per_rank) / w
@@ -326,8 +360,9 @@ def _tab_rows(rows: list[dict]) -> list[dict]:
                "B/rank": r["batch_per_rank"], "step_ms": 1e3 * r["step_s"], "best_ms": 1e3 * r["step_s_best"],
                "cpu_ms": 1e3 * r["cpu_s"]}
         row.update({f"{k}_ms": 1e3 * r["split_s"][k] for k in SPLIT_KEYS})
-        row.update({"cpu_scoring_ms": 1e3 * r["cpu_split_s"]["scoring"],
-                    "cpu_rest_ms": 1e3 * (r["cpu_s"] - r["cpu_split_s"]["scoring"])})
+        cs = r.get("cpu_split_s")  # null for the engine: its split comes from the ranges (wall time)
+        row.update({"cpu_scoring_ms": 1e3 * cs["scoring"] if cs else "-",
+                    "cpu_rest_ms": 1e3 * (r["cpu_s"] - cs["scoring"]) if cs else "-"})
         row.update({"KiB/step/rank": r["bytes_per_rank_per_step"] / 1024, "cache_MB/rank": r["cache_mb_per_rank"],
                     "peak_MB/rank": r["peak_mb_per_rank"]})
         out.append(row)
@@ -363,7 +398,7 @@ def plot_all(res: dict, out_dir: Path) -> list[Path]:
         title = (f"weak scaling: {size_label(res['config']['weak_rows'])} rows/rank" if exp == "weak"
                  else f"strong scaling: {size_label(res['config']['strong_rows'])} rows in all")
         ax.set_title(f"{title}, global batch {res['config']['global_batch']}\n(1 thread/rank, 2 cores: W=4 is "
-                     "oversubscribed 2x)", fontsize=9)
+                     "oversubscribed 2x; sharded bars: negcache/* ranges of extra profiled steps)", fontsize=9)
         ax.legend(fontsize=7, ncol=2)
         ax = axes[1]
         for design, mk in zip(DESIGNS, "os^"):
@@ -433,6 +468,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--chunk-mb", type=float, default=None, help="chunk_bytes in MB (default: the engine's)")
     ap.add_argument("--steps", type=int, default=3, help="measured steps per experiment")
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--profiled-steps", type=int, default=1,
+                    help="extra engine steps run under the profiler for the split (after the timed steps)")
     ap.add_argument("--designs", default=",".join(DESIGNS))
     ap.add_argument("--sweep-world", type=int, default=2)
     ap.add_argument("--sweep-rows", default="64K,256K,1M", help="global cache sizes for the bytes sweep")
@@ -467,7 +504,7 @@ def main(argv: list[str] | None = None) -> dict:
     from sharded_negcache.handler import DEFAULT_CHUNK_BYTES
 
     cfg = {"dim": args.dim, "feat": args.feat, "draws": args.draws, "global_batch": args.global_batch,
-           "steps": args.steps, "warmup": args.warmup,
+           "steps": args.steps, "warmup": args.warmup, "profiled_steps": max(args.profiled_steps, 1),
            "chunk_bytes": int(args.chunk_mb * MB) if args.chunk_mb else DEFAULT_CHUNK_BYTES["cpu"]}
     t0 = time.perf_counter()
     res: dict[str, Any] = {"benchmark": "bench_scaling", "machine": machine_info(),

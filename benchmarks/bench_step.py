@@ -35,8 +35,8 @@ from pathlib import Path
 
 from _common import (MB, RESULTS_DIR, CheapTower, PeakMeter, Sections, WireCounter, fill_local,
                      in_fresh_process, machine_info, make_batch, make_handler, median,
-                     parse_sizes, protocol_bytes, run_ranks, size_label, synthetic_rows, table,
-                     trim, write_json)
+                     parse_sizes, protocol_bytes, run_ranks, size_label, stage_split, synthetic_rows,
+                     table, trim, write_json)
 
 import torch
 
@@ -74,35 +74,19 @@ def _timed(fn, *a) -> tuple[float, float]:
 # 1. one size in a fresh process
 # ---------------------------------------------------------------------------------------------
 def profiled_split(handler, net, batch) -> dict[str, float]:
-    """ms in each ``negcache/<stage>`` profiler range of one step (what a user's trace shows), plus
-    ``score.matmul`` (the ``aten::mm`` calls inside the score range), ``score.lse`` (the compiled
-    block log-sum-exp, or the eager ops it replaces) and ``untracked`` (step wall time minus the ranges)."""
+    """ms in each ``negcache/<stage>`` profiler range of one step (what a user's trace shows; read by
+    ``_common.stage_split``), plus ``score.matmul`` (the ``aten::mm`` calls inside the score range),
+    ``score.lse`` (the compiled block log-sum-exp, or the eager ops it replaces) and ``untracked`` (step
+    wall time minus the ranges)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from sharded_negcache.handler import STAGE_PREFIX, STAGES
+    from sharded_negcache.handler import STAGES
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         handler.update_cache_and_compute_loss(net, *batch)
         total = time.perf_counter() - t0
-    out = {s: 0.0 for s in STAGES}
-    mm = lse = 0.0
-    for e in prof.events():
-        if e.name.startswith(STAGE_PREFIX) and e.name[len(STAGE_PREFIX):] in out:
-            out[e.name[len(STAGE_PREFIX):]] += e.cpu_time_total / 1e3
-        elif e.name in ("aten::mm", "aten::amax", "aten::exp_", "aten::sum", "aten::log_") or \
-                e.name.startswith("Torch-Compiled Region"):
-            chain, parent = [], e.cpu_parent
-            while parent is not None:
-                chain.append(parent.name)
-                parent = parent.cpu_parent
-            if STAGE_PREFIX + "score" not in chain or any(n.startswith("Torch-Compiled Region") for n in chain):
-                continue
-            if e.name == "aten::mm":
-                mm += e.cpu_time_total / 1e3
-            elif e.name.startswith("Torch-Compiled Region") or "aten::logsumexp" not in chain:
-                lse += e.cpu_time_total / 1e3
-    out["score.matmul"], out["score.lse"] = mm, lse
+    out = {k: 1e3 * v for k, v in stage_split(prof).items()}
     out["untracked"] = max(1e3 * total - sum(out[s] for s in STAGES), 0.0)
     return out
 

@@ -2,10 +2,12 @@
 
 Inputs measured by ``bench_scaling.py`` (``results/scaling.json``):
 
-* ``t_pair``: per-rank scoring CPU seconds per (query, cached row) pair = scoring CPU time / (queries
-  scored x rows per rank), from the sharded runs that are not oversubscribed (W <= 2); CPU time, not
-  wall time, so that other jobs on a shared machine do not inflate it (one thread per rank);
-* the local non-scoring CPU time per step (fetch, re-encode, write-back, other) of the sharded W=2 run;
+* ``t_pair``: per-rank scoring seconds per (query, cached row) pair = scoring time / (queries scored x
+  rows per rank), from the sharded runs that are not oversubscribed (W <= 2). The engine's scoring time
+  is its ``negcache/score`` profiler range (``split_s``: wall time on the rank's one thread, which other
+  jobs on a shared machine can inflate); results written before the split came from the ranges carry a
+  CPU-time split (``cpu_split_s``), which is used where present;
+* the local non-scoring time per step (fetch, re-encode, write-back, other) of the sharded W=2 run;
 * bytes per rank per step of each collective (the engine's ``Comm`` tags), divided by the protocol's
   formula (``_common.protocol_bytes``) at the same W and batch: the *calibration factor* of each tag
   (1.0 for the deterministic tags; slightly under 1 for the row traffic, because of duplicate samples).
@@ -67,14 +69,14 @@ def calibrate(res: dict) -> dict[str, Any]:
     """t_pair, local time and per-tag byte calibration factors from a bench_scaling result."""
     cfg = res["config"]
     sharded = [r for r in res["rows"] if r["design"] == "sharded"]
-    pts = [(cfg["global_batch"] * (r["cache_rows"] // r["world"]), cfg["global_batch"], r["cpu_split_s"]["scoring"])
+    pts = [(cfg["global_batch"] * (r["cache_rows"] // r["world"]), cfg["global_batch"], _split(r)["scoring"])
            for r in sharded if r["world"] <= 2]
     t_pair, t_query = _fit_scoring(pts)
     pairs = [t / x for x, _, t in pts]
     ref = next((r for r in sharded if r["experiment"] == "weak" and r["world"] == 2), None)
     local_keys = ("fetch", "reencode", "writeback", "other")
-    local = sum(ref["cpu_split_s"][k] for k in local_keys) if ref else 0.0
-    local_split = {k: ref["cpu_split_s"][k] for k in local_keys} if ref else {}
+    local = sum(_split(ref)[k] for k in local_keys) if ref else 0.0
+    local_split = {k: _split(ref)[k] for k in local_keys} if ref else {}
     # byte calibration: the largest-W sharded run that has engine counters
     cands = [r for r in sharded if r["world"] > 1 and r.get("comm_tags_per_rank")]
     factors: dict[str, float] = {}
@@ -97,11 +99,16 @@ def calibrate(res: dict) -> dict[str, Any]:
             "byte_factors": factors, "calibrated_on": calib_from, "row_bytes_cpu": row_bytes}
 
 
+def _split(row: dict) -> dict[str, float]:
+    """A row's per-step split: CPU time where the run has it, else the engine's profiler ranges (wall)."""
+    return row.get("cpu_split_s") or row["split_s"]
+
+
 def _fit_scoring(pts: list[tuple[float, float, float]]) -> tuple[float, float]:
     """Least squares ``t = t_pair * (queries x rows) + t_query * queries`` over (pairs, queries, seconds).
 
-    The per-query term is the work that does not grow with the shard (stage-2 re-scoring of the
-    winning blocks, the Gumbel keys). Falls back to a pure per-pair rate when the fit is degenerate.
+    The per-query term is the work that does not grow with the shard (stage 2 picking each draw's row
+    from the winning block's scores the scan already holds, design §9; the Gumbel keys). Falls back to a pure per-pair rate when the fit is degenerate.
     """
     if not pts:
         return float("nan"), 0.0
