@@ -612,5 +612,5 @@ def protocol_bytes(world: int, batch: int, draws: int, dim: int, row_bytes: int,
         "row_ids": req * 8,
         "row_fetch": srv * row_bytes,
         "write_back": req * dim * 4,
-        "stats": 6 * 8,
+        "stats": 9 * 8,  # the statistics all-reduce: nine float64 sums
     }
