@@ -224,6 +224,14 @@ def score_shard(
     chunk_rows = max(bs, chunk_rows // bs * bs)
     filled = store.filled_per_chunk(chunk_rows)
     block_lse = torch.full((b, layout.blocks_per_rank), _NEG_INF, device=device)
+    # Stage 2 deferred: the current winners' block scores are kept ([B·m, block] floats, at most one
+    # chunk's worth) and the inverse CDF runs once, after the scan, on the final winners only; the first
+    # chunks replace most of their winners, so resolving at once did ~(1 + ln chunks)x the work. Same
+    # inputs per pair, row-wise ops: the same rows either way. Above the budget: resolved per chunk.
+    defer = num_draws * bs <= chunk_rows
+    if defer:
+        win_scores = torch.empty((b * num_draws, bs), device=device)
+        win_lse = torch.empty(b * num_draws, device=device)
     for c, start in enumerate(range(0, store.rows, chunk_rows)):
         if filled[c] == 0:
             continue
@@ -238,9 +246,20 @@ def score_shard(
         qi, ti, blk = draws.offer(lse_c, start // bs)
         if qi.numel():
             pair = qi * s3.shape[1] + blk  # (query, block) as a row of [B * blocks, block]: a contiguous gather
-            within = pick_in_block(s3.reshape(-1, bs).index_select(0, pair), lse_c.reshape(-1).index_select(0, pair),
-                                   draws.u[qi, ti])
-            draws.best_row[qi, ti] = start + blk * bs + within
+            pair_scores, pair_lse = s3.reshape(-1, bs).index_select(0, pair), lse_c.reshape(-1).index_select(0, pair)
+            if defer:
+                slot = qi * num_draws + ti
+                win_scores.index_copy_(0, slot, pair_scores)
+                win_lse.index_copy_(0, slot, pair_lse)
+                draws.best_row[qi, ti] = start + blk * bs  # the block's first row; + the pick after the scan
+            else:
+                draws.best_row[qi, ti] = start + blk * bs + pick_in_block(pair_scores, pair_lse, draws.u[qi, ti])
+    if defer:
+        found = torch.isfinite(draws.best_key).view(-1).nonzero().squeeze(1)
+        if found.numel():
+            within = pick_in_block(win_scores.index_select(0, found), win_lse.index_select(0, found),
+                                   draws.u.reshape(-1).index_select(0, found))
+            draws.best_row.view(-1).index_add_(0, found, within)
     return draws.partials(torch.logsumexp(block_lse, dim=1), layout)
 
 
