@@ -212,7 +212,7 @@ def score_shard(
     :mod:`triton_scan`, no score matrix at all; sampling mode with a float scale only).
     """
     b, device = queries.shape[0], queries.device
-    q = score_fn.prepare_queries(queries.float())
+    q = score_fn.prepare_queries(queries.detach().float())  # the partials carry no gradient
     bs = layout.block_size
     if top_k:
         return _scan_topk(store, layout, q, score_fn, top_k, max(bs, chunk_rows // bs * bs), exclude_key, exclude_ids)
@@ -224,6 +224,7 @@ def score_shard(
     chunk_rows = max(bs, chunk_rows // bs * bs)
     filled = store.filled_per_chunk(chunk_rows)
     block_lse = torch.full((b, layout.blocks_per_rank), _NEG_INF, device=device)
+    buf = torch.empty(b * min(chunk_rows, store.rows), device=device)
     # Stage 2 deferred: the current winners' block scores are kept ([B·m, block] floats, at most one
     # chunk's worth) and the inverse CDF runs once, after the scan, on the final winners only; the first
     # chunks replace most of their winners, so resolving at once did ~(1 + ln chunks)x the work. Same
@@ -236,7 +237,8 @@ def score_shard(
         if filled[c] == 0:
             continue
         end = min(start + chunk_rows, store.rows)
-        scores = score_fn.on_prepared(q @ store.decode(start, end).t())
+        # one score buffer for the whole scan (no allocation, no fresh pages per chunk)
+        scores = score_fn.on_prepared(torch.mm(q, store.decode(start, end).t(), out=buf[: b * (end - start)].view(b, -1)))
         _mask_chunk(scores, store, start, end, filled[c], exclude_key, exclude_ids)
         lse_c = fused_scan.block_lse(scores, bs, b * layout.cache_size)  # same choice on every rank and W
         s3 = scores.view(b, -1, bs)
