@@ -8,9 +8,10 @@ Never materialises [queries, shard rows]: rows are decoded and scored ``chunk_ro
 * sampling mode: ``lse`` over the blocks, and for each draw the two-stage Gumbel sampler: stage 1
   picks a global block with probability Z_b / Z (a Gumbel keyed by the block id on the block LSEs,
   a running best over the chunks); stage 2 picks a row inside the block by inverse CDF with a
-  uniform keyed by the query and draw. On the torch path stage 2 runs inside the scan, only for the
-  draws whose winner the chunk changed, reading the scores the chunk already holds (no re-scoring,
-  no gathered copy); the Triton kernel, which never writes scores, re-scores each winning block;
+  uniform keyed by the query and draw. On the torch path the scan copies the winning block's scores
+  out of the chunk for the draws whose winner the chunk changed (no re-scoring) and the inverse CDF
+  runs once, after the scan, on the final winners; the Triton kernel, which never writes scores,
+  re-scores each winning block;
 * top-k mode: the exact local top-k scores and their global row ids (kept running per chunk).
 
 Every random number is keyed by (seed, step, global query position, global block id, draw), so the
