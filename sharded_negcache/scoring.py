@@ -8,9 +8,10 @@ Never materialises [queries, shard rows]: rows are decoded and scored ``chunk_ro
 * sampling mode: ``lse`` over the blocks, and for each draw the two-stage Gumbel sampler: stage 1
   picks a global block with probability Z_b / Z (a Gumbel keyed by the block id on the block LSEs,
   a running best over the chunks); stage 2 picks a row inside the block by inverse CDF with a
-  uniform keyed by the query and draw. On the torch path stage 2 runs inside the scan, only for the
-  draws whose winner the chunk changed, reading the scores the chunk already holds (no re-scoring,
-  no gathered copy); the Triton kernel, which never writes scores, re-scores each winning block;
+  uniform keyed by the query and draw. On the torch path the scan copies the winning block's scores
+  out of the chunk for the draws whose winner the chunk changed (no re-scoring) and the inverse CDF
+  runs once, after the scan, on the final winners; the Triton kernel, which never writes scores,
+  re-scores each winning block;
 * top-k mode: the exact local top-k scores and their global row ids (kept running per chunk).
 
 Every random number is keyed by (seed, step, global query position, global block id, draw), so the
@@ -212,7 +213,7 @@ def score_shard(
     :mod:`triton_scan`, no score matrix at all; sampling mode with a float scale only).
     """
     b, device = queries.shape[0], queries.device
-    q = score_fn.prepare_queries(queries.float())
+    q = score_fn.prepare_queries(queries.detach().float())  # the partials carry no gradient
     bs = layout.block_size
     if top_k:
         return _scan_topk(store, layout, q, score_fn, top_k, max(bs, chunk_rows // bs * bs), exclude_key, exclude_ids)
@@ -224,11 +225,21 @@ def score_shard(
     chunk_rows = max(bs, chunk_rows // bs * bs)
     filled = store.filled_per_chunk(chunk_rows)
     block_lse = torch.full((b, layout.blocks_per_rank), _NEG_INF, device=device)
+    buf = torch.empty(b * min(chunk_rows, store.rows), device=device)
+    # Stage 2 deferred: the current winners' block scores are kept ([B·m, block] floats, at most one
+    # chunk's worth) and the inverse CDF runs once, after the scan, on the final winners only; the first
+    # chunks replace most of their winners, so resolving at once did ~(1 + ln chunks)x the work. Same
+    # inputs per pair, row-wise ops: the same rows either way. Above the budget: resolved per chunk.
+    defer = num_draws * bs <= chunk_rows
+    if defer:
+        win_scores = torch.empty((b * num_draws, bs), device=device)
+        win_lse = torch.empty(b * num_draws, device=device)
     for c, start in enumerate(range(0, store.rows, chunk_rows)):
         if filled[c] == 0:
             continue
         end = min(start + chunk_rows, store.rows)
-        scores = score_fn.on_prepared(q @ store.decode(start, end).t())
+        # one score buffer for the whole scan (no allocation, no fresh pages per chunk)
+        scores = score_fn.on_prepared(torch.mm(q, store.decode(start, end).t(), out=buf[: b * (end - start)].view(b, -1)))
         _mask_chunk(scores, store, start, end, filled[c], exclude_key, exclude_ids)
         lse_c = fused_scan.block_lse(scores, bs, b * layout.cache_size)  # same choice on every rank and W
         s3 = scores.view(b, -1, bs)
@@ -238,9 +249,20 @@ def score_shard(
         qi, ti, blk = draws.offer(lse_c, start // bs)
         if qi.numel():
             pair = qi * s3.shape[1] + blk  # (query, block) as a row of [B * blocks, block]: a contiguous gather
-            within = pick_in_block(s3.reshape(-1, bs).index_select(0, pair), lse_c.reshape(-1).index_select(0, pair),
-                                   draws.u[qi, ti])
-            draws.best_row[qi, ti] = start + blk * bs + within
+            pair_scores, pair_lse = s3.reshape(-1, bs).index_select(0, pair), lse_c.reshape(-1).index_select(0, pair)
+            if defer:
+                slot = qi * num_draws + ti
+                win_scores.index_copy_(0, slot, pair_scores)
+                win_lse.index_copy_(0, slot, pair_lse)
+                draws.best_row[qi, ti] = start + blk * bs  # the block's first row; + the pick after the scan
+            else:
+                draws.best_row[qi, ti] = start + blk * bs + pick_in_block(pair_scores, pair_lse, draws.u[qi, ti])
+    if defer:
+        found = torch.isfinite(draws.best_key).view(-1).nonzero().squeeze(1)
+        if found.numel():
+            within = pick_in_block(win_scores.index_select(0, found), win_lse.index_select(0, found),
+                                   draws.u.reshape(-1).index_select(0, found))
+            draws.best_row.view(-1).index_add_(0, found, within)
     return draws.partials(torch.logsumexp(block_lse, dim=1), layout)
 
 
