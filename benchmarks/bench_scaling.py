@@ -384,7 +384,6 @@ def plot_all(res: dict, out_dir: Path) -> list[Path]:
             continue
         fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
         ax = axes[0]
-        labels, bottoms = [], []
         xs = list(range(len(rows)))
         bottom = [0.0] * len(rows)
         for k in SPLIT_KEYS:

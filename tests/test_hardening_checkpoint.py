@@ -22,7 +22,6 @@ import torch.distributed.checkpoint as dcp
 
 from dist_utils import run_ranks
 from engine_cases import Tower, global_batch, global_cache, make_handler, run_step
-from sharded_negcache import CollectiveFailed
 from sharded_negcache.checkpoint import (
     MANIFEST_NAME,
     CacheCheckpoint,

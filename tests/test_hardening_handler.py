@@ -93,7 +93,7 @@ def tower_failures(rank: int, in_batch: bool) -> dict:
 
 def evaluation_in_batch(rank: int) -> dict:
     """Evaluation with in-batch negatives at two ranks: the same loss as a training twin, nothing written."""
-    tower, out = Tower(), {}
+    tower = Tower()
     train, ev = (make_handler(CACHE, num_negatives=2, in_batch_negatives=True, collective_timeout_s=20.0)
                  for _ in range(2))
     for h in (train, ev):
@@ -389,7 +389,6 @@ def test_no_grad_in_train_mode_still_writes():
 
 # ---- item 10: the caller's autocast does not change the scoring precision ----------------------------
 def test_autocast_does_not_lower_the_scoring_precision():
-    tower = Tower()
     specs_ = {"x": FieldSpec((FEAT,), torch.float32), "embedding": FieldSpec((64,), torch.float32)}
     a, b = (ShardedCacheLossHandler(specs_, 64, "embedding", ("x",), score_transform=20.0, num_negatives=2)
             for _ in range(2))

@@ -1,7 +1,6 @@
 """Each protocol step shows up as a named range in a user's profiler trace."""
 from __future__ import annotations
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 from engine_cases import Tower, global_batch, global_cache, make_handler, run_step
