@@ -154,13 +154,12 @@ def single_child(rank: int, world: int, rows: int, cfg: dict) -> dict:
             w, c = _timed(fn, *args)
             wall.append(w)
             cpu.append(c)
-    from sharded_negcache import fused_scan
+    from sharded_negcache import native_scan
 
     return {
         "rows": rows, "batch": b, "dim": d, "threads": torch.get_num_threads(),
         "chunk_bytes": handler.chunk_bytes, "chunk_rows": chunk, "cache_mb": cache_mb,
-        "scoring_backend": handler._scoring_backend(), "compile_mode": fused_scan.compile_mode(),
-        "compiled": bool(fused_scan._Compiled.fns), "compile_s": fused_scan._Compiled.compile_s,
+        "scoring_backend": handler._scoring_backend(), "native_kernel": native_scan.build_info(),
         "first_step_s": first_step_s,
         "handler_s": t_step, "reencode_s": t_reenc, "handler_net_s": t_net,
         "bare_s": t_full, "bare_chunked_s": t_chunked, "split_ms_profiled_step": split,

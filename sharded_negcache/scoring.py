@@ -1,16 +1,17 @@
 """Chunked scoring of all gathered queries against this rank's rows, producing per-query partials.
 
 Never materialises [queries, shard rows]: rows are decoded and scored ``chunk_rows`` at a time
-(design §3 step 2). Per chunk: the product and the block log-sum-exp (one fused pass where
-``torch.compile`` works, see :mod:`fused_scan`), written into [queries, blocks] partials
-(B_g × rows / block_size floats). Then:
+(design §3 step 2). Per chunk: the product (one matmul), then the block log-sum-exp written into
+[queries, blocks] partials (B_g × rows / block_size floats) and stage 1 below; on CPU one call of the
+native kernel (:mod:`native_scan`) does both in one pass, elsewhere (or without a compiler) torch ops
+do. Then:
 
 * sampling mode: ``lse`` over the blocks, and for each draw the two-stage Gumbel sampler: stage 1
   picks a global block with probability Z_b / Z (a Gumbel keyed by the block id on the block LSEs,
   a running best over the chunks); stage 2 picks a row inside the block by inverse CDF with a
-  uniform keyed by the query and draw. On the torch path the scan copies the winning block's scores
-  out of the chunk for the draws whose winner the chunk changed (no re-scoring) and the inverse CDF
-  runs once, after the scan, on the final winners; the Triton kernel, which never writes scores,
+  uniform keyed by the query and draw. The CPU kernel and the torch path copy the winning block's
+  scores out of the chunk for the draws whose winner the chunk changed (no re-scoring) and the inverse
+  CDF runs once, after the scan, on the final winners; the Triton kernel, which never writes scores,
   re-scores each winning block;
 * top-k mode: the exact local top-k scores and their global row ids (kept running per chunk).
 
@@ -22,16 +23,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
-from . import fused_scan, keyed_random
+from . import keyed_random, native_scan
 from .keyed_random import Stream
 from .layout import ShardLayout
 from .store import ShardStore
 
-__all__ = ["ScoreFn", "LocalPartials", "score_shard", "make_score_fn", "pick_in_block", "resolve_backend", "BACKENDS"]
+__all__ = ["ScoreFn", "LocalPartials", "score_shard", "make_score_fn", "block_lse", "pick_in_block", "resolve_backend",
+           "BACKENDS"]
 
 _NEG_INF = float("-inf")
 log = logging.getLogger("sharded_negcache")
@@ -134,6 +136,19 @@ def _mask_chunk(
         scores.masked_fill_(row_ids[None, :] == exclude_ids[:, None], _NEG_INF)
 
 
+def block_lse(scores: torch.Tensor, block: int) -> torch.Tensor:
+    """[B, n·block] scores (-inf for non-candidates) -> [B, n] log Σ exp per block (-inf if none), in torch
+    ops (the kernel of :mod:`native_scan` computes the same on CPU in one pass).
+
+    The max is per block, so a block's value does not depend on the chunk that holds it; ``scores``
+    is left unchanged (stage 2 reads the winners' scores from it).
+    """
+    s3 = scores.view(scores.shape[0], -1, block)
+    bmax = s3.amax(dim=-1, keepdim=True)
+    shift = torch.where(torch.isfinite(bmax), bmax, torch.zeros_like(bmax))
+    return (s3 - shift).exp_().sum(dim=-1).log_().add_(shift.squeeze(-1))
+
+
 def pick_in_block(scores: torch.Tensor, block_lse: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Stage 2's inverse CDF: for each of P pairs, the index inside its block of the row drawn with
     probability exp(a_j) / Z_b, from ``scores`` [P, block] (-inf for non-candidates), the block LSEs
@@ -223,47 +238,130 @@ def score_shard(
     if backend == "triton" and _triton_trusted(store, bs, device):
         return _sample_triton(store, layout, q, draws, chunk_rows, exclude_key, exclude_ids)
     chunk_rows = max(bs, chunk_rows // bs * bs)
-    filled = store.filled_per_chunk(chunk_rows)
-    block_lse = torch.full((b, layout.blocks_per_rank), _NEG_INF, device=device)
-    buf = torch.empty(b * min(chunk_rows, store.rows), device=device)
     # Stage 2 deferred: the current winners' block scores are kept ([B·m, block] floats, at most one
     # chunk's worth) and the inverse CDF runs once, after the scan, on the final winners only; the first
     # chunks replace most of their winners, so resolving at once did ~(1 + ln chunks)x the work. Same
     # inputs per pair, row-wise ops: the same rows either way. Above the budget: resolved per chunk.
-    defer = num_draws * bs <= chunk_rows
+    if num_draws * bs <= chunk_rows and native_scan.available(device):
+        return _sample_native(store, layout, q, score_fn, draws, chunk_rows, exclude_key, exclude_ids)
+    return _sample_torch(store, layout, q, score_fn, draws, chunk_rows, exclude_key, exclude_ids)
+
+
+def _chunks(store: ShardStore, chunk_rows: int) -> Iterator[tuple[int, int, int]]:
+    """(start, end, filled rows) of every scoring chunk that holds at least one row."""
+    for start, filled in zip(range(0, store.rows, chunk_rows), store.filled_per_chunk(chunk_rows)):
+        if filled:
+            yield start, min(start + chunk_rows, store.rows), filled
+
+
+def _chunk_scores(store: ShardStore, q: torch.Tensor, score_fn: ScoreFn, start: int, end: int,
+                  buf: torch.Tensor) -> torch.Tensor:
+    """T(q · rows[start:end]) [B, end - start], the product written into ``buf`` (one buffer per scan: no
+    allocation, no fresh pages per chunk)."""
+    out = buf[: q.shape[0] * (end - start)].view(q.shape[0], -1)
+    return score_fn.on_prepared(torch.mm(q, store.decode(start, end).t(), out=out)).contiguous()
+
+
+def _deferred_buffers(draws: _Draws, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    b, m = draws.best_key.shape
+    return torch.empty((b * m, bs), device=draws.keys.device), torch.empty(b * m, device=draws.keys.device)
+
+
+def _pick_deferred(draws: _Draws, win_scores: torch.Tensor, win_lse: torch.Tensor) -> None:
+    """Stage 2 for the final winners: the row inside each winning block (``best_row`` holds its first row)."""
+    found = torch.isfinite(draws.best_key).view(-1).nonzero().squeeze(1)
+    if found.numel() == win_lse.numel():
+        draws.best_row.view(-1).add_(pick_in_block(win_scores, win_lse, draws.u.view(-1)))
+    elif found.numel():
+        within = pick_in_block(win_scores.index_select(0, found), win_lse.index_select(0, found),
+                               draws.u.reshape(-1).index_select(0, found))
+        draws.best_row.view(-1).index_add_(0, found, within)
+
+
+def _sample_torch(
+    store: ShardStore,
+    layout: ShardLayout,
+    q: torch.Tensor,
+    score_fn: ScoreFn,
+    draws: _Draws,
+    chunk_rows: int,
+    exclude_key: str | None,
+    exclude_ids: torch.Tensor | None,
+) -> LocalPartials:
+    """The scan in torch ops (any device): block LSEs by :func:`block_lse`, stage 1 by :meth:`_Draws.offer`,
+    stage 2 from the scores still in memory (no re-scoring, no gathered copy of embeddings)."""
+    (b, m), bs, device = draws.best_key.shape, layout.block_size, q.device
+    lse_all = torch.full((b, layout.blocks_per_rank), _NEG_INF, device=device)
+    buf = torch.empty(b * min(chunk_rows, store.rows), device=device)
+    defer = m * bs <= chunk_rows
     if defer:
-        win_scores = torch.empty((b * num_draws, bs), device=device)
-        win_lse = torch.empty(b * num_draws, device=device)
-    for c, start in enumerate(range(0, store.rows, chunk_rows)):
-        if filled[c] == 0:
-            continue
-        end = min(start + chunk_rows, store.rows)
-        # one score buffer for the whole scan (no allocation, no fresh pages per chunk)
-        scores = score_fn.on_prepared(torch.mm(q, store.decode(start, end).t(), out=buf[: b * (end - start)].view(b, -1)))
-        _mask_chunk(scores, store, start, end, filled[c], exclude_key, exclude_ids)
-        lse_c = fused_scan.block_lse(scores, bs, b * layout.cache_size)  # same choice on every rank and W
+        win_scores, win_lse = _deferred_buffers(draws, bs)
+    for start, end, filled in _chunks(store, chunk_rows):
+        scores = _chunk_scores(store, q, score_fn, start, end, buf)
+        _mask_chunk(scores, store, start, end, filled, exclude_key, exclude_ids)
+        lse_c = block_lse(scores, bs)
         s3 = scores.view(b, -1, bs)
-        block_lse[:, start // bs : end // bs] = lse_c
-        # stage 1 for this chunk's blocks; stage 2 at once for the draws whose winner changed,
-        # from the scores still in memory: no re-scoring, no gathered copy of embeddings.
+        lse_all[:, start // bs : end // bs] = lse_c
+        # stage 1 for this chunk's blocks; stage 2 for the draws whose winner changed
         qi, ti, blk = draws.offer(lse_c, start // bs)
         if qi.numel():
             pair = qi * s3.shape[1] + blk  # (query, block) as a row of [B * blocks, block]: a contiguous gather
             pair_scores, pair_lse = s3.reshape(-1, bs).index_select(0, pair), lse_c.reshape(-1).index_select(0, pair)
             if defer:
-                slot = qi * num_draws + ti
+                slot = qi * m + ti
                 win_scores.index_copy_(0, slot, pair_scores)
                 win_lse.index_copy_(0, slot, pair_lse)
                 draws.best_row[qi, ti] = start + blk * bs  # the block's first row; + the pick after the scan
             else:
                 draws.best_row[qi, ti] = start + blk * bs + pick_in_block(pair_scores, pair_lse, draws.u[qi, ti])
     if defer:
-        found = torch.isfinite(draws.best_key).view(-1).nonzero().squeeze(1)
-        if found.numel():
-            within = pick_in_block(win_scores.index_select(0, found), win_lse.index_select(0, found),
-                                   draws.u.reshape(-1).index_select(0, found))
-            draws.best_row.view(-1).index_add_(0, found, within)
-    return draws.partials(torch.logsumexp(block_lse, dim=1), layout)
+        _pick_deferred(draws, win_scores, win_lse)
+    return draws.partials(torch.logsumexp(lse_all, dim=1), layout)
+
+
+def _native_exclusions(store: ShardStore, exclude_key: str | None, exclude_ids: torch.Tensor | None):
+    """(row ids [rows], excluded ids ascending, their queries) for the kernel, or None when the ids are not
+    int64 (the torch mask runs instead) or there is nothing to exclude."""
+    if exclude_ids is None:
+        return None
+    row_ids = store.feature(exclude_key).reshape(-1)
+    if row_ids.dtype != torch.int64 or exclude_ids.dtype != torch.int64 or not row_ids.is_contiguous():
+        return None
+    ids, order = torch.sort(exclude_ids)
+    return row_ids, ids.contiguous(), order.contiguous()
+
+
+def _sample_native(
+    store: ShardStore,
+    layout: ShardLayout,
+    q: torch.Tensor,
+    score_fn: ScoreFn,
+    draws: _Draws,
+    chunk_rows: int,
+    exclude_key: str | None,
+    exclude_ids: torch.Tensor | None,
+) -> LocalPartials:
+    """The CPU scan: per chunk the product, then one kernel call (:mod:`native_scan`) that masks, writes the
+    block LSEs, runs stage 1 and copies each new winner's block scores for the deferred stage 2."""
+    (b, m), bs = draws.best_key.shape, layout.block_size
+    lse_all = torch.full((b, layout.blocks_per_rank), _NEG_INF)
+    buf = torch.empty(b * min(chunk_rows, store.rows))
+    win_scores, win_lse = _deferred_buffers(draws, bs)
+    excl = _native_exclusions(store, exclude_key, exclude_ids)
+    for start, end, filled in _chunks(store, chunk_rows):
+        scores = _chunk_scores(store, q, score_fn, start, end, buf)
+        if excl is None and exclude_ids is not None:
+            _mask_chunk(scores, store, start, end, end - start, exclude_key, exclude_ids)
+        native_scan.scan_chunk(
+            scores, bs, lse_all[:, start // bs : end // bs],
+            filled=store.filled[start:end] if filled < end - start else None,
+            row_ids=None if excl is None else excl[0][start:end],
+            excl_sorted=None if excl is None else excl[1], excl_query=None if excl is None else excl[2],
+            keys=draws.keys, first_block=draws.first_block + start // bs, best_key=draws.best_key,
+            best_row=draws.best_row, row0=start, win_scores=win_scores, win_lse=win_lse,
+        )
+    native_scan.pick(win_scores, win_lse, draws.u.view(-1), draws.best_key.view(-1), draws.best_row.view(-1))
+    return draws.partials(native_scan.row_lse(lse_all), layout)
 
 
 _TRITON_CHECKED: dict[tuple[str, str, int], bool] = {}
@@ -300,15 +398,15 @@ def _sample_triton(
     row_ids = store.feature(exclude_key).reshape(-1) if exclude_ids is not None else None
     rows = triton_scan.StoredRows.of(store.embeddings, store.codec.name, store.dim, store.filled, row_ids)
     bs, (b, m) = layout.block_size, draws.best_key.shape
-    block_lse = triton_scan.block_lse(q, rows, bs, exclude_ids)
+    lse_all = triton_scan.block_lse(q, rows, bs, exclude_ids)
     best_blk = torch.zeros((b, m), dtype=torch.int64, device=q.device)
     for lo in range(0, layout.blocks_per_rank, draws.span):
-        qi, ti, blk = draws.offer(block_lse[:, lo : lo + draws.span], lo)
+        qi, ti, blk = draws.offer(lse_all[:, lo : lo + draws.span], lo)
         best_blk[qi, ti] = blk + lo
     found = torch.isfinite(draws.best_key)
-    win_lse = block_lse.gather(1, best_blk)
+    win_lse = lse_all.gather(1, best_blk)
     draws.best_row = triton_scan.pick_rows(q, rows, bs, best_blk, win_lse, draws.u, found, exclude_ids)
-    return draws.partials(torch.logsumexp(block_lse, dim=1), layout)
+    return draws.partials(torch.logsumexp(lse_all, dim=1), layout)
 
 
 def _scan_topk(
@@ -325,13 +423,11 @@ def _scan_topk(
     b, device = q.shape[0], q.device
     best_val = torch.full((b, k), _NEG_INF, device=device)
     best_row = torch.full((b, k), -1, dtype=torch.int64, device=device)
-    filled = store.filled_per_chunk(chunk_rows)
-    for c, start in enumerate(range(0, store.rows, chunk_rows)):
-        if b == 0 or filled[c] == 0:
-            continue
-        end = min(start + chunk_rows, store.rows)
+    if b == 0:
+        return LocalPartials(topk_val=best_val, topk_row=best_row)
+    for start, end, filled in _chunks(store, chunk_rows):
         scores = score_fn.on_prepared(q @ store.decode(start, end).t())
-        _mask_chunk(scores, store, start, end, filled[c], exclude_key, exclude_ids)
+        _mask_chunk(scores, store, start, end, filled, exclude_key, exclude_ids)
         val, idx = scores.topk(min(k, end - start), dim=1)
         row = torch.where(torch.isfinite(val), idx + (layout.row_offset + start), torch.full_like(idx, -1))
         val, pick = torch.cat([best_val, val], 1).topk(k, dim=1)

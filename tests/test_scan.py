@@ -1,5 +1,5 @@
-"""The torch scan: stage 2 inside the scan against a dense reference, chunk independence, the inverse
-CDF at the edges of (0, 1), and the compiled block log-sum-exp (with its fallback)."""
+"""The scan (native CPU kernel and torch ops): stage 2 inside the scan against a dense reference, chunk
+independence, the inverse CDF at the edges of (0, 1), and the scoring_backend option."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine_cases import Tower, global_cache, make_handler
-from sharded_negcache import fused_scan, keyed_random
+from sharded_negcache import keyed_random, native_scan
 from sharded_negcache.keyed_random import Stream
 from sharded_negcache.scoring import pick_in_block, score_shard
 
@@ -67,11 +67,14 @@ def dense_reference(store, layout, q, m, seed, step, exclude_ids=None):
     return torch.logsumexp(blse, dim=1), key, rows
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
 @pytest.mark.parametrize("chunk_rows", [4, 8, 12, 64])
-def test_scan_matches_dense_reference_for_every_chunk_size(chunk_rows):
+def test_scan_matches_dense_reference_for_every_chunk_size(chunk_rows, native, monkeypatch):
+    monkeypatch.setenv(native_scan.ENV_NATIVE, "1" if native else "0")
     tower = Tower()
     h = make_handler(48, with_ids=True, num_negatives=3)
     h.load_global_rows(global_cache(48, tower, with_ids=True))
+    assert native_scan.available(h.device) == native
     g = torch.Generator().manual_seed(5)
     q = h.score_fn.prepare_queries(torch.randn(7, 8, generator=g))
     ids = torch.randint(0, 12, (7,), generator=g)
@@ -98,54 +101,6 @@ def test_scan_with_no_queries_and_with_an_empty_cache():
     none = score_shard(h.store, h.layout, torch.randn(0, 8), h.score_fn, num_draws=2, top_k=None, seed=0,
                        step=0, chunk_rows=8)
     assert none.lse.shape == (0,) and none.win_row.shape == (0, 2) and none.win_key.shape == (0, 2)
-
-
-# ---- the compiled block LSE ---------------------------------------------------------------------
-def test_compiled_block_lse_matches_eager_without_recompiling_per_batch(monkeypatch):
-    """One compile in this test (seconds; the suite's other tests run eagerly: their steps are below
-    MIN_COMPILE_SCORES). Batch sizes 3 and 5 share the compiled graph (dynamic shapes)."""
-    from torch._dynamo.utils import counters
-
-    if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
-        pytest.skip("no C++ compiler: inductor cannot compile here (the fallback is tested below)")
-    monkeypatch.setenv(fused_scan.ENV_COMPILE, "1")
-    monkeypatch.setattr(fused_scan._Compiled, "fns", {})
-    monkeypatch.setattr(fused_scan._Compiled, "failed", False)
-    g = torch.Generator().manual_seed(0)
-    counters.clear()
-    for b, rows in ((3, 64), (5, 64), (6, 96)):
-        x = 4 * torch.randn(b, rows, generator=g)
-        x[0, :16] = NEG_INF  # a fully masked block
-        x[1, 3] = NEG_INF
-        got = fused_scan.block_lse(x, 16, 0)
-        want = torch.logsumexp(x.view(b, -1, 16), dim=-1)
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-        assert got[0, 0].item() == NEG_INF
-    assert not fused_scan._Compiled.failed and set(fused_scan._Compiled.fns) == {16}
-    assert counters["stats"]["unique_graphs"] == 1  # no recompilation for new batch or chunk sizes
-
-
-def test_compile_failure_falls_back_once_with_one_warning(monkeypatch, caplog):
-    def broken(*a, **k):
-        raise RuntimeError("no C++ compiler")
-
-    monkeypatch.setenv(fused_scan.ENV_COMPILE, "1")
-    monkeypatch.setattr(fused_scan._Compiled, "fns", {})
-    monkeypatch.setattr(fused_scan._Compiled, "failed", False)
-    monkeypatch.setattr(torch, "compile", broken)
-    x = torch.randn(4, 32)
-    with caplog.at_level(logging.WARNING, logger="sharded_negcache"):
-        for _ in range(3):
-            torch.testing.assert_close(fused_scan.block_lse(x, 8, 0), torch.logsumexp(x.view(4, 4, 8), -1))
-    warnings = [r for r in caplog.records if "unavailable" in r.getMessage()]
-    assert len(warnings) == 1 and "no C++ compiler" in warnings[0].getMessage()
-    assert fused_scan._Compiled.failed
-
-
-def test_compile_mode_from_the_environment(monkeypatch):
-    for value, mode in (("0", "off"), ("off", "off"), ("1", "on"), ("", "auto")):
-        monkeypatch.setenv(fused_scan.ENV_COMPILE, value)
-        assert fused_scan.compile_mode() == mode
 
 
 # ---- the scoring_backend option ------------------------------------------------------------------

@@ -1,0 +1,295 @@
+// The CPU scan of one score chunk in one pass per query: mask, per-block log-sum-exp, stage 1 of the
+// two-stage Gumbel sampler, and the copy of each new winner's block for stage 2 (design §9).
+//
+// Built at first use by sharded_negcache/native_scan.py (g++ -O3 -march=native -fopenmp) and called
+// through ctypes on tensors' data pointers. Written once with GCC vector extensions (16 float lanes):
+// AVX-512 runs them natively, AVX2 as two halves, other targets as the compiler lowers them, with the
+// same arithmetic and the same summation order everywhere.
+//
+// Numerics: exp(x) for x <= 0 is a polynomial on the exponent's fraction (see exp_nonpositive); the
+// log of the Gumbel noise is the Cephes single-precision log (about 1 ulp). The hash and the uniforms
+// are bit-identical to keyed_random.py.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int L = 16;  // lanes
+typedef float vf __attribute__((vector_size(L * 4)));
+typedef int32_t vi __attribute__((vector_size(L * 4)));
+typedef uint32_t vu __attribute__((vector_size(L * 4)));
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+inline vf splat(float x) { return vf{} + x; }
+inline vf load_tail(const float* p, int64_t count) {  // count < L lanes, the rest -inf (no mass)
+  vf v = splat(-std::numeric_limits<float>::infinity());
+  for (int64_t i = 0; i < count; ++i) v[i] = p[i];
+  return v;
+}
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+
+// Horizontal reductions by halving (a fixed order: the same bits on every target).
+inline vf fold(vf v, bool is_max) {
+  vf a = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v = is_max ? vmax(v, a) : v + a;
+  a = __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v = is_max ? vmax(v, a) : v + a;
+  a = __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  v = is_max ? vmax(v, a) : v + a;
+  a = __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  v = is_max ? vmax(v, a) : v + a;
+  return v;
+}
+inline float hmax(vf v) { return fold(v, true)[0]; }
+inline float hsum(vf v) { return fold(v, false)[0]; }
+
+// exp(x) for x <= 0 (and -inf) as 2^t, t = x log2 e: 2^n by the exponent bits times 2^f, f = t - n in
+// [-1/2, 1/2], by the degree-6 polynomial of Cephes exp2f (~1 ulp). The rounding of t costs up to
+// |x| * 6e-8 relative, i.e. at most 2.2e-8 of the block's largest term (e^x |x| <= 1/e): below what
+// a float sum of the block keeps.
+inline vf exp_nonpositive(vf x) {
+#ifdef __AVX512F__
+  // the same polynomial in four fewer instructions: round and scale by 2^n in one instruction each; t is
+  // clamped at -125 (2^-125: no denormal), so a term below e^-86.6 is ~1e-38 instead of 0, which no
+  // block sum (>= 1: the largest term is exactly 1) can see
+  __m512 t = _mm512_mul_ps((__m512)x, _mm512_set1_ps(1.44269504088896341f));
+  t = _mm512_max_ps(_mm512_set1_ps(-125.0f), t);     // NaN stays NaN (the second operand)
+  __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  vf f = (vf)_mm512_sub_ps(t, n);
+#else
+  vf t = x * 1.44269504088896341f;
+  t = t < -127.0f ? splat(-127.0f) : t;               // -inf, deep underflow -> 2^-127 -> +0.0; NaN stays NaN
+  const vf magic = splat(12582912.0f);               // 1.5 * 2^23: rounds to the nearest integer
+  vf n = (t + magic) - magic;
+  vf f = t - n;
+#endif
+  vf p = splat(1.535336188319500e-4f);                // Cephes exp2f, |f| <= 1/2
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+#ifdef __AVX512F__
+  return (vf)_mm512_scalef_ps((__m512)p, n);
+#else
+  vi bits = (__builtin_convertvector(n, vi) + 127) << 23;  // n = -127 gives +0.0
+  return p * (vf)bits;
+#endif
+}
+
+// natural log of positive normal floats (Cephes logf).
+inline vf log_positive(vf x) {
+  vi bits = (vi)x;
+  vi e = ((bits >> 23) & 0xff) - 126;
+  vf m = (vf)((bits & 0x007fffff) | 0x3f000000);     // mantissa in [1/2, 1)
+  vi small = m < 0.707106781186547524f;
+  e = e + small;                                      // small: -1 (true) added
+  m = (small ? m + m : m) - 1.0f;
+  vf z = m * m;
+  vf y = splat(7.0376836292e-2f);
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  vf fe = __builtin_convertvector(e, vf);
+  y = y + fe * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  return m + y + fe * 0.693359375f;
+}
+
+// keyed_random._mix on 32-bit words.
+inline uint32_t mix(uint32_t x) {
+  x ^= x >> 16; x *= 0x7FEB352Du; x ^= x >> 15; x *= 0x846CA68Bu; return x ^ (x >> 16);
+}
+inline vu mix(vu x) {
+  x ^= x >> 16; x *= 0x7FEB352Du; x ^= x >> 15; x *= 0x846CA68Bu; return x ^ (x >> 16);
+}
+
+// Gumbel noise of one key against L items whose hashes are `item_hash` (keyed_random.gumbel).
+inline vf gumbel(uint32_t key, vu item_hash) {
+  vu h = mix(item_hash ^ key);
+  vf u = (__builtin_convertvector((vi)(h >> 8), vf) + 0.5f) * (1.0f / 16777216.0f);
+  u = u > 0.99999994039535522f ? splat(0.99999994039535522f) : u;  // keyed_random._BELOW_ONE
+  return -log_positive(-log_positive(u));
+}
+
+// Log-sum-exp of one block of `bs` scores, max-shifted per block. As the eager ops: -inf if every score
+// is -inf (no candidate), +inf if the maximum is +inf, NaN if any score is NaN (NaN passes the exp).
+inline float block_lse(const float* s, int64_t bs) {
+  const int64_t full = bs / L * L;
+  vf m0 = splat(NEG_INF), m1 = m0, m2 = m0, m3 = m0;
+  int64_t j = 0;
+  for (; j + 4 * L <= full; j += 4 * L) {
+    m0 = vmax(m0, load(s + j));
+    m1 = vmax(m1, load(s + j + L));
+    m2 = vmax(m2, load(s + j + 2 * L));
+    m3 = vmax(m3, load(s + j + 3 * L));
+  }
+  for (; j < full; j += L) m0 = vmax(m0, load(s + j));
+  if (full < bs) m1 = vmax(m1, load_tail(s + full, bs - full));
+  float mx = hmax(vmax(vmax(m0, m1), vmax(m2, m3)));
+  if (mx == -NEG_INF) return mx;
+  if (mx == NEG_INF) {  // no candidate, unless a NaN hid from the max
+    for (j = 0; j < bs; ++j)
+      if (s[j] != s[j]) return s[j];
+    return mx;
+  }
+  const vf shift = splat(mx);
+  vf a0 = vf{}, a1 = vf{}, a2 = vf{}, a3 = vf{};
+  for (j = 0; j + 4 * L <= full; j += 4 * L) {
+    a0 += exp_nonpositive(load(s + j) - shift);
+    a1 += exp_nonpositive(load(s + j + L) - shift);
+    a2 += exp_nonpositive(load(s + j + 2 * L) - shift);
+    a3 += exp_nonpositive(load(s + j + 3 * L) - shift);
+  }
+  for (; j < full; j += L) a0 += exp_nonpositive(load(s + j) - shift);
+  if (full < bs) a1 += exp_nonpositive(load_tail(s + full, bs - full) - shift);
+  return std::log(hsum((a0 + a1) + (a2 + a3))) + mx;
+}
+
+// Rows without a value, and each query's own positive, to -inf (before anything reads the chunk).
+void mask_chunk(float* s, int64_t b, int64_t n, int64_t ld, const uint8_t* filled, const int64_t* row_ids,
+                const int64_t* excl_sorted, const int64_t* excl_query, int64_t n_excl) {
+  if (filled)
+    for (int64_t r = 0; r < n; ++r)
+      if (!filled[r])
+        for (int64_t q = 0; q < b; ++q) s[q * ld + r] = NEG_INF;
+  if (row_ids && n_excl > 0)
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t id = row_ids[r];
+      int64_t lo = 0, hi = n_excl;  // first excluded id >= id
+      while (lo < hi) { int64_t mid = (lo + hi) / 2; if (excl_sorted[mid] < id) lo = mid + 1; else hi = mid; }
+      for (; lo < n_excl && excl_sorted[lo] == id; ++lo) s[excl_query[lo] * ld + r] = NEG_INF;
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Scans one chunk `s` [b, n] (row stride ld; n a multiple of bs) in place:
+//   * masks rows with filled[r] == 0 and (query, row) pairs whose row id equals the query's excluded id
+//     (excl_sorted ascending, excl_query the query of each; either may be null / empty);
+//   * writes the block LSEs to lse_out[q * ld_lse + k];
+//   * when m > 0, stage 1: for each (q, t), key = lse + Gumbel(keys[q*m+t], first_block + k); a block
+//     strictly better than best_key[q*m+t] becomes the winner: best_key, best_row = row0 + k * bs, and
+//     (when win_scores is not null) its bs scores and LSE are copied to win_scores[(q*m+t)*bs ...] and
+//     win_lse[q*m+t]. Ties keep the lower block, as keyed_random order dictates.
+// Returns the number of (query, draw) winners this chunk changed.
+int64_t negcache_scan_chunk(float* s, int64_t b, int64_t n, int64_t ld, int64_t bs, const uint8_t* filled,
+                            const int64_t* row_ids, const int64_t* excl_sorted, const int64_t* excl_query,
+                            int64_t n_excl, float* lse_out, int64_t ld_lse, const int64_t* keys, int64_t m,
+                            int64_t first_block, float* best_key, int64_t* best_row, int64_t row0,
+                            float* win_scores, float* win_lse, int nthreads) {
+  mask_chunk(s, b, n, ld, filled, row_ids, excl_sorted, excl_query, n_excl);
+  const int64_t nblk = n / bs;
+  const int64_t padded = (nblk + L - 1) / L * L;
+  uint32_t item_hash[padded > 0 ? padded : 1];  // keyed_random._hash: mix(block id + 0x5BD1E995)
+  for (int64_t k = 0; k < padded; ++k) item_hash[k] = mix(uint32_t(first_block + k) + 0x5BD1E995u);
+  int64_t changed = 0;
+#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+ : changed) if (nthreads > 1)
+  for (int64_t q = 0; q < b; ++q) {
+    float* lse = lse_out + q * ld_lse;
+    const float* sq = s + q * ld;
+    for (int64_t k = 0; k < nblk; ++k) lse[k] = block_lse(sq + k * bs, bs);
+    for (int64_t t = 0; t < m; ++t) {
+      const uint32_t key = uint32_t(keys[q * m + t]);
+      float best = best_key[q * m + t];
+      int64_t win = -1;
+      for (int64_t k0 = 0; k0 < nblk; k0 += L) {
+        vu ih;
+        std::memcpy(&ih, item_hash + k0, sizeof ih);
+        vf g = gumbel(key, ih);
+        const int64_t lanes = nblk - k0 < L ? nblk - k0 : L;
+        for (int64_t i = 0; i < lanes; ++i) {
+          const float v = lse[k0 + i] + g[i];
+          if (v > best) { best = v; win = k0 + i; }
+        }
+      }
+      if (win >= 0) {
+        ++changed;
+        best_key[q * m + t] = best;
+        best_row[q * m + t] = row0 + win * bs;
+        if (win_scores) {
+          std::memcpy(win_scores + (q * m + t) * bs, sq + win * bs, bs * sizeof(float));
+          win_lse[q * m + t] = lse[win];
+        }
+      }
+    }
+  }
+  return changed;
+}
+
+// Stage 2 for the final winners: for each pair p whose best_key is finite, the row inside its block drawn
+// with probability exp(a_j - lse) by inverse CDF at u[p] (scoring.pick_in_block: weights summed in
+// double in row order; the first row whose cumulative weight exceeds u * total, and never past the last
+// row with mass), added to best_row[p].
+void negcache_pick(const float* win_scores, const float* win_lse, const float* u, const float* best_key,
+                   int64_t pairs, int64_t bs, int64_t* best_row, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+  for (int64_t p = 0; p < pairs; ++p) {
+    if (!std::isfinite(best_key[p])) continue;
+    const float* s = win_scores + p * bs;
+    const vf shift = splat(win_lse[p]);
+    float w[bs + L];
+    for (int64_t j = 0; j < bs; j += L) {
+      vf x = bs - j >= L ? load(s + j) : load_tail(s + j, bs - j);
+      vf e = exp_nonpositive(x - shift);
+      std::memcpy(w + j, &e, sizeof e);
+    }
+    double total = 0.0;
+    for (int64_t j = 0; j < bs; ++j) total += w[j];
+    const double target = double(u[p]) * total;
+    double cum = 0.0;
+    int64_t within = bs, last = bs - 1;
+    for (int64_t j = 0; j < bs; ++j) {
+      cum += w[j];
+      if (within == bs && cum > target) within = j;
+      if (cum >= total) { last = j; break; }
+    }
+    best_row[p] += within < last ? within : last;
+  }
+}
+
+// Log-sum-exp of each row of x [rows, n] (the step's block LSEs -> each query's LSE over this shard).
+void negcache_row_lse(const float* x, int64_t rows, int64_t n, float* out, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+  for (int64_t r = 0; r < rows; ++r) out[r] = block_lse(x + r * n, n);
+}
+
+// Gumbel noise [n_keys, n_items] of keys crossed with 32-bit item ids (keyed_random.gumbel), for tests.
+void negcache_gumbel(const int64_t* keys, int64_t n_keys, const int64_t* items, int64_t n_items, float* out) {
+  for (int64_t i = 0; i < n_keys; ++i)
+    for (int64_t k0 = 0; k0 < n_items; k0 += L) {
+      vu ih = vu{};
+      const int64_t lanes = n_items - k0 < L ? n_items - k0 : L;
+      for (int64_t j = 0; j < lanes; ++j) ih[j] = mix(uint32_t(items[k0 + j]) + 0x5BD1E995u);
+      vf g = gumbel(uint32_t(keys[i]), ih);
+      for (int64_t j = 0; j < lanes; ++j) out[i * n_items + k0 + j] = g[j];
+    }
+}
+
+// exp(x) for x <= 0, elementwise (for tests of the polynomial).
+void negcache_exp_nonpositive(const float* x, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; i += L) {
+    vf v = splat(0.0f);
+    const int64_t lanes = n - i < L ? n - i : L;
+    for (int64_t j = 0; j < lanes; ++j) v[j] = x[i + j];
+    vf r = exp_nonpositive(v);
+    for (int64_t j = 0; j < lanes; ++j) out[i + j] = r[j];
+  }
+}
+
+}  // extern "C"

@@ -1,0 +1,269 @@
+"""The native CPU scan kernel (sharded_negcache/csrc/scan.cpp) against independent torch computations.
+
+Its exp and log are polynomials, so values are compared with stated bounds (float64 references), and
+sampled blocks are compared where no two candidates' keys are closer than that bound. Also: masks,
+ragged block sizes, batch 1, NaN/Inf propagation, the thread count, the build cache and the fallback.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sharded_negcache import keyed_random, native_scan
+from sharded_negcache.keyed_random import Stream
+from sharded_negcache.scoring import block_lse
+
+from test_hardening_sampling import EDGE, _keys_for
+
+NEG_INF, INF, NAN = float("-inf"), float("inf"), float("nan")
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(not native_scan.available(torch.device("cpu")),
+                                reason="no C++ compiler here (the fallback is tested in a subprocess)")
+
+# Stated bounds. exp: relative 2e-7 + 7e-8 |x| for x in [-86, 0] (the rounding of x log2 e grows with |x|;
+# a term's error is then at most 2.6e-8 of the block's largest term, since e^x |x| <= 1/e), absolute
+# 2e-38 below -87.
+# Block LSE: 2e-6 absolute (the float32 sum of the eager ops has the same order of error). Gumbel: 4e-6
+# absolute (two float32 logs of a value in (0, 1)).
+LSE_ABS, GUMBEL_ABS = 2e-6, 4e-6
+
+
+def test_exp_polynomial_against_float64():
+    x = torch.cat([-torch.rand(200_000) * 16, -16 - torch.rand(20_000) * 70]).double()  # float32 inputs
+    rel = (native_scan.exp_nonpositive(x.float()).double() - torch.exp(x)).abs() / torch.exp(x)
+    assert bool((rel <= 2e-7 + 7e-8 * x.abs()).all()), float((rel / (2e-7 + 7e-8 * x.abs())).max())
+    assert float(rel[x > -1].max()) < 2.5e-7
+    edge = native_scan.exp_nonpositive(torch.tensor([0.0, -0.0, NEG_INF, -87.0, -88.5, -1e30, NAN]))
+    assert edge[:2].tolist() == [1.0, 1.0] and 0 < edge[3].item() < 1e-37 and edge[6].isnan()
+    # below e^-87: 0, or 2^-125 * p on AVX-512 (no denormal); a block sum (>= 1) cannot see either
+    assert all(0.0 <= v < 2e-38 for v in edge[[2, 4, 5]].tolist())
+    assert float(1.0 + 256 * edge[2]) == 1.0
+
+
+def test_gumbel_matches_keyed_random_including_the_extreme_hash_levels():
+    g = torch.Generator().manual_seed(0)
+    keys = keyed_random.draw_keys(11, 5, Stream.BLOCK_GUMBEL, torch.arange(64), 4)
+    items = torch.randint(0, 1 << 31, (300,), generator=g)
+    torch.testing.assert_close(native_scan.gumbel(keys, items), keyed_random.gumbel(keys, items).view(256, 300),
+                               rtol=0, atol=GUMBEL_ABS)
+    # keys whose hash is each of the 512 lowest and highest 32-bit values against item 12345
+    edge_keys = _keys_for(EDGE, 12345)
+    got = native_scan.gumbel(edge_keys, torch.tensor([12345]))
+    want = keyed_random.gumbel(edge_keys, torch.tensor([12345])).view(-1, 1)
+    assert bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got, want, rtol=0, atol=GUMBEL_ABS)
+
+
+def _scan(scores, bs, *, keys=None, filled=None, row_ids=None, excl=None, best=None, threads=None):
+    """One scan_chunk call on a copy of ``scores``; returns (masked scores, lse, best_key, best_row,
+    win_scores, win_lse, changed)."""
+    s = scores.clone()
+    b, n = s.shape
+    m = 0 if keys is None else keys.shape[1]
+    lse = torch.full((b, n // bs), 123.0)
+    best_key = best[0].clone() if best else torch.full((b, m), NEG_INF)
+    best_row = best[1].clone() if best else torch.full((b, m), -1, dtype=torch.int64)
+    win_scores, win_lse = torch.full((b * m, bs), 7.0), torch.full((b * m,), 7.0)
+    ids = None if excl is None else torch.sort(excl)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads or old)
+    try:
+        changed = native_scan.scan_chunk(
+            s, bs, lse, filled=filled, row_ids=row_ids, excl_sorted=None if ids is None else ids[0].contiguous(),
+            excl_query=None if ids is None else ids[1].contiguous(),
+            keys=torch.empty(b, 0, dtype=torch.int64) if keys is None else keys, first_block=40,
+            best_key=best_key, best_row=best_row, row0=1000, win_scores=win_scores, win_lse=win_lse)
+    finally:
+        torch.set_num_threads(old)
+    return s, lse, best_key, best_row, win_scores, win_lse, changed
+
+
+@pytest.mark.parametrize("bs", [1, 4, 16, 17, 48, 256])
+@pytest.mark.parametrize("b", [1, 5])
+def test_block_lse_against_float64_with_masks_and_ragged_blocks(bs, b):
+    g = torch.Generator().manual_seed(bs * 10 + b)
+    n = bs * 6
+    s = torch.randn(b, n, generator=g) * 12
+    s[0, :bs] = NEG_INF  # a block without candidates
+    s[b - 1, bs + 1 :: 3] = NEG_INF
+    got = _scan(s, bs)[1]
+    want = block_lse(s.double(), bs)
+    assert got[0, 0].item() == NEG_INF
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=LSE_ABS)
+
+
+def test_block_lse_propagates_nan_and_inf_like_the_eager_ops():
+    s = torch.randn(4, 64)
+    s[0, 3] = NAN
+    s[1, 17] = INF
+    s[2, 32:48] = NEG_INF
+    s[3, 50] = NAN
+    s[3, 48:50] = NEG_INF
+    got, want = _scan(s, 16)[1], block_lse(s, 16)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    assert torch.equal(got[got.isinf()], want[want.isinf()])
+
+
+def test_masks_empty_rows_and_each_querys_own_positive():
+    g = torch.Generator().manual_seed(3)
+    b, n, bs = 6, 64, 16
+    s = torch.randn(b, n, generator=g)
+    filled = torch.ones(n, dtype=torch.bool)
+    filled[[0, 5, 33]] = False
+    row_ids = torch.randint(0, 10, (n,), generator=g)
+    excl = torch.tensor([3, 3, 7, 100, 0, 9])  # two queries share an id; one id is in no row
+    masked = _scan(s, bs, filled=filled, row_ids=row_ids, excl=excl)[0]
+    want = s.masked_fill(~filled[None, :], NEG_INF).masked_fill(row_ids[None, :] == excl[:, None], NEG_INF)
+    assert torch.equal(masked, want)
+
+
+def _stage1_reference(lse, keys, first_block, best_key):
+    """Stage 1 in torch ops: key = Gumbel(key, global block) + LSE, max over blocks, strictly better wins."""
+    ids = torch.arange(lse.shape[1]) + first_block
+    key, blk = (keyed_random.gumbel(keys, ids) + lse.unsqueeze(1).double()).max(dim=-1)
+    return key, blk, key > best_key
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_stage_one_and_the_winners_copies_against_torch(threads):
+    g = torch.Generator().manual_seed(9)
+    b, m, bs, nblk = 33, 3, 32, 7
+    s = torch.randn(b, nblk * bs, generator=g) * 3
+    s[4, : 3 * bs] = NEG_INF
+    s[5] = NEG_INF  # a query without candidates: no winner
+    keys = keyed_random.draw_keys(2, 8, Stream.BLOCK_GUMBEL, torch.arange(b), m)
+    best_key = torch.randn(b, m, generator=g) * 2 + 4  # earlier chunks' winners; some are not beaten
+    best_row = torch.randint(0, 900, (b, m), generator=g)
+    masked, lse, got_key, got_row, win_scores, win_lse, changed = _scan(s, bs, keys=keys, best=(best_key, best_row),
+                                                                        threads=threads)
+    key, blk, better = _stage1_reference(lse, keys, 40, best_key)
+    # where the two best candidates (or the winner and the previous best) are farther apart than the bound,
+    # the decision must be the same
+    ids = torch.arange(nblk) + 40
+    all_keys = keyed_random.gumbel(keys, ids) + lse.unsqueeze(1)
+    top2 = all_keys.topk(2, dim=-1).values
+    clear = ((top2[..., 0] - top2[..., 1]).abs() > 1e-4) & ((key - best_key).abs() > 1e-4)
+    assert int(clear.sum()) > 0.9 * b * m
+    assert torch.equal((got_key != best_key)[clear], better[clear])
+    assert changed == int((got_key != best_key).sum())
+    won = better & clear
+    assert torch.equal(got_row[won], 1000 + blk[won] * bs)
+    torch.testing.assert_close(got_key[won].double(), key[won], rtol=0, atol=GUMBEL_ABS + LSE_ABS)
+    assert torch.equal(got_row[~better & clear], best_row[~better & clear])
+    assert not bool(better[5].any()) and torch.equal(got_key[5], best_key[5])
+    for qi, ti in won.nonzero().tolist():
+        slot = qi * m + ti
+        assert torch.equal(win_scores[slot], masked[qi, int(blk[qi, ti]) * bs : (int(blk[qi, ti]) + 1) * bs])
+        assert win_lse[slot].item() == lse[qi, int(blk[qi, ti])].item()
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(64, 512, generator=g) * 5
+    keys = keyed_random.draw_keys(0, 0, Stream.BLOCK_GUMBEL, torch.arange(64), 2)
+    one, two = _scan(s, 64, keys=keys, threads=1), _scan(s, 64, keys=keys, threads=2)
+    for a, b in zip(one[:6], two[:6]):
+        assert torch.equal(a, b)
+
+
+# ---- build cache and fallback (fresh processes) ------------------------------------------------------
+_PROBE = """
+import logging, sys, torch
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(message)s")
+from sharded_negcache import native_scan
+from sharded_negcache.scoring import score_shard
+print("available", native_scan.available(torch.device("cpu")))
+print("info", native_scan.build_info())
+"""
+
+
+def _probe(env: dict, code: str = _PROBE) -> str:
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **env})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_built_once_per_machine_then_loaded_from_the_cache(tmp_path):
+    out1 = _probe({"SHARDED_NEGCACHE_CACHE_DIR": str(tmp_path)})
+    assert "available True" in out1
+    built = list(tmp_path.glob("scan-*.so"))
+    assert len(built) == 1 and not list(tmp_path.glob(".scan-*"))  # no partial file left behind
+    stamp = built[0].stat().st_mtime_ns
+    out2 = _probe({"SHARDED_NEGCACHE_CACHE_DIR": str(tmp_path)})
+    assert "available True" in out2 and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+
+
+def test_ranks_building_at_once_all_load_a_complete_library(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SHARDED_NEGCACHE_CACHE_DIR": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", _PROBE], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 and "available True" in o for p, (o, _) in zip(procs, outs)), outs
+    assert len(list(tmp_path.glob("scan-*.so"))) == 1
+
+
+def test_without_a_compiler_one_warning_and_the_torch_ops_give_the_same_samples(tmp_path):
+    code = _PROBE + """
+from engine_cases import Tower, global_cache, make_handler
+tower = Tower()
+h = make_handler(48, num_negatives=3)
+h.load_global_rows(global_cache(48, tower))
+q = torch.randn(7, 8, generator=torch.Generator().manual_seed(5))
+for _ in range(3):
+    p = score_shard(h.store, h.layout, q, h.score_fn, num_draws=3, top_k=None, seed=4, step=2, chunk_rows=16)
+print("rows", p.win_row.tolist())
+print("lse", p.lse.tolist())
+"""
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "SHARDED_NEGCACHE_CACHE_DIR": str(tmp_path)}
+    broken = _probe({**env, "CXX": str(tmp_path / "no-such-compiler")}, code)
+    assert "available False" in broken
+    assert broken.count("WARNING") == 1 and "native CPU scan kernel is unavailable" in broken
+    off = _probe({**env, native_scan.ENV_NATIVE: "0"}, code)
+    assert "available False" in off and "WARNING" not in off  # disabled: no attempt, no warning
+    native = _probe(env, code)
+    assert "available True" in native
+    pick = lambda out, key: next(line for line in out.splitlines() if line.startswith(key))  # noqa: E731
+    assert pick(broken, "rows") == pick(native, "rows") == pick(off, "rows")
+    lse = [torch.tensor(eval(pick(out, "lse")[4:])) for out in (broken, native)]
+    torch.testing.assert_close(lse[0], lse[1], rtol=0, atol=LSE_ABS)
+
+
+@pytest.mark.parametrize("bs", [1, 4, 17, 256])
+def test_stage_two_pick_against_the_inverse_cdf_of_the_torch_path(bs):
+    from sharded_negcache.scoring import pick_in_block
+
+    g = torch.Generator().manual_seed(bs)
+    a = torch.randn(3000, bs, generator=g) * 4
+    a[a < -5] = NEG_INF
+    a[:, 0] = torch.where(torch.isinf(a).all(1), 0.5, a[:, 0])  # a winning block always has mass
+    lse = torch.logsumexp(a, 1)
+    u = torch.rand(3000, generator=g)
+    u[:5] = torch.tensor([0.0, 1.0, 0.5, 1 - 2**-24, 2**-25])
+    key = torch.randn(3000, generator=g)
+    key[7] = NEG_INF  # not found: its row stays
+    row = torch.full((3000,), 100, dtype=torch.int64)
+    native_scan.pick(a, lse, u, key, row)
+    want = 100 + pick_in_block(a, lse, u)
+    assert row[7].item() == 100
+    found = torch.isfinite(key)
+    # the same row unless u * total falls within the weights' error of a step of the CDF (none here)
+    assert torch.equal(row[found], want[found])
+    assert bool(torch.isfinite(a.gather(1, (row - 100).clamp(0, bs - 1)[:, None]))[found].all())  # never a row without mass
+
+
+def test_row_lse_against_logsumexp():
+    x = torch.randn(50, 300) * 6
+    x[3] = NEG_INF
+    x[4, 5] = NAN
+    got, want = native_scan.row_lse(x), torch.logsumexp(x.double(), 1)
+    ok = torch.isfinite(want)
+    torch.testing.assert_close(got.double()[ok], want[ok], rtol=0, atol=LSE_ABS)
+    assert got[3].item() == NEG_INF and got[4].isnan()
