@@ -21,6 +21,12 @@ import torch
 __all__ = ["EmbeddingCodec", "CastCodec", "RowwiseInt8Codec", "RowwiseInt4Codec", "make_codec", "CODECS"]
 
 
+def finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """[n] bool: rows of ``x`` [n, d] without NaN or Inf. Two passes (|x|, then a row max that propagates
+    NaN); ``torch.isfinite(x).all(1)`` is five on CPU and ~9x slower on a [512, 128] batch."""
+    return x.abs().amax(dim=1) < float("inf")
+
+
 class EmbeddingCodec:
     """Stores [rows, d] float embeddings as a [rows, width] tensor of ``storage_dtype``."""
 
@@ -49,11 +55,11 @@ class EmbeddingCodec:
         65504, an int4 row whose fp16 scale or bias overflows): such rows must not be written.
         The default decodes the encoding, exact for every codec."""
         x = x.detach().float()
-        ok = torch.isfinite(x).all(1)
+        ok = finite_rows(x)
         if not x.shape[0]:
             return ok
         safe = torch.where(ok.unsqueeze(1), x, 0.0)
-        return ok & torch.isfinite(self.decode(self.encode(safe), x.shape[1])).all(1)
+        return ok & finite_rows(self.decode(self.encode(safe), x.shape[1]))
 
 
 class CastCodec(EmbeddingCodec):
@@ -78,7 +84,7 @@ class CastCodec(EmbeddingCodec):
 
     def storable(self, x: torch.Tensor) -> torch.Tensor:
         """A cast overflows to inf exactly when the value is out of range (one pass, no decode)."""
-        return torch.isfinite(x.detach().float().to(self.storage_dtype)).all(1)
+        return finite_rows(x.detach().float().to(self.storage_dtype))
 
 
 @functools.lru_cache(maxsize=None)

@@ -18,7 +18,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from . import metrics
-from .codecs import EmbeddingCodec, make_codec
+from .codecs import EmbeddingCodec, finite_rows, make_codec
 from .combine import merge_partials, pack_partials
 from .exchange import DEFAULT_TIMEOUT_S, BatchRejected, CollectiveFailed, Comm
 from .groups import ShardGroups
@@ -476,10 +476,11 @@ class ShardedCacheLossHandler(nn.Module):
         config_crc = zlib.crc32(repr(sorted(settings.items())).encode())
         status = torch.tensor([_ERR_INPUT if problem else 0, batch, config_crc], device=self.device)
         if problem is None:
-            status[0] += (~torch.isfinite(query_embeddings)).any().to(torch.int64) * _ERR_QUERY_NONFINITE
+            status[0] += (~finite_rows(query_embeddings)).any().to(torch.int64) * _ERR_QUERY_NONFINITE
             if self.nonfinite == "raise":
-                status[0] += (~torch.isfinite(document_embeddings)).any().to(torch.int64) * _ERR_DOC_NONFINITE
-                unstorable = torch.isfinite(document_embeddings).all(1) & ~self.store.codec.storable(document_embeddings)
+                finite_docs = finite_rows(document_embeddings)
+                status[0] += (~finite_docs).any().to(torch.int64) * _ERR_DOC_NONFINITE
+                unstorable = finite_docs & ~self.store.codec.storable(document_embeddings)
                 status[0] += unstorable.any().to(torch.int64) * _ERR_DOC_UNSTORABLE
 
         def describe(code: int) -> str:

@@ -10,7 +10,9 @@ int64 tensor ops per chunk into the same loop.
 Built once per machine and source (``g++ -O3 -march=native -fopenmp``, ~1 s) into a cache directory
 (``$SHARDED_NEGCACHE_CACHE_DIR``, else ``$XDG_CACHE_HOME/sharded_negcache`` or ``~/.cache/...``),
 loaded with ctypes (the call releases the GIL; it runs on ``torch.get_num_threads()`` threads). Where no
-compiler works, one warning and the torch ops run instead. ``SHARDED_NEGCACHE_NATIVE=0`` disables it.
+compiler works, one warning and the torch ops run instead. ``SHARDED_NEGCACHE_NATIVE=0`` disables it;
+``SHARDED_NEGCACHE_NATIVE_ARCH`` replaces ``native`` in ``-march=`` (a cluster of mixed CPUs that must
+produce the same bits on every rank can build for their common subset, e.g. ``x86-64-v3``).
 """
 from __future__ import annotations
 
@@ -27,13 +29,18 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ENV_NATIVE", "available", "scan_chunk", "pick", "row_lse", "gumbel", "exp_nonpositive", "build_info"]
+__all__ = ["ENV_NATIVE", "ENV_ARCH", "available", "scan_chunk", "pick", "row_lse", "gumbel", "exp_nonpositive", "build_info"]
 
 log = logging.getLogger("sharded_negcache")
 
 ENV_NATIVE = "SHARDED_NEGCACHE_NATIVE"
+ENV_ARCH = "SHARDED_NEGCACHE_NATIVE_ARCH"  # -march= value (default native; e.g. x86-64-v3 for an AVX2 build)
 SOURCE = Path(__file__).with_name("csrc") / "scan.cpp"
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-ffp-contract=fast", "-fPIC", "-shared")
+
+
+def _flags() -> tuple[str, ...]:
+    arch = os.environ.get(ENV_ARCH, "").strip() or "native"
+    return ("-O3", f"-march={arch}", "-fopenmp", "-std=c++17", "-ffp-contract=fast", "-fPIC", "-shared")
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 
@@ -71,7 +78,8 @@ def _cpu_flags() -> str:
 def _build(compiler: str) -> Path:
     """Compiles the kernel (or finds it already built) and returns the shared library's path."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags(),
+    flags = _flags()
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(flags), version, _cpu_flags(),
                                      platform.machine()]).encode()).hexdigest()[:20]
     out_dir = _cache_dir()
     try:
@@ -83,7 +91,7 @@ def _build(compiler: str) -> Path:
     if not target.exists():
         # build under a private name, then rename: ranks building at once never load a partial file
         tmp = out_dir / f".scan-{key}-{os.getpid()}.so"
-        proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True,
+        proc = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True,
                               timeout=300)
         if proc.returncode != 0:
             tmp.unlink(missing_ok=True)

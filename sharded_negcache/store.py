@@ -16,6 +16,8 @@ from .specs import AnySpec
 
 __all__ = ["ShardStore", "FetchedRows", "first_occurrence", "CacheTooLarge", "check_capacity", "shard_bytes"]
 
+_EMPTY_FIRST = 1 << 62  # added to an empty row's age: it sorts before every filled row
+
 
 class CacheTooLarge(MemoryError):
     """The shard would not fit in the device's free memory: refused at construction, not mid-training."""
@@ -192,12 +194,13 @@ class ShardStore(nn.Module):
         out = {}
         for key, spec in self.feature_specs.items():
             f, where = self.feature(key), self._on(key, slots)
-            out[key] = (f.read(where) if isinstance(spec, JaggedFieldSpec) else f[where]).to(self.device)
+            out[key] = (f.read(where) if isinstance(spec, JaggedFieldSpec) else f.index_select(0, where)).to(self.device)
         return out
 
     def read(self, slots: torch.Tensor) -> FetchedRows:
         """Features, decoded embeddings and ages of local ``slots`` (on the store's device)."""
-        return FetchedRows(self._field_rows(slots), self.codec.decode(self.embeddings[slots], self.dim), self.age[slots])
+        return FetchedRows(self._field_rows(slots), self.codec.decode(self.embeddings.index_select(0, slots), self.dim),
+                           self.age[slots])
 
     # ---- packing rows for transfer ---------------------------------------------------------
     def _parts(self) -> list[tuple[str, torch.dtype, tuple[int, ...], int]]:
@@ -219,7 +222,7 @@ class ShardStore(nn.Module):
                 var[key] = rows.values
             else:
                 fixed.append(rows)
-        fixed += [self.embeddings[slots], self.age[slots]]
+        fixed += [self.embeddings.index_select(0, slots), self.age[slots]]
         k = slots.numel()
         cols = [t.reshape(k, nbytes // _itemsize(t.dtype)).contiguous().view(torch.uint8)
                 for t, (_, _, _, nbytes) in zip(fixed, self._parts())]
@@ -289,16 +292,26 @@ class ShardStore(nn.Module):
     def refresh(self, slots: torch.Tensor, embeddings: torch.Tensor, use_lru: bool) -> torch.Tensor:
         """Writes fresh embeddings in place; with duplicates the first occurrence wins. Returns unique slots."""
         uniq, first = first_occurrence(slots)
-        self.embeddings[uniq] = self.codec.encode(embeddings[first])
+        self.embeddings.index_copy_(0, uniq, self.codec.encode(embeddings[first]))
         if use_lru:
             self.age[uniq] = -1  # +1 at the end of the step: age 0, like a new item
         return uniq
 
     def oldest_slots(self, n: int) -> torch.Tensor:
-        """The n rows to evict: empty rows first, then highest age, ties to the lowest slot."""
-        slot = torch.arange(self.rows, device=self.device)
-        key = (~self.filled).to(torch.int64) * (1 << 62) + (self.age + 1) * self.rows + (self.rows - 1 - slot)
-        return torch.topk(key, n, sorted=True).indices
+        """The n rows to evict, oldest first: empty rows first, then highest age, ties to the lowest slot.
+
+        One top-n of the ages finds the n-th largest age t; the rows above t are all among the n, and the
+        rows at t are taken lowest slot first. (A single int64 sort key folding in the slot cost four
+        int64 passes over the shard: 10 ms per step at 1M rows.)"""
+        if n == 0:
+            return torch.empty(0, dtype=torch.int64, device=self.device)
+        key = torch.where(self.filled, self.age, self.age + _EMPTY_FIRST)
+        values, slots = torch.topk(key, n, sorted=False)
+        t = values.min()
+        above = slots[values > t]
+        at = (key == t).nonzero().squeeze(1)[: n - above.numel()]
+        chosen = torch.sort(torch.cat([above, at])).values  # slot order, then a stable sort by age
+        return chosen[torch.sort(key[chosen], descending=True, stable=True).indices]
 
     @torch.no_grad()
     def insert(self, embeddings: torch.Tensor, features: Mapping[str, Any]) -> torch.Tensor:
@@ -308,13 +321,13 @@ class ShardStore(nn.Module):
         Returns the slots written.
         """
         slots = self.oldest_slots(embeddings.shape[0])
-        self.embeddings[slots] = self.codec.encode(embeddings)
+        self.embeddings.index_copy_(0, slots, self.codec.encode(embeddings))
         for key, spec in self.feature_specs.items():
             f, where = self.feature(key), self._on(key, slots)
             if isinstance(spec, JaggedFieldSpec):
                 f.write(where, features[key])
             else:
-                f[where] = features[key].reshape(-1, *spec.shape).to(f.device)
+                f.index_copy_(0, where, features[key].reshape(-1, *spec.shape).to(f.device, f.dtype))
         self.filled[slots] = True
         self.age[slots] = -1
         return slots

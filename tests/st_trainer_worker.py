@@ -5,6 +5,7 @@ whenever the cache is saved or loaded, ``rows-<event>-<step>-w<world>.pt`` (the 
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -70,6 +71,14 @@ def main() -> None:
                   "param_checksums": [float(s) for s in sums] if dist.is_initialized() else [checksum]}
         with open(os.path.join(out, f"result-w{world}.json"), "w") as f:
             json.dump(result, f)
+    if dist.is_initialized():
+        # as examples/code_search/train.py: with torch 2.13 and gloo, a DDP reducer collected after (or while)
+        # the group is torn down at interpreter exit can abort the process ("terminate called without an
+        # active exception"); release the trainer first, then destroy the group after a barrier
+        del trainer, model, loss
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

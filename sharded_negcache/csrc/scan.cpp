@@ -2,9 +2,9 @@
 // two-stage Gumbel sampler, and the copy of each new winner's block for stage 2 (design §9).
 //
 // Built at first use by sharded_negcache/native_scan.py (g++ -O3 -march=native -fopenmp) and called
-// through ctypes on tensors' data pointers. Written once with GCC vector extensions (16 float lanes):
-// AVX-512 runs them natively, AVX2 as two halves, other targets as the compiler lowers them, with the
-// same arithmetic and the same summation order everywhere.
+// through ctypes on tensors' data pointers. Written once with GCC vector extensions at the target's
+// vector width (16 float lanes on AVX-512, 8 on AVX2, 4 elsewhere); the result is deterministic for
+// a machine, and differs between widths only in the last bits (summation order).
 //
 // Numerics: exp(x) for x <= 0 is a polynomial on the exponent's fraction (see exp_nonpositive); the
 // log of the Gumbel noise is the Cephes single-precision log (about 1 ulp). The hash and the uniforms
@@ -19,41 +19,62 @@
 
 namespace {
 
-constexpr int L = 16;  // lanes
+// Lanes: the target's native vector width (GCC lowers wider vector types piecewise or, for selects and
+// conversions, lane by lane: 16 lanes on AVX2 ran 7x slower than 8).
+#if defined(__AVX512F__)
+#define LANES 16
+#elif defined(__AVX__)
+#define LANES 8
+#else
+#define LANES 4
+#endif
+constexpr int L = LANES;
 typedef float vf __attribute__((vector_size(L * 4)));
 typedef int32_t vi __attribute__((vector_size(L * 4)));
 typedef uint32_t vu __attribute__((vector_size(L * 4)));
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
-inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
-inline vf splat(float x) { return vf{} + x; }
-inline vf load_tail(const float* p, int64_t count) {  // count < L lanes, the rest -inf (no mass)
+__attribute__((always_inline)) inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+__attribute__((always_inline)) inline vf splat(float x) { return vf{} + x; }
+__attribute__((always_inline)) inline vf load_tail(const float* p, int64_t count) {  // count < L lanes, the rest -inf (no mass)
   vf v = splat(-std::numeric_limits<float>::infinity());
   for (int64_t i = 0; i < count; ++i) v[i] = p[i];
   return v;
 }
-inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+__attribute__((always_inline)) inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 
-// Horizontal reductions by halving (a fixed order: the same bits on every target).
-inline vf fold(vf v, bool is_max) {
-  vf a = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+// Horizontal reductions by halving (a fixed order for a given lane count).
+__attribute__((always_inline)) inline vf fold(vf v, bool is_max) {
+  vf a;
+#if LANES == 16
+  a = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
   v = is_max ? vmax(v, a) : v + a;
   a = __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
   v = is_max ? vmax(v, a) : v + a;
   a = __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
   v = is_max ? vmax(v, a) : v + a;
   a = __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+#elif LANES == 8
+  a = __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
   v = is_max ? vmax(v, a) : v + a;
-  return v;
+  a = __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
+  v = is_max ? vmax(v, a) : v + a;
+  a = __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
+#else
+  a = __builtin_shufflevector(v, v, 2, 3, 0, 1);
+  v = is_max ? vmax(v, a) : v + a;
+  a = __builtin_shufflevector(v, v, 1, 0, 3, 2);
+#endif
+  return is_max ? vmax(v, a) : v + a;
 }
-inline float hmax(vf v) { return fold(v, true)[0]; }
-inline float hsum(vf v) { return fold(v, false)[0]; }
+__attribute__((always_inline)) inline float hmax(vf v) { return fold(v, true)[0]; }
+__attribute__((always_inline)) inline float hsum(vf v) { return fold(v, false)[0]; }
 
 // exp(x) for x <= 0 (and -inf) as 2^t, t = x log2 e: 2^n by the exponent bits times 2^f, f = t - n in
 // [-1/2, 1/2], by the degree-6 polynomial of Cephes exp2f (~1 ulp). The rounding of t costs up to
 // |x| * 6e-8 relative, i.e. at most 2.2e-8 of the block's largest term (e^x |x| <= 1/e): below what
 // a float sum of the block keeps.
-inline vf exp_nonpositive(vf x) {
+__attribute__((always_inline)) inline vf exp_nonpositive(vf x) {
 #ifdef __AVX512F__
   // the same polynomial in four fewer instructions: round and scale by 2^n in one instruction each; t is
   // clamped at -125 (2^-125: no denormal), so a term below e^-86.6 is ~1e-38 instead of 0, which no
@@ -85,7 +106,7 @@ inline vf exp_nonpositive(vf x) {
 }
 
 // natural log of positive normal floats (Cephes logf).
-inline vf log_positive(vf x) {
+__attribute__((always_inline)) inline vf log_positive(vf x) {
   vi bits = (vi)x;
   vi e = ((bits >> 23) & 0xff) - 126;
   vf m = (vf)((bits & 0x007fffff) | 0x3f000000);     // mantissa in [1/2, 1)
@@ -110,15 +131,15 @@ inline vf log_positive(vf x) {
 }
 
 // keyed_random._mix on 32-bit words.
-inline uint32_t mix(uint32_t x) {
+__attribute__((always_inline)) inline uint32_t mix(uint32_t x) {
   x ^= x >> 16; x *= 0x7FEB352Du; x ^= x >> 15; x *= 0x846CA68Bu; return x ^ (x >> 16);
 }
-inline vu mix(vu x) {
+__attribute__((always_inline)) inline vu mix(vu x) {
   x ^= x >> 16; x *= 0x7FEB352Du; x ^= x >> 15; x *= 0x846CA68Bu; return x ^ (x >> 16);
 }
 
 // Gumbel noise of one key against L items whose hashes are `item_hash` (keyed_random.gumbel).
-inline vf gumbel(uint32_t key, vu item_hash) {
+__attribute__((always_inline)) inline vf gumbel(uint32_t key, vu item_hash) {
   vu h = mix(item_hash ^ key);
   vf u = (__builtin_convertvector((vi)(h >> 8), vf) + 0.5f) * (1.0f / 16777216.0f);
   u = u > 0.99999994039535522f ? splat(0.99999994039535522f) : u;  // keyed_random._BELOW_ONE
@@ -127,7 +148,7 @@ inline vf gumbel(uint32_t key, vu item_hash) {
 
 // Log-sum-exp of one block of `bs` scores, max-shifted per block. As the eager ops: -inf if every score
 // is -inf (no candidate), +inf if the maximum is +inf, NaN if any score is NaN (NaN passes the exp).
-inline float block_lse(const float* s, int64_t bs) {
+__attribute__((always_inline)) inline float block_lse(const float* s, int64_t bs) {
   const int64_t full = bs / L * L;
   vf m0 = splat(NEG_INF), m1 = m0, m2 = m0, m3 = m0;
   int64_t j = 0;
@@ -233,9 +254,10 @@ int64_t negcache_scan_chunk(float* s, int64_t b, int64_t n, int64_t ld, int64_t 
 }
 
 // Stage 2 for the final winners: for each pair p whose best_key is finite, the row inside its block drawn
-// with probability exp(a_j - lse) by inverse CDF at u[p] (scoring.pick_in_block: weights summed in
-// double in row order; the first row whose cumulative weight exceeds u * total, and never past the last
-// row with mass), added to best_row[p].
+// with probability exp(a_j - lse) by inverse CDF at u[p] (scoring.pick_in_block), added to best_row[p]:
+// the first row whose cumulative weight exceeds u * total, never past the first row where it reaches the
+// total (the last row with mass). The CDF is summed in double as (16-row groups before) + (rows of the
+// group so far): the group sums are independent chains, and the CDF ends exactly at the total.
 void negcache_pick(const float* win_scores, const float* win_lse, const float* u, const float* best_key,
                    int64_t pairs, int64_t bs, int64_t* best_row, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
@@ -243,23 +265,38 @@ void negcache_pick(const float* win_scores, const float* win_lse, const float* u
     if (!std::isfinite(best_key[p])) continue;
     const float* s = win_scores + p * bs;
     const vf shift = splat(win_lse[p]);
-    float w[bs + L];
-    for (int64_t j = 0; j < bs; j += L) {
+    const int64_t groups = (bs + L - 1) / L;
+    float w[groups * L];
+    double group_sum[groups];
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t j = g * L;
       vf x = bs - j >= L ? load(s + j) : load_tail(s + j, bs - j);
       vf e = exp_nonpositive(x - shift);
+      e = x == NEG_INF ? splat(0.0f) : e;  // a masked row has no mass (the AVX-512 exp leaves ~1e-38)
       std::memcpy(w + j, &e, sizeof e);
+      double sum = 0.0;
+      for (int i = 0; i < L; ++i) sum += w[j + i];
+      group_sum[g] = sum;
     }
     double total = 0.0;
-    for (int64_t j = 0; j < bs; ++j) total += w[j];
+    for (int64_t g = 0; g < groups; ++g) total += group_sum[g];
     const double target = double(u[p]) * total;
-    double cum = 0.0;
-    int64_t within = bs, last = bs - 1;
-    for (int64_t j = 0; j < bs; ++j) {
-      cum += w[j];
-      if (within == bs && cum > target) within = j;
-      if (cum >= total) { last = j; break; }
+    int64_t within = -1, last = bs - 1;
+    double before = 0.0;
+    for (int64_t g = 0; g < groups; ++g) {
+      const double end = before + group_sum[g];
+      if ((within < 0 && end > target) || end >= total) {
+        double partial = 0.0;
+        for (int64_t i = 0; i < L && g * L + i < bs; ++i) {
+          partial += w[g * L + i];
+          if (within < 0 && before + partial > target) within = g * L + i;
+          if (before + partial >= total) { last = g * L + i; break; }
+        }
+        if (before + partial >= total) break;
+      }
+      before = end;
     }
-    best_row[p] += within < last ? within : last;
+    best_row[p] += (within >= 0 && within < last) ? within : last;
   }
 }
 
