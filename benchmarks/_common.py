@@ -259,16 +259,20 @@ def stage_split(prof: Any) -> dict[str, float]:
 
     ``prof`` is a finished ``torch.profiler.profile(activities=[ProfilerActivity.CPU])``. Returns every
     stage of ``handler.STAGES`` (0 where absent), plus ``score.matmul`` (the ``aten::mm`` calls inside the
-    score range) and ``score.lse`` (the compiled block log-sum-exp, or the eager ops it replaces), which
-    are parts of ``score``. Range times are wall time on the calling thread (the profiler's
+    score range) and ``score.lse`` (the native scan kernel's ``negcache/score.kernel`` ranges: block LSEs,
+    stage 1 and the winners' copies; or the eager block-LSE ops where the kernel is off), which are parts
+    of ``score``. Range times are wall time on the calling thread (the profiler's
     ``cpu_time_total``), waiting for other ranks included.
     """
     from sharded_negcache.handler import STAGE_PREFIX, STAGES
+    from sharded_negcache.scoring import KERNEL_RANGE
 
     out = {s: 0.0 for s in STAGES}
     mm = lse = 0.0
     for e in prof.events():
-        if e.name.startswith(STAGE_PREFIX) and e.name[len(STAGE_PREFIX):] in out:
+        if e.name == KERNEL_RANGE:
+            lse += e.cpu_time_total / 1e6
+        elif e.name.startswith(STAGE_PREFIX) and e.name[len(STAGE_PREFIX):] in out:
             out[e.name[len(STAGE_PREFIX):]] += e.cpu_time_total / 1e6
         elif e.name == "aten::mm" or e.name in _LSE_OPS or e.name.startswith("Torch-Compiled Region"):
             chain, parent = [], e.cpu_parent

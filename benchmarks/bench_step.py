@@ -12,8 +12,8 @@ by wrapping it, is subtracted from the step):
      for the whole step, for the scoring call alone (``score_shard`` called directly), and for both
      bare products;
    * the split of one (separate, profiled) step from the engine's ``negcache/<stage>`` profiler
-     ranges, as a user's trace shows it, and the first step's time (it includes the one-time
-     ``torch.compile`` of the block log-sum-exp where that applies).
+     ranges, as a user's trace shows it, and the first step's time (it includes loading the native
+     scan kernel, built once per machine and cached).
    Every size runs in a fresh process, with ``torch.set_num_threads(--threads)`` for all of them.
    Times are the minimum over ``--reps`` interleaved repetitions (least disturbed by other jobs on the
    machine); medians are in the JSON.
@@ -76,7 +76,7 @@ def _timed(fn, *a) -> tuple[float, float]:
 def profiled_split(handler, net, batch) -> dict[str, float]:
     """ms in each ``negcache/<stage>`` profiler range of one step (what a user's trace shows; read by
     ``_common.stage_split``), plus ``score.matmul`` (the ``aten::mm`` calls inside the score range),
-    ``score.lse`` (the compiled block log-sum-exp, or the eager ops it replaces) and ``untracked`` (step
+    ``score.lse`` (the native scan kernel's calls, or the eager block-LSE ops) and ``untracked`` (step
     wall time minus the ranges)."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -124,7 +124,7 @@ def single_child(rank: int, world: int, rows: int, cfg: dict) -> dict:
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         return wall, sec.seconds.get("reencode", 0.0), cpu, sec.cpu_seconds.get("reencode", 0.0)
 
-    first_step_s = step(0)[0]  # includes the one-time torch.compile of the block LSE (when it applies)
+    first_step_s = step(0)[0]  # includes loading (or, on a new machine, building) the native scan kernel
     _bare_full(qbare, emb)
     _bare_chunked(qbare, emb, chunk)
     # memory: each measurement alone, peak RSS counter reset right before it
@@ -383,12 +383,12 @@ def main(argv: list[str] | None = None) -> dict:
     split_rows = []
     for p in single:
         row = {"rows": size_label(p["rows"]), "first_step_s": p["first_step_s"],
-               "compile_s": p["compile_s"] if p["compiled"] else "-"}
+               "kernel_load_s": p["native_kernel"]["load_s"] if p["native_kernel"]["loaded"] else "-"}
         row.update({k: v for k, v in p["split_ms_profiled_step"].items()})
         split_rows.append(row)
     t1b = table(split_rows, list(dict.fromkeys(k for r in split_rows for k in r)),
-                "Split of one profiled step (ms in each negcache/<stage> profiler range; score.matmul / score.lse "
-                "are inside score; first_step_s includes the one-time compile)")
+                "Split of one profiled step (ms in each negcache/<stage> profiler range; score.matmul (the products) "
+                "and score.lse (the native scan kernel) are inside score; first_step_s includes loading the kernel)")
     sw_rows = []
     for p in result["chunk_sweep"]["points"]:
         sw_rows.append({"chunk_MB": p["chunk_mb"], "chunk_rows": p["chunk_rows"], "step_s": min(p["step_s"]),

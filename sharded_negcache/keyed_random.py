@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["Stream", "draw_keys", "uniform", "gumbel", "unit_interval"]
+__all__ = ["Stream", "stream_base", "draw_keys", "uniform", "gumbel", "unit_interval"]
 
 _M32 = 0xFFFFFFFF
 # The largest float32 below 1. The top hash level (2^24 - 1) + 0.5 rounds to 2^24 in float32, i.e. a
@@ -43,9 +43,14 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def stream_base(seed: int, step: int, stream: int) -> int:
+    """The 32-bit word every key of (seed, step, stream) starts from."""
+    return _mix_int(_mix_int(_mix_int(seed) ^ (step & _M32)) ^ ((step >> 32) + 0x9E3779B9 * stream))
+
+
 def draw_keys(seed: int, step: int, stream: int, query_pos: torch.Tensor, num_draws: int) -> torch.Tensor:
     """int64 keys [B, num_draws] for global query positions ``query_pos`` [B]."""
-    base = _mix_int(_mix_int(_mix_int(seed) ^ (step & _M32)) ^ ((step >> 32) + 0x9E3779B9 * stream))
+    base = stream_base(seed, step, stream)
     draws = torch.arange(num_draws, device=query_pos.device, dtype=torch.int64)
     q = _mix(query_pos.to(torch.int64) ^ base)
     return _mix(q[:, None] ^ _mix(draws + 0x68E31DA4)[None, :])

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ENV_NATIVE", "ENV_ARCH", "available", "scan_chunk", "pick", "row_lse", "gumbel", "exp_nonpositive", "build_info"]
+__all__ = ["ENV_NATIVE", "ENV_ARCH", "available", "scan_chunk", "pick", "draws", "row_lse", "gumbel", "exp_nonpositive", "build_info"]
 
 log = logging.getLogger("sharded_negcache")
 
@@ -120,6 +120,7 @@ def _load() -> ctypes.CDLL | None:
                                         _P, _P, _I64, _P, _P, ctypes.c_int]
     lib.negcache_pick.argtypes = [_P, _P, _P, _P, _I64, _I64, _P, ctypes.c_int]
     lib.negcache_row_lse.argtypes = [_P, _I64, _I64, _P, ctypes.c_int]
+    lib.negcache_draws.argtypes = [ctypes.c_uint32, ctypes.c_uint32, _I64, _I64, _P, _P]
     lib.negcache_gumbel.argtypes = [_P, _I64, _P, _I64, _P]
     lib.negcache_exp_nonpositive.argtypes = [_P, _I64, _P]
     _Lib.lib, _Lib.path, _Lib.build_s = lib, path, time.perf_counter() - t0
@@ -194,6 +195,14 @@ def row_lse(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x.shape[0])
     _Lib.lib.negcache_row_lse(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def draws(key_base: int, uniform_base: int, b: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``keyed_random.draw_keys`` of queries 0..b-1 for the stream based at ``key_base`` ([b, m] int64) and
+    the uniforms of the stream based at ``uniform_base`` ([b, m] float32), in one call (bit-identical)."""
+    keys, u = torch.empty((b, m), dtype=torch.int64), torch.empty((b, m))
+    _Lib.lib.negcache_draws(key_base, uniform_base, b, m, keys.data_ptr(), u.data_ptr())
+    return keys, u
 
 
 def gumbel(keys: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

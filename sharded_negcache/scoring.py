@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
+from torch.profiler import record_function
 
 from . import keyed_random, native_scan
 from .keyed_random import Stream
@@ -36,6 +37,7 @@ __all__ = ["ScoreFn", "LocalPartials", "score_shard", "make_score_fn", "block_ls
            "BACKENDS"]
 
 _NEG_INF = float("-inf")
+KERNEL_RANGE = "negcache/score.kernel"  # profiler range of each native kernel call, inside negcache/score
 log = logging.getLogger("sharded_negcache")
 
 
@@ -175,9 +177,13 @@ class _Draws:
 
     def __init__(self, seed: int, step: int, b: int, m: int, layout: ShardLayout, budget_rows: int,
                  device: torch.device) -> None:
-        pos = torch.arange(b, device=device, dtype=torch.int64)
-        self.keys = keyed_random.draw_keys(seed, step, Stream.BLOCK_GUMBEL, pos, m)
-        self.u = keyed_random.uniform(keyed_random.draw_keys(seed, step, Stream.ROW_UNIFORM, pos, m))
+        if native_scan.available(device):  # one call instead of ~40 int64 tensor ops
+            self.keys, self.u = native_scan.draws(keyed_random.stream_base(seed, step, Stream.BLOCK_GUMBEL),
+                                                  keyed_random.stream_base(seed, step, Stream.ROW_UNIFORM), b, m)
+        else:
+            pos = torch.arange(b, device=device, dtype=torch.int64)
+            self.keys = keyed_random.draw_keys(seed, step, Stream.BLOCK_GUMBEL, pos, m)
+            self.u = keyed_random.uniform(keyed_random.draw_keys(seed, step, Stream.ROW_UNIFORM, pos, m))
         self.first_block, self.blocks = layout.row_offset // layout.block_size, layout.blocks_per_rank
         self.span = max(1, budget_rows // (8 * max(m, 1)))  # chunk budget / (32 bytes x B x m)
         self.grid, self.grid_lo = torch.empty(b, m, 0, device=device), 0
@@ -352,14 +358,15 @@ def _sample_native(
         scores = _chunk_scores(store, q, score_fn, start, end, buf)
         if excl is None and exclude_ids is not None:
             _mask_chunk(scores, store, start, end, end - start, exclude_key, exclude_ids)
-        native_scan.scan_chunk(
-            scores, bs, lse_all[:, start // bs : end // bs],
-            filled=store.filled[start:end] if filled < end - start else None,
-            row_ids=None if excl is None else excl[0][start:end],
-            excl_sorted=None if excl is None else excl[1], excl_query=None if excl is None else excl[2],
-            keys=draws.keys, first_block=draws.first_block + start // bs, best_key=draws.best_key,
-            best_row=draws.best_row, row0=start, win_scores=win_scores, win_lse=win_lse,
-        )
+        with record_function(KERNEL_RANGE):  # a trace shows the kernel apart from the product
+            native_scan.scan_chunk(
+                scores, bs, lse_all[:, start // bs : end // bs],
+                filled=store.filled[start:end] if filled < end - start else None,
+                row_ids=None if excl is None else excl[0][start:end],
+                excl_sorted=None if excl is None else excl[1], excl_query=None if excl is None else excl[2],
+                keys=draws.keys, first_block=draws.first_block + start // bs, best_key=draws.best_key,
+                best_row=draws.best_row, row0=start, win_scores=win_scores, win_lse=win_lse,
+            )
     native_scan.pick(win_scores, win_lse, draws.u.view(-1), draws.best_key.view(-1), draws.best_row.view(-1))
     return draws.partials(native_scan.row_lse(lse_all), layout)
 

@@ -282,3 +282,12 @@ def test_narrower_builds_pass_the_same_checks(arch, tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert len(list(tmp_path.glob("scan-*.so"))) == 1  # that build, not the machine's default one
+
+
+def test_draw_keys_and_uniforms_are_bit_identical_to_keyed_random():
+    for seed, step, b, m in ((0, 0, 1, 1), (7, 123456789, 37, 5), (2**31 + 5, 2**40 + 3, 512, 2)):
+        keys, u = native_scan.draws(keyed_random.stream_base(seed, step, Stream.BLOCK_GUMBEL),
+                                    keyed_random.stream_base(seed, step, Stream.ROW_UNIFORM), b, m)
+        pos = torch.arange(b)
+        assert torch.equal(keys, keyed_random.draw_keys(seed, step, Stream.BLOCK_GUMBEL, pos, m))
+        assert torch.equal(u, keyed_random.uniform(keyed_random.draw_keys(seed, step, Stream.ROW_UNIFORM, pos, m)))

@@ -354,6 +354,22 @@ void negcache_row_lse(const float* x, int64_t rows, int64_t n, float* out, int n
   for (int64_t r = 0; r < rows; ++r) out[r] = block_lse(x + r * n, n);
 }
 
+// keyed_random.draw_keys for query positions 0..b-1 and draws 0..m-1 of the streams whose bases are
+// `key_base` (-> keys [b, m], int64 holding 32-bit words) and `uniform_base` (-> uniforms [b, m], as
+// keyed_random.uniform of those keys). Bit-identical to the torch ops.
+void negcache_draws(uint32_t key_base, uint32_t uniform_base, int64_t b, int64_t m, int64_t* keys, float* u) {
+  for (int64_t q = 0; q < b; ++q) {
+    const uint32_t qk = mix(uint32_t(q) ^ key_base), qu = mix(uint32_t(q) ^ uniform_base);
+    for (int64_t t = 0; t < m; ++t) {
+      const uint32_t d = mix(uint32_t(t) + 0x68E31DA4u);
+      keys[q * m + t] = mix(qk ^ d);
+      const uint32_t h = mix(mix(qu ^ d) + 0x1B56C4E9u);
+      const float v = (float(h >> 8) + 0.5f) * (1.0f / 16777216.0f);
+      u[q * m + t] = v > 0.99999994039535522f ? 0.99999994039535522f : v;
+    }
+  }
+}
+
 // Gumbel noise [n_keys, n_items] of keys crossed with 32-bit item ids (keyed_random.gumbel), for tests.
 void negcache_gumbel(const int64_t* keys, int64_t n_keys, const int64_t* items, int64_t n_items, float* out) {
   for (int64_t i = 0; i < n_keys; ++i)
