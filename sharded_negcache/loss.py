@@ -54,9 +54,11 @@ def cache_losses(
 
 
 def staleness(stale: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
-    """‖c − e‖² / max(‖e‖², ε) per row: how far the cached embedding drifted from the current tower."""
+    """‖c − e‖² / max(‖e‖², ε) per row: how far the cached embedding drifted from the current tower.
+    (Norms, then squared: one fused reduction per term instead of a pow and a sum.)"""
     fresh = fresh.detach().float()
-    return (stale.float() - fresh).pow(2).sum(-1) / fresh.pow(2).sum(-1).clamp(min=STALENESS_EPS)
+    drift = torch.linalg.vector_norm(stale.float() - fresh, dim=-1).square_()
+    return drift / torch.linalg.vector_norm(fresh, dim=-1).square_().clamp_(min=STALENESS_EPS)
 
 
 def spread(values: torch.Tensor, rows: torch.Tensor, which: torch.Tensor, fill: float | bool | int) -> torch.Tensor:
@@ -120,7 +122,8 @@ def query_losses(
     counted = drawn if leave_out is None else drawn & ~leave_out.unsqueeze(1)
     if fresh.shape[0]:
         index = spread(torch.arange(fresh.shape[0], device=rows.device), rows, which, 0)
-        neg_scores = transform(torch.einsum("bd,bmd->bm", q, fresh[index]))
+        per_draw = fresh.index_select(0, index.view(-1)).view(*index.shape, fresh.shape[1])  # [B, m, d]
+        neg_scores = transform(torch.einsum("bd,bmd->bm", q, per_draw))
     else:
         neg_scores = q.new_zeros(rows.shape)
     stale_per_draw = spread(staleness(stale, fresh), rows, which, float("nan"))
