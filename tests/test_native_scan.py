@@ -291,3 +291,14 @@ def test_draw_keys_and_uniforms_are_bit_identical_to_keyed_random():
         pos = torch.arange(b)
         assert torch.equal(keys, keyed_random.draw_keys(seed, step, Stream.BLOCK_GUMBEL, pos, m))
         assert torch.equal(u, keyed_random.uniform(keyed_random.draw_keys(seed, step, Stream.ROW_UNIFORM, pos, m)))
+
+
+def test_a_chunk_of_millions_of_blocks_is_scanned_without_stack_buffers():
+    """One query against 2^22 one-row blocks (the per-chunk block hashes once lived on the stack: 16 MB)."""
+    n = 1 << 22
+    s = torch.randn(1, n)
+    keys = keyed_random.draw_keys(0, 0, Stream.BLOCK_GUMBEL, torch.arange(1), 1)
+    _, lse, key, row, _, _, changed = _scan(s, 1, keys=keys)
+    assert torch.equal(lse, s) and changed == 1  # a one-row block's LSE is its score
+    want = (keyed_random.gumbel(keys, torch.arange(n) + 40).view(-1) + s.view(-1)).argmax()
+    assert row.item() == 1000 + int(want)

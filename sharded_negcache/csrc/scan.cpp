@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <vector>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -265,8 +266,9 @@ int64_t negcache_scan_chunk(float* s, int64_t b, int64_t n, int64_t ld, int64_t 
   mask_chunk(s, b, n, ld, filled, row_ids, excl_sorted, excl_query, n_excl);
   const int64_t nblk = n / bs;
   const int64_t padded = (nblk + L - 1) / L * L;
-  uint32_t item_hash[padded > 0 ? padded : 1];  // keyed_random._hash: mix(block id + 0x5BD1E995)
-  for (int64_t k = 0; k < padded; ++k) item_hash[k] = mix(uint32_t(first_block + k) + 0x5BD1E995u);
+  std::vector<uint32_t> hashes(padded > 0 ? padded : 1);  // keyed_random._hash: mix(block id + 0x5BD1E995)
+  for (int64_t k = 0; k < padded; ++k) hashes[k] = mix(uint32_t(first_block + k) + 0x5BD1E995u);
+  const uint32_t* item_hash = hashes.data();
   int64_t changed = 0;
 #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+ : changed) if (nthreads > 1)
   for (int64_t q = 0; q < b; ++q) {
@@ -308,43 +310,46 @@ int64_t negcache_scan_chunk(float* s, int64_t b, int64_t n, int64_t ld, int64_t 
 // group so far): the group sums are independent chains, and the CDF ends exactly at the total.
 void negcache_pick(const float* win_scores, const float* win_lse, const float* u, const float* best_key,
                    int64_t pairs, int64_t bs, int64_t* best_row, int nthreads) {
-#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
-  for (int64_t p = 0; p < pairs; ++p) {
-    if (!std::isfinite(best_key[p])) continue;
-    const float* s = win_scores + p * bs;
-    const vf shift = splat(win_lse[p]);
-    const int64_t groups = (bs + L - 1) / L;
-    float w[groups * L];
-    double group_sum[groups];
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t j = g * L;
-      vf x = bs - j >= L ? load(s + j) : load_tail(s + j, bs - j);
-      vf e = exp_nonpositive(x - shift);
-      e = x == NEG_INF ? splat(0.0f) : e;  // a masked row has no mass (the AVX-512 exp leaves ~1e-38)
-      std::memcpy(w + j, &e, sizeof e);
-      double sum = 0.0;
-      for (int i = 0; i < L; ++i) sum += w[j + i];
-      group_sum[g] = sum;
-    }
-    double total = 0.0;
-    for (int64_t g = 0; g < groups; ++g) total += group_sum[g];
-    const double target = double(u[p]) * total;
-    int64_t within = -1, last = bs - 1;
-    double before = 0.0;
-    for (int64_t g = 0; g < groups; ++g) {
-      const double end = before + group_sum[g];
-      if ((within < 0 && end > target) || end >= total) {
-        double partial = 0.0;
-        for (int64_t i = 0; i < L && g * L + i < bs; ++i) {
-          partial += w[g * L + i];
-          if (within < 0 && before + partial > target) within = g * L + i;
-          if (before + partial >= total) { last = g * L + i; break; }
-        }
-        if (before + partial >= total) break;
+  const int64_t groups = (bs + L - 1) / L;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+  {
+    std::vector<float> w(groups * L);  // per thread, on the heap: a block may have many rows
+    std::vector<double> group_sum(groups);
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < pairs; ++p) {
+      if (!std::isfinite(best_key[p])) continue;
+      const float* s = win_scores + p * bs;
+      const vf shift = splat(win_lse[p]);
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t j = g * L;
+        vf x = bs - j >= L ? load(s + j) : load_tail(s + j, bs - j);
+        vf e = exp_nonpositive(x - shift);
+        e = x == NEG_INF ? splat(0.0f) : e;  // a masked row has no mass (the AVX-512 exp leaves ~1e-38)
+        std::memcpy(w.data() + j, &e, sizeof e);
+        double sum = 0.0;
+        for (int i = 0; i < L; ++i) sum += w[j + i];
+        group_sum[g] = sum;
       }
-      before = end;
+      double total = 0.0;
+      for (int64_t g = 0; g < groups; ++g) total += group_sum[g];
+      const double target = double(u[p]) * total;
+      int64_t within = -1, last = bs - 1;
+      double before = 0.0;
+      for (int64_t g = 0; g < groups; ++g) {
+        const double end = before + group_sum[g];
+        if ((within < 0 && end > target) || end >= total) {
+          double partial = 0.0;
+          for (int64_t i = 0; i < L && g * L + i < bs; ++i) {
+            partial += w[g * L + i];
+            if (within < 0 && before + partial > target) within = g * L + i;
+            if (before + partial >= total) { last = g * L + i; break; }
+          }
+          if (before + partial >= total) break;
+        }
+        before = end;
+      }
+      best_row[p] += (within >= 0 && within < last) ? within : last;
     }
-    best_row[p] += (within >= 0 && within < last) ? within : last;
   }
 }
 
