@@ -349,7 +349,7 @@ def _sample_native(
 ) -> LocalPartials:
     """The CPU scan: per chunk the product, then one kernel call (:mod:`native_scan`) that masks, writes the
     block LSEs, runs stage 1 and copies each new winner's block scores for the deferred stage 2."""
-    (b, m), bs = draws.best_key.shape, layout.block_size
+    b, bs = draws.best_key.shape[0], layout.block_size
     lse_all = torch.full((b, layout.blocks_per_rank), _NEG_INF)
     buf = torch.empty(b * min(chunk_rows, store.rows))
     win_scores, win_lse = _deferred_buffers(draws, bs)

@@ -6,7 +6,6 @@ ragged block sizes, batch 1, NaN/Inf propagation, the thread count, the build ca
 """
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import sys

@@ -3,7 +3,6 @@ independence, the inverse CDF at the edges of (0, 1), and the scoring_backend op
 from __future__ import annotations
 
 import logging
-import shutil
 
 import pytest
 import torch
