@@ -292,7 +292,7 @@ class ShardStore(nn.Module):
     def refresh(self, slots: torch.Tensor, embeddings: torch.Tensor, use_lru: bool) -> torch.Tensor:
         """Writes fresh embeddings in place; with duplicates the first occurrence wins. Returns unique slots."""
         uniq, first = first_occurrence(slots)
-        self.embeddings.index_copy_(0, uniq, self.codec.encode(embeddings[first]))
+        self.embeddings.index_copy_(0, uniq, self.codec.encode(embeddings.index_select(0, first)))
         if use_lru:
             self.age[uniq] = -1  # +1 at the end of the step: age 0, like a new item
         return uniq
