@@ -3,11 +3,11 @@ block to its log-sum-exp, runs stage 1 of the sampler and copies new winners' bl
 
 Why native code: on CPU the product runs at the FMA peak, and the eager block LSE (max, subtract, exp,
 sum as separate passes) costs 40-70% of it; inductor's fused loop still spends ~0.5 ns per score in
-its exp. The kernel's exp is a degree-5 polynomial on the shifted scores (<= 0), ~0.23 ns per score,
-and the Gumbel noise of stage 1 (a hash and two logs per query, block and draw) moves out of a dozen
-int64 tensor ops per chunk into the same loop.
+its exp. The kernel's exp is the Cephes exp2f polynomial on the shifted scores (<= 0), ~0.24 ns per
+score with the block maxima, and the Gumbel noise of stage 1 (a hash and two logs per query, block and
+draw) moves out of a dozen int64 tensor ops per chunk into the same loop.
 
-Built once per machine and source (``g++ -O3 -march=native -fopenmp``, ~1 s) into a cache directory
+Built once per machine and source (``g++ -O3 -march=native -fopenmp``, ~0.3 s) into a cache directory
 (``$SHARDED_NEGCACHE_CACHE_DIR``, else ``$XDG_CACHE_HOME/sharded_negcache`` or ``~/.cache/...``),
 loaded with ctypes (the call releases the GIL; it runs on ``torch.get_num_threads()`` threads). Where no
 compiler works, one warning and the torch ops run instead. ``SHARDED_NEGCACHE_NATIVE=0`` disables it;
@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ENV_NATIVE", "ENV_ARCH", "available", "scan_chunk", "pick", "draws", "row_lse", "gumbel", "exp_nonpositive", "build_info"]
+__all__ = ["ENV_NATIVE", "ENV_ARCH", "available", "scan_chunk", "pick", "draws", "row_lse", "gumbel", "exp_nonpositive",
+           "build_info"]
 
 log = logging.getLogger("sharded_negcache")
 
@@ -41,6 +42,7 @@ SOURCE = Path(__file__).with_name("csrc") / "scan.cpp"
 def _flags() -> tuple[str, ...]:
     arch = os.environ.get(ENV_ARCH, "").strip() or "native"
     return ("-O3", f"-march={arch}", "-fopenmp", "-std=c++17", "-ffp-contract=fast", "-fPIC", "-shared")
+
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 
