@@ -301,3 +301,31 @@ def test_a_chunk_of_millions_of_blocks_is_scanned_without_stack_buffers():
     assert torch.equal(lse, s) and changed == 1  # a one-row block's LSE is its score
     want = (keyed_random.gumbel(keys, torch.arange(n) + 40).view(-1) + s.view(-1)).argmax()
     assert row.item() == 1000 + int(want)
+
+
+def test_int32_document_ids_are_masked_in_the_kernel_as_int64_ones(monkeypatch):
+    """doc ids may be int32 (CacheSchema): the kernel masks them too (no [B, chunk] torch compare per chunk),
+    with the same samples as int64 ids and never the query's own positive."""
+    from engine_cases import Tower, global_cache, specs
+    from sharded_negcache import FieldSpec, ShardedCacheLossHandler, scoring
+
+    torch_masks = []
+    monkeypatch.setattr(scoring, "_mask_chunk", lambda *a, **k: torch_masks.append(a))
+    tower, got = Tower(), {}
+    for dtype in (torch.int64, torch.int32):
+        sp = specs(with_ids=True)
+        sp["doc_id"] = FieldSpec((1,), dtype)
+        h = ShardedCacheLossHandler(sp, 48, "embedding", ("x",), doc_id_key="doc_id", score_transform=3.0,
+                                    block_size=4, num_negatives=3)
+        rows = global_cache(48, tower, with_ids=True)
+        rows["doc_id"] = rows["doc_id"].to(dtype)
+        h.load_global_rows(rows)
+        ids = torch.randint(0, 12, (7,), generator=torch.Generator().manual_seed(5)).to(dtype)
+        q = torch.randn(7, 8, generator=torch.Generator().manual_seed(6))
+        got[dtype] = scoring.score_shard(h.store, h.layout, q, h.score_fn, num_draws=3, top_k=None, seed=4, step=2,
+                                         chunk_rows=16, exclude_key="doc_id", exclude_ids=ids)
+        own = h.store.feature("doc_id").reshape(-1)[got[dtype].win_row]
+        assert bool((own != ids[:, None]).all())  # never the query's own positive
+    assert not torch_masks
+    assert torch.equal(got[torch.int64].win_row, got[torch.int32].win_row)
+    assert torch.equal(got[torch.int64].lse, got[torch.int32].lse)
