@@ -139,11 +139,19 @@ __attribute__((always_inline)) inline vu mix(vu x) {
   x ^= x >> 16; x *= 0x7FEB352Du; x ^= x >> 15; x *= 0x846CA68Bu; return x ^ (x >> 16);
 }
 
-// Gumbel noise of one key against L items whose hashes are `item_hash` (keyed_random.gumbel).
-__attribute__((always_inline)) inline vf gumbel(uint32_t key, vu item_hash) {
-  vu h = mix(item_hash ^ key);
-  vf u = (__builtin_convertvector((vi)(h >> 8), vf) + 0.5f) * (1.0f / 16777216.0f);
-  u = u > 0.99999994039535522f ? splat(0.99999994039535522f) : u;  // keyed_random._BELOW_ONE
+// keyed_random's item salt, mix(item + 0x5BD1E995), and unit_interval: the top 24 bits, centred, below 1.
+__attribute__((always_inline)) inline uint32_t item_hash(int64_t item) { return mix(uint32_t(item) + 0x5BD1E995u); }
+constexpr float BELOW_ONE = 0.99999994039535522f;  // keyed_random._BELOW_ONE
+__attribute__((always_inline)) inline float unit_interval(uint32_t h) {
+  const float u = (float(h >> 8) + 0.5f) * (1.0f / 16777216.0f);
+  return u > BELOW_ONE ? BELOW_ONE : u;
+}
+
+// Gumbel noise of one key against L items whose salts are `salt` (keyed_random.gumbel).
+__attribute__((always_inline)) inline vf gumbel(uint32_t key, vu salt) {
+  vu h = mix(salt ^ key);
+  vf u = (__builtin_convertvector((vi)(h >> 8), vf) + 0.5f) * (1.0f / 16777216.0f);  // unit_interval, L lanes
+  u = u > BELOW_ONE ? splat(BELOW_ONE) : u;
   return -log_positive(-log_positive(u));
 }
 
@@ -266,9 +274,8 @@ int64_t negcache_scan_chunk(float* s, int64_t b, int64_t n, int64_t ld, int64_t 
   mask_chunk(s, b, n, ld, filled, row_ids, excl_sorted, excl_query, n_excl);
   const int64_t nblk = n / bs;
   const int64_t padded = (nblk + L - 1) / L * L;
-  std::vector<uint32_t> hashes(padded > 0 ? padded : 1);  // keyed_random._hash: mix(block id + 0x5BD1E995)
-  for (int64_t k = 0; k < padded; ++k) hashes[k] = mix(uint32_t(first_block + k) + 0x5BD1E995u);
-  const uint32_t* item_hash = hashes.data();
+  std::vector<uint32_t> salts(padded > 0 ? padded : 1);  // each block's item salt, once per chunk
+  for (int64_t k = 0; k < padded; ++k) salts[k] = item_hash(first_block + k);
   int64_t changed = 0;
 #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+ : changed) if (nthreads > 1)
   for (int64_t q = 0; q < b; ++q) {
@@ -281,7 +288,7 @@ int64_t negcache_scan_chunk(float* s, int64_t b, int64_t n, int64_t ld, int64_t 
       int64_t win = -1;
       for (int64_t k0 = 0; k0 < nblk; k0 += L) {
         vu ih;
-        std::memcpy(&ih, item_hash + k0, sizeof ih);
+        std::memcpy(&ih, salts.data() + k0, sizeof ih);
         vf g = gumbel(key, ih);
         const int64_t lanes = nblk - k0 < L ? nblk - k0 : L;
         for (int64_t i = 0; i < lanes; ++i) {
@@ -369,8 +376,7 @@ void negcache_draws(uint32_t key_base, uint32_t uniform_base, int64_t b, int64_t
       const uint32_t d = mix(uint32_t(t) + 0x68E31DA4u);
       keys[q * m + t] = mix(qk ^ d);
       const uint32_t h = mix(mix(qu ^ d) + 0x1B56C4E9u);
-      const float v = (float(h >> 8) + 0.5f) * (1.0f / 16777216.0f);
-      u[q * m + t] = v > 0.99999994039535522f ? 0.99999994039535522f : v;
+      u[q * m + t] = unit_interval(h);
     }
   }
 }
@@ -381,7 +387,7 @@ void negcache_gumbel(const int64_t* keys, int64_t n_keys, const int64_t* items, 
     for (int64_t k0 = 0; k0 < n_items; k0 += L) {
       vu ih = vu{};
       const int64_t lanes = n_items - k0 < L ? n_items - k0 : L;
-      for (int64_t j = 0; j < lanes; ++j) ih[j] = mix(uint32_t(items[k0 + j]) + 0x5BD1E995u);
+      for (int64_t j = 0; j < lanes; ++j) ih[j] = item_hash(items[k0 + j]);
       vf g = gumbel(uint32_t(keys[i]), ih);
       for (int64_t j = 0; j < lanes; ++j) out[i * n_items + k0 + j] = g[j];
     }
