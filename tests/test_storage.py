@@ -214,3 +214,21 @@ def test_jagged_length_over_max_refused():
         h.update_cache_and_compute_loss(lambda f: None, torch.ones(2, 4), torch.ones(2, 4),
                                         {"t": [torch.arange(2), torch.arange(4)]})
     assert not h.store.filled.any()
+
+
+def test_eviction_order_is_empty_rows_first_then_oldest_then_lowest_slot():
+    """``oldest_slots`` against the order written as one sort key (the former implementation): empty rows
+    first (older first among them), then the highest age, ties to the lowest slot; on random shards with
+    many ties, every n."""
+    from sharded_negcache.store import ShardStore
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        rows = int(torch.randint(1, 120, (), generator=g))
+        store = ShardStore(rows, 4, {}, make_codec(torch.float32), "cpu")
+        store.age.copy_(torch.randint(-1, 5, (rows,), generator=g))
+        store.filled.copy_(torch.rand(rows, generator=g) < 0.7)
+        slot = torch.arange(rows)
+        key = (~store.filled).to(torch.int64) * (1 << 62) + (store.age + 1) * rows + (rows - 1 - slot)
+        for n in {0, 1, rows // 2, rows}:
+            assert torch.equal(store.oldest_slots(n), torch.topk(key, n, sorted=True).indices), (trial, n)
