@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ENV_NATIVE", "ENV_ARCH", "available", "scan_chunk", "pick", "draws", "row_lse", "gumbel", "exp_nonpositive",
-           "build_info"]
+__all__ = ["ENV_NATIVE", "ENV_ARCH", "available", "scan_chunk", "pack_queries", "fused_scan", "pick", "draws", "row_lse",
+           "gumbel", "exp_nonpositive", "build_info"]
 
 log = logging.getLogger("sharded_negcache")
 
@@ -120,6 +120,12 @@ def _load() -> ctypes.CDLL | None:
     lib.negcache_scan_chunk.restype = _I64
     lib.negcache_scan_chunk.argtypes = [_P, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _I64, _P, _I64, _P, _I64, _I64,
                                         _P, _P, _I64, _P, _P, ctypes.c_int]
+    lib.negcache_fused_scan.restype = _I64
+    lib.negcache_fused_scan.argtypes = [_P, _I64, _I64, _P, _I64, _I64, _I64, _P, _P, _P, _P, _I64, _P, _I64, _P, _I64,
+                                        _I64, _P, _P, _I64, _P, _P, ctypes.c_int]
+    lib.negcache_pack_queries.restype = _I64
+    lib.negcache_pack_queries.argtypes = [_P, _I64, _I64, _P]
+    lib.negcache_query_group.restype = _I64
     lib.negcache_pick.argtypes = [_P, _P, _P, _P, _I64, _I64, _P, ctypes.c_int]
     lib.negcache_row_lse.argtypes = [_P, _I64, _I64, _P, ctypes.c_int]
     lib.negcache_draws.argtypes = [ctypes.c_uint32, ctypes.c_uint32, _I64, _I64, _P, _P]
@@ -178,6 +184,53 @@ def scan_chunk(
         scores.data_ptr(), b, n, scores.stride(0), block, _ptr(filled), _ptr(row_ids), _ptr(excl_sorted),
         _ptr(excl_query), n_excl, lse_out.data_ptr(), lse_out.stride(0), keys.data_ptr(), m, first_block,
         best_key.data_ptr(), best_row.data_ptr(), row0, _ptr(win_scores), _ptr(win_lse), torch.get_num_threads())
+
+
+def pack_queries(q: torch.Tensor) -> torch.Tensor:
+    """Queries [b, d] (float32) in the fused scan's layout: ceil(b / G) groups of [d, G], lane = query,
+    zero-padded (G: ``negcache_query_group``, two vectors of the target's width)."""
+    q = q.float().contiguous()
+    group = _Lib.lib.negcache_query_group()
+    out = torch.empty(-(-q.shape[0] // group) * q.shape[1] * group)
+    _Lib.lib.negcache_pack_queries(q.data_ptr(), q.shape[0], q.shape[1], out.data_ptr())
+    return out
+
+
+def fused_scan(
+    packed: torch.Tensor,
+    b: int,
+    rows: torch.Tensor,
+    block: int,
+    lse_out: torch.Tensor,
+    *,
+    filled: torch.Tensor | None,
+    row_ids: torch.Tensor | None,
+    excl_sorted: torch.Tensor | None,
+    excl_query: torch.Tensor | None,
+    keys: torch.Tensor,
+    first_block: int,
+    best_key: torch.Tensor,
+    best_row: torch.Tensor,
+    row0: int,
+    win_scores: torch.Tensor | None,
+    win_lse: torch.Tensor | None,
+) -> int:
+    """:func:`scan_chunk` without a score chunk: scores the ``b`` queries of ``packed`` (:func:`pack_queries`)
+    against ``rows`` [n, d] (float32, unit column stride) block by block inside the kernel (see
+    ``negcache_fused_scan`` in csrc/scan.cpp). Same arguments and effects as :func:`scan_chunk`; returns how
+    many times a winner improved."""
+    n, d = rows.shape
+    assert rows.dtype == torch.float32 and rows.stride(1) == 1 and n % block == 0 and lse_out.stride(1) == 1
+    assert packed.numel() == -(-b // _Lib.lib.negcache_query_group()) * d * _Lib.lib.negcache_query_group()
+    for t in (filled, row_ids, excl_sorted, excl_query, keys, best_key, best_row, win_scores, win_lse):
+        assert t is None or t.is_contiguous()
+    m = keys.shape[1] if keys.dim() == 2 else 0
+    n_excl = 0 if excl_sorted is None else excl_sorted.numel()
+    return _Lib.lib.negcache_fused_scan(
+        packed.data_ptr(), b, d, rows.data_ptr(), n, rows.stride(0), block, _ptr(filled), _ptr(row_ids),
+        _ptr(excl_sorted), _ptr(excl_query), n_excl, lse_out.data_ptr(), lse_out.stride(0), keys.data_ptr(), m,
+        first_block, best_key.data_ptr(), best_row.data_ptr(), row0, _ptr(win_scores), _ptr(win_lse),
+        torch.get_num_threads())
 
 
 def pick(win_scores: torch.Tensor, win_lse: torch.Tensor, u: torch.Tensor, best_key: torch.Tensor,

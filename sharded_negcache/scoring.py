@@ -345,24 +345,35 @@ def _sample_native(
     exclude_key: str | None,
     exclude_ids: torch.Tensor | None,
 ) -> LocalPartials:
-    """The CPU scan: per chunk the product, then one kernel call (:mod:`native_scan`) that masks, writes the
-    block LSEs, runs stage 1 and copies each new winner's block scores for the deferred stage 2."""
+    """The CPU scan: one kernel call per chunk (:mod:`native_scan`) that masks, writes the block LSEs, runs
+    stage 1 and copies each new winner's block scores for the deferred stage 2. With a float scale (folded
+    into ``q``) the kernel also computes the product, block by block, so no score chunk is ever written
+    (the fused scan); a callable transform needs the scores, so ``torch.mm`` and the transform run first."""
     b, bs = draws.best_key.shape[0], layout.block_size
     lse_all = torch.full((b, layout.blocks_per_rank), _NEG_INF)
-    buf = torch.empty(b * min(chunk_rows, store.rows))
     win_scores, win_lse = _deferred_buffers(draws, bs)
     excl = _native_exclusions(store, exclude_key, exclude_ids)
+    fused = score_fn.fn is None
+    packed = native_scan.pack_queries(q) if fused else None
+    buf = None if fused else torch.empty(b * min(chunk_rows, store.rows))
+    if fused and store.codec.storage_dtype == torch.float32:
+        chunk_rows = store.rows  # fp32 rows are scanned where they lie: no buffer to bound, one call
     for start, end, filled in _chunks(store, chunk_rows):
-        scores = _chunk_scores(store, q, score_fn, start, end, buf)
-        with record_function(KERNEL_RANGE):  # a trace shows the kernel apart from the product
-            native_scan.scan_chunk(
-                scores, bs, lse_all[:, start // bs : end // bs],
-                filled=store.filled[start:end] if filled < end - start else None,
-                row_ids=None if excl is None else excl[0][start:end],
-                excl_sorted=None if excl is None else excl[1], excl_query=None if excl is None else excl[2],
-                keys=draws.keys, first_block=draws.first_block + start // bs, best_key=draws.best_key,
-                best_row=draws.best_row, row0=start, win_scores=win_scores, win_lse=win_lse,
-            )
+        args = dict(
+            filled=store.filled[start:end] if filled < end - start else None,
+            row_ids=None if excl is None else excl[0][start:end],
+            excl_sorted=None if excl is None else excl[1], excl_query=None if excl is None else excl[2],
+            keys=draws.keys, first_block=draws.first_block + start // bs, best_key=draws.best_key,
+            best_row=draws.best_row, row0=start, win_scores=win_scores, win_lse=win_lse,
+        )
+        if fused:
+            rows = store.decode(start, end)
+            with record_function(KERNEL_RANGE):  # a trace shows the kernel apart from the decode
+                native_scan.fused_scan(packed, b, rows, bs, lse_all[:, start // bs : end // bs], **args)
+        else:
+            scores = _chunk_scores(store, q, score_fn, start, end, buf)
+            with record_function(KERNEL_RANGE):  # a trace shows the kernel apart from the product
+                native_scan.scan_chunk(scores, bs, lse_all[:, start // bs : end // bs], **args)
     native_scan.pick(win_scores, win_lse, draws.u.view(-1), draws.best_key.view(-1), draws.best_row.view(-1))
     return draws.partials(native_scan.row_lse(lse_all), layout)
 

@@ -329,3 +329,134 @@ def test_int32_document_ids_are_masked_in_the_kernel_as_int64_ones(monkeypatch):
     assert not torch_masks
     assert torch.equal(got[torch.int64].win_row, got[torch.int32].win_row)
     assert torch.equal(got[torch.int64].lse, got[torch.int32].lse)
+
+
+# ---- the fused scan: product and scan in one pass (no score chunk) ----------------------------------------
+def _fused(q, rows, bs, *, keys=None, filled=None, row_ids=None, excl=None, best=None, threads=None, first_block=40):
+    """One fused_scan call of queries ``q`` [b, d] against ``rows`` [n, d]; returns (lse, best_key, best_row,
+    win_scores, win_lse, improvements)."""
+    b, n = q.shape[0], rows.shape[0]
+    m = 0 if keys is None else keys.shape[1]
+    lse = torch.full((b, n // bs), 123.0)
+    best_key = best[0].clone() if best else torch.full((b, m), NEG_INF)
+    best_row = best[1].clone() if best else torch.full((b, m), -1, dtype=torch.int64)
+    win_scores, win_lse = torch.full((b * m, bs), 7.0), torch.full((b * m,), 7.0)
+    ids = None if excl is None else torch.sort(excl)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads or old)
+    try:
+        improved = native_scan.fused_scan(
+            native_scan.pack_queries(q), b, rows, bs, lse, filled=filled, row_ids=row_ids,
+            excl_sorted=None if ids is None else ids[0].contiguous(), excl_query=None if ids is None else ids[1].contiguous(),
+            keys=torch.empty(b, 0, dtype=torch.int64) if keys is None else keys, first_block=first_block,
+            best_key=best_key, best_row=best_row, row0=1000, win_scores=win_scores, win_lse=win_lse)
+    finally:
+        torch.set_num_threads(old)
+    return lse, best_key, best_row, win_scores, win_lse, improved
+
+
+def _product_bound(q, rows):
+    """|fp32 sequential dot product - exact| <= d 2^-24 sum_k |q_k r_k| (+ the LSE's own bound)."""
+    return q.shape[1] * 2.0**-24 * (q.double().abs() @ rows.double().abs().t()) + LSE_ABS
+
+
+@pytest.mark.parametrize("b,d,bs", [(1, 1, 1), (5, 3, 5), (31, 16, 12), (33, 128, 13), (70, 20, 64)])
+def test_fused_block_lse_against_float64_for_ragged_sizes(b, d, bs):
+    """Batch not a multiple of the query group, blocks not a multiple of the row tile, any width."""
+    g = torch.Generator().manual_seed(b * 1000 + d * 10 + bs)
+    q, rows = torch.randn(b, d, generator=g), torch.randn(bs * 5, d, generator=g)
+    got = _fused(q, rows, bs)[0]
+    exact = q.double() @ rows.double().t()
+    want = block_lse(exact, bs)
+    tol = _product_bound(q, rows).view(b, -1, bs).amax(-1)
+    assert bool(((got.double() - want).abs() <= tol).all()), float(((got.double() - want).abs() / tol).max())
+
+
+def test_fused_scores_depend_on_neither_the_chunk_nor_the_query_lane():
+    """Each score is one fixed chain of fused multiply-adds: permuting the queries (other lanes, other groups)
+    or scanning the rows in other chunks gives the same bits (world-size independence rests on it)."""
+    g = torch.Generator().manual_seed(4)
+    b, d, bs = 45, 37, 8
+    q, rows = torch.randn(b, d, generator=g) * 3, torch.randn(bs * 12, d, generator=g)
+    whole = _fused(q, rows, bs)[0]
+    perm = torch.randperm(b, generator=g)
+    assert torch.equal(_fused(q[perm], rows, bs)[0], whole[perm])
+    parts = [_fused(q, rows[lo:hi], bs)[0] for lo, hi in ((0, 3 * bs), (3 * bs, 4 * bs), (4 * bs, 12 * bs))]
+    assert torch.equal(torch.cat(parts, 1), whole)
+
+
+def test_fused_scan_masks_empty_rows_and_each_querys_own_positive():
+    g = torch.Generator().manual_seed(3)
+    b, n, bs, d = 40, 64, 16, 8
+    q, rows = torch.randn(b, d, generator=g), torch.randn(n, d, generator=g)
+    filled = torch.ones(n, dtype=torch.bool)
+    filled[[0, 5, 33]] = False
+    filled[48:64] = False  # a whole empty block
+    row_ids = torch.randint(0, 10, (n,), generator=g)
+    excl = torch.randint(0, 12, (b,), generator=g)  # queries share ids; some ids are in no row
+    keys = keyed_random.draw_keys(3, 1, Stream.BLOCK_GUMBEL, torch.arange(b), 2)
+    lse, key, row, win_scores, _, _ = _fused(q, rows, bs, keys=keys, filled=filled, row_ids=row_ids, excl=excl)
+    masked = (q.double() @ rows.double().t()).masked_fill(~filled[None, :], NEG_INF)
+    masked = masked.masked_fill(row_ids[None, :] == excl[:, None], NEG_INF)
+    want = block_lse(masked, bs)
+    assert bool((lse[:, 3] == NEG_INF).all())
+    ok = torch.isfinite(want)
+    assert torch.equal(ok, torch.isfinite(lse))
+    torch.testing.assert_close(lse.double()[ok], want[ok], rtol=0, atol=1e-5)
+    # a winner's copied block is -inf exactly where the mask is
+    for p in range(b * 2):
+        qi, blk = p // 2, (int(row.view(-1)[p]) - 1000) // bs
+        assert torch.equal(torch.isinf(win_scores[p]), torch.isinf(masked[qi, blk * bs : (blk + 1) * bs]))
+
+
+def test_fused_scan_propagates_nan_and_inf_like_the_eager_ops():
+    g = torch.Generator().manual_seed(8)
+    q, rows = torch.randn(6, 4, generator=g), torch.rand(32, 4, generator=g) + 0.5  # positive rows
+    q[0, 1] = NAN
+    q[1, 2] = INF  # every score +inf
+    q[2, 0], q[2, 1] = INF, -INF  # inf - inf: NaN
+    rows[5, 3] = INF  # one row: +inf or -inf or NaN with the rest
+    got = _fused(q, rows, 8)[0]
+    want = block_lse(q.double() @ rows.double().t(), 8)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    assert torch.equal(got[got.isinf()].double(), want[want.isinf()])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_stage_one_and_the_winners_copies_against_torch(threads):
+    g = torch.Generator().manual_seed(9)
+    b, m, bs, nblk, d = 70, 3, 24, 9, 16
+    q, rows = torch.randn(b, d, generator=g) * 0.7, torch.randn(nblk * bs, d, generator=g)
+    filled = torch.ones(nblk * bs, dtype=torch.bool)
+    filled[: 3 * bs] = False  # three empty blocks
+    keys = keyed_random.draw_keys(2, 8, Stream.BLOCK_GUMBEL, torch.arange(b), m)
+    best_key = torch.randn(b, m, generator=g) * 2 + 6  # earlier chunks' winners; some are not beaten
+    best_row = torch.randint(0, 900, (b, m), generator=g)
+    lse, got_key, got_row, win_scores, win_lse, _ = _fused(q, rows, bs, keys=keys, filled=filled,
+                                                           best=(best_key, best_row), threads=threads)
+    key, blk, better = _stage1_reference(lse, keys, 40, best_key)
+    all_keys = keyed_random.gumbel(keys, torch.arange(nblk) + 40) + lse.unsqueeze(1)
+    top2 = all_keys.topk(2, dim=-1).values
+    clear = ((top2[..., 0] - top2[..., 1]).abs() > 1e-4) & ((key - best_key).abs() > 1e-4)
+    assert int(clear.sum()) > 0.9 * b * m and 0 < int(better.sum()) < b * m
+    assert torch.equal((got_key != best_key)[clear], better[clear])
+    won = better & clear
+    assert torch.equal(got_row[won], 1000 + blk[won] * bs)
+    torch.testing.assert_close(got_key[won].double(), key[won], rtol=0, atol=GUMBEL_ABS + LSE_ABS)
+    assert torch.equal(got_row[~better & clear], best_row[~better & clear])
+    exact = q.double() @ rows.double().t()
+    tol = _product_bound(q, rows)
+    for qi, ti in won.nonzero().tolist():
+        slot, lo = qi * m + ti, int(blk[qi, ti]) * bs
+        assert bool(((win_scores[slot].double() - exact[qi, lo : lo + bs]).abs() <= tol[qi, lo : lo + bs]).all())
+        assert win_lse[slot].item() == lse[qi, int(blk[qi, ti])].item()
+
+
+def test_fused_results_do_not_depend_on_the_thread_count():
+    g = torch.Generator().manual_seed(1)
+    q, rows = torch.randn(130, 24, generator=g), torch.randn(512, 24, generator=g)
+    keys = keyed_random.draw_keys(0, 0, Stream.BLOCK_GUMBEL, torch.arange(130), 2)
+    one, two = _fused(q, rows, 64, keys=keys, threads=1), _fused(q, rows, 64, keys=keys, threads=2)
+    for a, b in zip(one[:5], two[:5]):
+        assert torch.equal(a, b)
+    assert one[5] == two[5]

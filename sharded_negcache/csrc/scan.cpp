@@ -17,6 +17,9 @@
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace {
 
@@ -147,9 +150,9 @@ __attribute__((always_inline)) inline float unit_interval(uint32_t h) {
   return u > BELOW_ONE ? BELOW_ONE : u;
 }
 
-// Gumbel noise of one key against L items whose salts are `salt` (keyed_random.gumbel).
-__attribute__((always_inline)) inline vf gumbel(uint32_t key, vu salt) {
-  vu h = mix(salt ^ key);
+// Gumbel noise of L (key, item) pairs from key ^ item salt (keyed_random.gumbel).
+__attribute__((always_inline)) inline vf gumbel(vu key_xor_salt) {
+  vu h = mix(key_xor_salt);
   vf u = (__builtin_convertvector((vi)(h >> 8), vf) + 0.5f) * (1.0f / 16777216.0f);  // unit_interval, L lanes
   u = u > BELOW_ONE ? splat(BELOW_ONE) : u;
   return -log_positive(-log_positive(u));
@@ -253,6 +256,123 @@ void mask_chunk(float* s, int64_t b, int64_t n, int64_t ld, const uint8_t* fille
     }
 }
 
+// ---- the fused scan: product and scan in one pass, scores never leave the L1/L2 caches ----
+//
+// Queries are packed in groups of QW = 2 vectors ([group][d][QW], zero-padded): a lane is a query, so a
+// block's maximum, exps and sums are vertical vector ops (no horizontal reductions) and each score is
+// q · row summed over k = 0..d-1 in that order by one fused multiply-add per term: its bits depend on
+// neither the chunk, the tile nor the lane. The micro-kernel keeps TILE_ROWS x QW accumulators in
+// registers (12 x 32 on AVX-512: 24 of the 32 zmm registers; 6 x 16 with 16 registers) and broadcasts
+// each row element from memory.
+constexpr int QV = 2, QW = QV * L;
+#if LANES == 16
+constexpr int TILE_ROWS = 12;
+#else
+constexpr int TILE_ROWS = 6;
+#endif
+
+__attribute__((always_inline)) inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+__attribute__((always_inline)) inline bool any_lane(vi c) {
+  uint64_t w[L / 2], o = 0;
+  std::memcpy(w, &c, sizeof c);
+  for (int i = 0; i < L / 2; ++i) o |= w[i];
+  return o != 0;
+}
+
+// Scores of R rows (row stride ld) against one query group into S [R][QW]; folds them into the running
+// maximum mx[QV] (NaN handled by the caller: see block_lse_lanes).
+template <int R>
+__attribute__((always_inline)) inline void score_tile(const float* qg, const float* e, int64_t ld, int64_t d, float* S,
+                                                      vf* mx) {
+  vf acc[R][QV];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < QV; ++v) acc[r][v] = vf{};
+  for (int64_t k = 0; k < d; ++k) {
+    vf q[QV];
+#pragma GCC unroll 2
+    for (int v = 0; v < QV; ++v) q[v] = load(qg + k * QW + v * L);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const float x = e[r * ld + k];
+#pragma GCC unroll 2
+      for (int v = 0; v < QV; ++v) acc[r][v] += q[v] * x;
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < QV; ++v) {
+      store(S + r * QW + v * L, acc[r][v]);
+      mx[v] = vmax(mx[v], acc[r][v]);
+    }
+}
+
+template <int R>
+inline void score_tail(int rows, const float* qg, const float* e, int64_t ld, int64_t d, float* S, vf* mx) {
+  if constexpr (R > 0) {
+    if (rows == R) score_tile<R>(qg, e, ld, d, S, mx);
+    else score_tail<R - 1>(rows, qg, e, ld, d, S, mx);
+  }
+}
+
+// Scores of `rows` rows into S [rows][QW], maximum per lane into mx.
+inline void score_rows(const float* qg, const float* e, int64_t ld, int64_t d, int64_t rows, float* S, vf* mx) {
+  for (int v = 0; v < QV; ++v) mx[v] = splat(NEG_INF);
+  int64_t r = 0;
+  for (; r + TILE_ROWS <= rows; r += TILE_ROWS) score_tile<TILE_ROWS>(qg, e + r * ld, ld, d, S + r * QW, mx);
+  if (r < rows) score_tail<TILE_ROWS - 1>(int(rows - r), qg, e + r * ld, ld, d, S + r * QW, mx);
+}
+
+// Column `lane` of S [bs][QW] to out [bs] (a new winner's block scores).
+inline void copy_lane(const float* S, int64_t bs, int lane, float* out) {
+  int64_t j = 0;
+#ifdef __AVX512F__
+  const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(QW));
+  for (; j + 16 <= bs; j += 16)
+    _mm512_storeu_ps(out + j, _mm512_i32gather_ps(rows, S + j * QW + lane, 4));
+#endif
+  for (; j < bs; ++j) out[j] = S[j * QW + lane];
+}
+
+// One lane's block LSE from its column of S, as the eager ops give it: NaN if a score is NaN, else +inf if
+// one is +inf, -inf if all are -inf (used only where the lane's running maximum is not finite).
+inline float lane_lse_slow(const float* S, int64_t bs, int lane) {
+  float mx = NEG_INF;
+  bool nan = false;
+  for (int64_t j = 0; j < bs; ++j) {
+    const float x = S[j * QW + lane];
+    if (x != x) nan = true; else if (x > mx) mx = x;
+  }
+  if (nan) return std::numeric_limits<float>::quiet_NaN();
+  if (mx == -NEG_INF || mx == NEG_INF) return mx;
+  double sum = 0.0;
+  for (int64_t j = 0; j < bs; ++j) sum += std::exp(double(S[j * QW + lane]) - mx);
+  return float(std::log(sum)) + mx;
+}
+
+// The block LSE of every lane of S [bs][QW] whose maximum is mx (log via log_positive: the sum is >= 1).
+inline void block_lse_lanes(const float* S, int64_t bs, const vf* mx, vf* out) {
+  for (int v = 0; v < QV; ++v) {
+    const vf shift = (mx[v] - mx[v]) == 0.0f ? mx[v] : splat(0.0f);  // 0 where mx is not finite (redone below)
+    vf a0 = vf{}, a1 = vf{};
+    int64_t j = 0;
+    for (; j + 2 <= bs; j += 2) {
+      a0 += exp_nonpositive(load(S + j * QW + v * L) - shift);
+      a1 += exp_nonpositive(load(S + (j + 1) * QW + v * L) - shift);
+    }
+    if (j < bs) a0 += exp_nonpositive(load(S + j * QW + v * L) - shift);
+    const vf sum = a0 + a1;
+    vf lse = log_positive(sum) + shift;
+    lse = sum != sum ? sum : lse;                     // a NaN score: NaN, as the exps give
+    for (int i = 0; i < L; ++i)
+      if (!std::isfinite(mx[v][i])) lse[i] = lane_lse_slow(S, bs, v * L + i);
+    out[v] = lse;
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -289,7 +409,7 @@ int64_t negcache_scan_chunk(float* s, int64_t b, int64_t n, int64_t ld, int64_t 
       for (int64_t k0 = 0; k0 < nblk; k0 += L) {
         vu ih;
         std::memcpy(&ih, salts.data() + k0, sizeof ih);
-        vf g = gumbel(key, ih);
+        vf g = gumbel(ih ^ key);
         const int64_t lanes = nblk - k0 < L ? nblk - k0 : L;
         for (int64_t i = 0; i < lanes; ++i) {
           const float v = lse[k0 + i] + g[i];
@@ -309,6 +429,133 @@ int64_t negcache_scan_chunk(float* s, int64_t b, int64_t n, int64_t ld, int64_t 
   }
   return changed;
 }
+
+// The fused scan of one chunk of rows `rows` [n, d] (row stride ld; n a multiple of bs) against the packed
+// query groups `qp` (negcache_pack_queries: ceil(b / QW) groups of [d][QW]). Does what
+// negcache_scan_chunk does on a score chunk (masks, block LSEs into lse_out[q * ld_lse + k], stage 1
+// with ties to the lower block, copies of each new winner's block scores and LSE), without a score
+// chunk: each (query group, block) is scored into a per-thread [bs][QW] tile, reduced and offered to
+// stage 1 while it is in L1. Threads own whole query groups, so every (query, draw) meets the blocks in
+// increasing order. Returns how many times a winner improved.
+int64_t negcache_fused_scan(const float* qp, int64_t b, int64_t d, const float* rows, int64_t n, int64_t ld,
+                            int64_t bs, const uint8_t* filled, const int64_t* row_ids, const int64_t* excl_sorted,
+                            const int64_t* excl_query, int64_t n_excl, float* lse_out, int64_t ld_lse,
+                            const int64_t* keys, int64_t m, int64_t first_block, float* best_key, int64_t* best_row,
+                            int64_t row0, float* win_scores, float* win_lse, int nthreads) {
+  const int64_t nblk = n / bs, groups = (b + QW - 1) / QW;
+  // per block: its item salt, whether it has empty rows, its (row, query) exclusions (rows ascending)
+  std::vector<uint32_t> salt(nblk);
+  std::vector<uint8_t> has_empty(nblk, 0);
+  std::vector<int64_t> excl_begin(nblk + 1, 0), excl_row, excl_q;
+  for (int64_t k = 0; k < nblk; ++k) {
+    salt[k] = item_hash(first_block + k);
+    if (filled)
+      for (int64_t j = k * bs; j < (k + 1) * bs; ++j) has_empty[k] |= !filled[j];
+    if (row_ids && n_excl > 0)
+      for (int64_t r = k * bs; r < (k + 1) * bs; ++r) {
+        const int64_t id = row_ids[r];
+        int64_t lo = 0, hi = n_excl;  // first excluded id >= id
+        while (lo < hi) { int64_t mid = (lo + hi) / 2; if (excl_sorted[mid] < id) lo = mid + 1; else hi = mid; }
+        for (; lo < n_excl && excl_sorted[lo] == id; ++lo) { excl_row.push_back(r); excl_q.push_back(excl_query[lo]); }
+      }
+    excl_begin[k + 1] = int64_t(excl_row.size());
+  }
+  int64_t changed = 0;
+#pragma omp parallel num_threads(nthreads) reduction(+ : changed) if (nthreads > 1 && groups > 1)
+  {
+#ifdef _OPENMP
+    const int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
+#else
+    const int64_t threads = 1, me = 0;
+#endif
+    const int64_t g0 = groups * me / threads, g1 = groups * (me + 1) / threads, mine = g1 - g0;
+    std::vector<float> tile(bs * QW);
+    float* S = tile.data();
+    // stage-1 state of my groups, lane-major: keys, best keys (padding lanes never win: +inf)
+    std::vector<uint32_t> key_t(mine * m * QW, 0);
+    std::vector<float> best_t(mine * m * QW, -NEG_INF);
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t t = 0; t < m; ++t)
+        for (int64_t i = 0; i < QW && g * QW + i < b; ++i) {
+          const int64_t q = g * QW + i, at = ((g - g0) * m + t) * QW + i;
+          key_t[at] = uint32_t(keys[q * m + t]);
+          best_t[at] = best_key[q * m + t];
+        }
+    const int64_t lines = bs * ld * int64_t(sizeof(float)) / 64, per_group = mine > 0 ? (lines + mine - 1) / mine : 0;
+    for (int64_t k = 0; k < nblk; ++k) {
+      const float* block = rows + k * bs * ld;
+      for (int64_t g = g0; g < g1; ++g) {
+        if (k + 1 < nblk) {  // a share of the next block's lines, so it is in cache when its turn comes
+          const char* next = reinterpret_cast<const char*>(block + bs * ld);
+          for (int64_t i = (g - g0) * per_group, e = i + per_group < lines ? i + per_group : lines; i < e; ++i)
+            __builtin_prefetch(next + i * 64, 0, 3);
+        }
+        vf mx[QV];
+        score_rows(qp + g * d * QW, block, ld, d, bs, S, mx);
+        bool masked = false;
+        if (has_empty[k]) {
+          for (int64_t j = 0; j < bs; ++j)
+            if (!filled[k * bs + j])
+              for (int v = 0; v < QV; ++v) store(S + j * QW + v * L, splat(NEG_INF));
+          masked = true;
+        }
+        for (int64_t x = excl_begin[k]; x < excl_begin[k + 1]; ++x)
+          if (excl_q[x] >= g * QW && excl_q[x] < (g + 1) * QW) {
+            S[(excl_row[x] - k * bs) * QW + (excl_q[x] - g * QW)] = NEG_INF;
+            masked = true;
+          }
+        if (masked) {
+          for (int v = 0; v < QV; ++v) mx[v] = splat(NEG_INF);
+          for (int64_t j = 0; j < bs; ++j)
+            for (int v = 0; v < QV; ++v) mx[v] = vmax(mx[v], load(S + j * QW + v * L));
+        }
+        vf lse[QV];
+        block_lse_lanes(S, bs, mx, lse);
+        for (int v = 0; v < QV; ++v)
+          for (int i = 0; i < L && g * QW + v * L + i < b; ++i) lse_out[(g * QW + v * L + i) * ld_lse + k] = lse[v][i];
+        for (int64_t t = 0; t < m; ++t) {
+          uint32_t* kt = key_t.data() + ((g - g0) * m + t) * QW;
+          float* bt = best_t.data() + ((g - g0) * m + t) * QW;
+          for (int v = 0; v < QV; ++v) {
+            vu kv;
+            std::memcpy(&kv, kt + v * L, sizeof kv);
+            const vf key = lse[v] + gumbel(kv ^ salt[k]);
+            if (!any_lane(key > load(bt + v * L))) continue;  // no lane improved (the common case)
+            for (int i = 0; i < L; ++i) {
+              if (!(key[i] > bt[v * L + i])) continue;
+              const int64_t lane = v * L + i, q = g * QW + lane, p = q * m + t;
+              bt[lane] = key[i];
+              best_row[p] = row0 + k * bs;
+              if (win_scores) {
+                copy_lane(S, bs, lane, win_scores + p * bs);
+                win_lse[p] = lse[v][i];
+              }
+              ++changed;
+            }
+          }
+        }
+      }
+    }
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t t = 0; t < m; ++t)
+        for (int64_t i = 0; i < QW && g * QW + i < b; ++i)
+          best_key[(g * QW + i) * m + t] = best_t[((g - g0) * m + t) * QW + i];
+  }
+  return changed;
+}
+
+// Packs queries q [b, d] into ceil(b / QW) groups of [d][QW] (lane = query; padding lanes 0) for
+// negcache_fused_scan; returns the number of floats written.
+int64_t negcache_pack_queries(const float* q, int64_t b, int64_t d, float* out) {
+  const int64_t groups = (b + QW - 1) / QW;
+  std::memset(out, 0, sizeof(float) * groups * d * QW);
+  for (int64_t i = 0; i < b; ++i)
+    for (int64_t k = 0; k < d; ++k) out[(i / QW) * d * QW + k * QW + i % QW] = q[i * d + k];
+  return groups * d * QW;
+}
+
+// Queries per group of the packed layout.
+int64_t negcache_query_group() { return QW; }
 
 // Stage 2 for the final winners: for each pair p whose best_key is finite, the row inside its block drawn
 // with probability exp(a_j - lse) by inverse CDF at u[p] (scoring.pick_in_block), added to best_row[p]:
@@ -388,7 +635,7 @@ void negcache_gumbel(const int64_t* keys, int64_t n_keys, const int64_t* items, 
       vu ih = vu{};
       const int64_t lanes = n_items - k0 < L ? n_items - k0 : L;
       for (int64_t j = 0; j < lanes; ++j) ih[j] = item_hash(items[k0 + j]);
-      vf g = gumbel(uint32_t(keys[i]), ih);
+      vf g = gumbel(ih ^ uint32_t(keys[i]));
       for (int64_t j = 0; j < lanes; ++j) out[i * n_items + k0 + j] = g[j];
     }
 }
