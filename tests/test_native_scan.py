@@ -407,6 +407,9 @@ def test_fused_scan_masks_empty_rows_and_each_querys_own_positive():
     for p in range(b * 2):
         qi, blk = p // 2, (int(row.view(-1)[p]) - 1000) // bs
         assert torch.equal(torch.isinf(win_scores[p]), torch.isinf(masked[qi, blk * bs : (blk + 1) * bs]))
+    # a chunk without a single value: no LSE, no winner (an empty block never beats a -inf best)
+    lse, key, row, _, _, improved = _fused(q, rows, bs, keys=keys, filled=torch.zeros(n, dtype=torch.bool))
+    assert bool((lse == NEG_INF).all()) and bool((key == NEG_INF).all()) and bool((row == -1).all()) and improved == 0
 
 
 def test_fused_scan_propagates_nan_and_inf_like_the_eager_ops():
