@@ -126,7 +126,7 @@ def _load() -> ctypes.CDLL | None:
     lib.negcache_pack_queries.restype = _I64
     lib.negcache_pack_queries.argtypes = [_P, _I64, _I64, _P]
     lib.negcache_query_group.restype = _I64
-    lib.negcache_pick.argtypes = [_P, _P, _P, _P, _I64, _I64, _P, ctypes.c_int]
+    lib.negcache_pick.argtypes = [_P, _P, _P, _P, _I64, _I64, _P, _I64, ctypes.c_int]
     lib.negcache_row_lse.argtypes = [_P, _I64, _I64, _P, ctypes.c_int]
     lib.negcache_draws.argtypes = [ctypes.c_uint32, ctypes.c_uint32, _I64, _I64, _P, _P]
     lib.negcache_gumbel.argtypes = [_P, _I64, _P, _I64, _P]
@@ -234,14 +234,15 @@ def fused_scan(
 
 
 def pick(win_scores: torch.Tensor, win_lse: torch.Tensor, u: torch.Tensor, best_key: torch.Tensor,
-         best_row: torch.Tensor) -> None:
-    """Stage 2 for the final winners (``scoring.pick_in_block`` in the kernel): adds to ``best_row`` [P] the row
-    inside each winning block, where ``best_key`` [P] is finite. ``win_scores`` [P, block], the rest [P]."""
+         best_row: torch.Tensor, row_offset: int = 0) -> None:
+    """Stage 2 for the final winners (``scoring.pick_in_block`` in the kernel): where ``best_key`` [P] is finite,
+    adds to ``best_row`` [P] (the winning block's first row) the row inside it, plus ``row_offset`` (the shard's
+    first global row); sets -1 where it is not (nothing drawn). ``win_scores`` [P, block], the rest [P]."""
     for t in (win_scores, win_lse, u, best_key, best_row):
         assert t.is_contiguous() and t.device.type == "cpu"
     pairs, bs = win_scores.shape
     _Lib.lib.negcache_pick(win_scores.data_ptr(), win_lse.data_ptr(), u.data_ptr(), best_key.data_ptr(), pairs, bs,
-                           best_row.data_ptr(), torch.get_num_threads())
+                           best_row.data_ptr(), row_offset, torch.get_num_threads())
 
 
 def row_lse(x: torch.Tensor) -> torch.Tensor:

@@ -374,8 +374,9 @@ def _sample_native(
             scores = _chunk_scores(store, q, score_fn, start, end, buf)
             with record_function(KERNEL_RANGE):  # a trace shows the kernel apart from the product
                 native_scan.scan_chunk(scores, bs, lse_all[:, start // bs : end // bs], **args)
-    native_scan.pick(win_scores, win_lse, draws.u.view(-1), draws.best_key.view(-1), draws.best_row.view(-1))
-    return draws.partials(native_scan.row_lse(lse_all), layout)
+    native_scan.pick(win_scores, win_lse, draws.u.view(-1), draws.best_key.view(-1), draws.best_row.view(-1),
+                     layout.row_offset)  # global rows, -1 where nothing was found: the partials as they are
+    return LocalPartials(lse=native_scan.row_lse(lse_all), win_key=draws.best_key, win_row=draws.best_row)
 
 
 _TRITON_CHECKED: dict[tuple[str, str, int], bool] = {}

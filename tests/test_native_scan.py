@@ -249,13 +249,13 @@ def test_stage_two_pick_against_the_inverse_cdf_of_the_torch_path(bs):
     key = torch.randn(3000, generator=g)
     key[7] = NEG_INF  # not found: its row stays
     row = torch.full((3000,), 100, dtype=torch.int64)
-    native_scan.pick(a, lse, u, key, row)
-    want = 100 + pick_in_block(a, lse, u)
-    assert row[7].item() == 100
+    native_scan.pick(a, lse, u, key, row, row_offset=5000)
+    want = 5100 + pick_in_block(a, lse, u)
+    assert row[7].item() == -1  # nothing found: -1, as the partials carry it
     found = torch.isfinite(key)
     # the same row unless u * total falls within the weights' error of a step of the CDF (none here)
     assert torch.equal(row[found], want[found])
-    assert bool(torch.isfinite(a.gather(1, (row - 100).clamp(0, bs - 1)[:, None]))[found].all())  # never a row without mass
+    assert bool(torch.isfinite(a.gather(1, (row - 5100).clamp(0, bs - 1)[:, None]))[found].all())  # never a row without mass
 
 
 def test_row_lse_against_logsumexp():

@@ -558,12 +558,13 @@ int64_t negcache_pack_queries(const float* q, int64_t b, int64_t d, float* out) 
 int64_t negcache_query_group() { return QW; }
 
 // Stage 2 for the final winners: for each pair p whose best_key is finite, the row inside its block drawn
-// with probability exp(a_j - lse) by inverse CDF at u[p] (scoring.pick_in_block), added to best_row[p]:
+// with probability exp(a_j - lse) by inverse CDF at u[p] (scoring.pick_in_block), added with row_offset
+// to best_row[p] (the block's first local row: the result is the global row; -1 where nothing was found):
 // the first row whose cumulative weight exceeds u * total, never past the first row where it reaches the
 // total (the last row with mass). The CDF is summed in double as (16-row groups before) + (rows of the
 // group so far): the group sums are independent chains, and the CDF ends exactly at the total.
 void negcache_pick(const float* win_scores, const float* win_lse, const float* u, const float* best_key,
-                   int64_t pairs, int64_t bs, int64_t* best_row, int nthreads) {
+                   int64_t pairs, int64_t bs, int64_t* best_row, int64_t row_offset, int nthreads) {
   const int64_t groups = (bs + L - 1) / L;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
   {
@@ -571,7 +572,7 @@ void negcache_pick(const float* win_scores, const float* win_lse, const float* u
     std::vector<double> group_sum(groups);
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < pairs; ++p) {
-      if (!std::isfinite(best_key[p])) continue;
+      if (!std::isfinite(best_key[p])) { best_row[p] = -1; continue; }
       const float* s = win_scores + p * bs;
       const vf shift = splat(win_lse[p]);
       for (int64_t g = 0; g < groups; ++g) {
@@ -602,7 +603,7 @@ void negcache_pick(const float* win_scores, const float* win_lse, const float* u
         }
         before = end;
       }
-      best_row[p] += (within >= 0 && within < last) ? within : last;
+      best_row[p] += row_offset + ((within >= 0 && within < last) ? within : last);
     }
   }
 }
