@@ -328,7 +328,8 @@ class ShardedCacheLossHandler(nn.Module):
         self.comm.step = step
         settings = {**self.config(), "step": step, "writes": write, "returns_refreshes": return_refreshes}
         with _stage("agree"):
-            sizes, features = self._agree_on_inputs(query_embeddings, document_embeddings, document_data, settings)
+            sizes, features, positive_ok = self._agree_on_inputs(query_embeddings, document_embeddings, document_data,
+                                                                 settings)
         rank, m = self.comm.rank, self.num_negatives
         own, first = sizes[rank], sum(sizes[:rank])
         query_pos = torch.arange(first, first + own, device=self.device)
@@ -368,7 +369,6 @@ class ShardedCacheLossHandler(nn.Module):
         # 5. the losses (rows the tower made non-finite are left out; optionally in-batch negatives).
         with _stage("losses"), _engine_precision(self.device):
             fresh_ok = self.store.codec.storable(fresh)  # finite, and representable by the storage codec
-            positive_ok = self.store.codec.storable(document_embeddings)
             positives = torch.where(positive_ok.unsqueeze(1), document_embeddings.float(), 0.0)
             batch_positives = batch_mask = None
             if self.in_batch_negatives:
@@ -463,11 +463,12 @@ class ShardedCacheLossHandler(nn.Module):
         document_embeddings: torch.Tensor,
         document_data: Mapping[str, torch.Tensor],
         settings: Mapping[str, Any],
-    ) -> tuple[list[int], dict[str, Any]]:
+    ) -> tuple[list[int], dict[str, Any], torch.Tensor | None]:
         """Validates locally, then one all-gather makes every rank raise together or go on; ``settings``
         (the configuration, the step and the mode) must be the same on every rank.
 
-        Returns the batch sizes of all ranks and this batch's features (jagged fields normalised).
+        Returns the batch sizes of all ranks, this batch's features (jagged fields normalised) and which
+        positives the codec can store (finite and representable: the rows the step inserts).
         """
         problem, features = self.schema.check_batch(
             query_embeddings, document_embeddings, document_data, self.device, self.layout.rows_per_rank
@@ -475,12 +476,14 @@ class ShardedCacheLossHandler(nn.Module):
         batch = query_embeddings.shape[0] if problem is None else 0
         config_crc = zlib.crc32(repr(sorted(settings.items())).encode())
         status = torch.tensor([_ERR_INPUT if problem else 0, batch, config_crc], device=self.device)
+        positive_ok = None
         if problem is None:
             status[0] += (~finite_rows(query_embeddings)).any().to(torch.int64) * _ERR_QUERY_NONFINITE
+            positive_ok = self.store.codec.storable(document_embeddings)
             if self.nonfinite == "raise":
                 finite_docs = finite_rows(document_embeddings)
                 status[0] += (~finite_docs).any().to(torch.int64) * _ERR_DOC_NONFINITE
-                unstorable = finite_docs & ~self.store.codec.storable(document_embeddings)
+                unstorable = finite_docs & ~positive_ok
                 status[0] += unstorable.any().to(torch.int64) * _ERR_DOC_UNSTORABLE
 
         def describe(code: int) -> str:
@@ -499,7 +502,7 @@ class ShardedCacheLossHandler(nn.Module):
         if len(set(table[:, 2].tolist())) > 1:
             self._raise_config_mismatch(settings)
         self._global_batch = int(table[:, 1].sum())  # every group's batch: the denominator of global_mean
-        return table[self.comm.members, 1].tolist(), features
+        return table[self.comm.members, 1].tolist(), features, positive_ok
 
     def _raise_config_mismatch(self, settings: Mapping[str, Any]) -> None:
         configs = self.comm.all_gather_object(dict(settings))

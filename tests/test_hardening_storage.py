@@ -66,6 +66,22 @@ def test_codec_storable_rows_match_the_format(name):
     assert bool(torch.isfinite(decoded).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_finite_rows_is_exact_when_a_finite_row_overflows_its_sum(dtype):
+    """finite_rows first sums each row: a finite row whose sum overflows (two values near the format's top)
+    must still count as finite, and a NaN or Inf anywhere as not; an all-finite batch takes the one-pass path."""
+    from sharded_negcache.codecs import finite_rows
+
+    big = torch.finfo(dtype).max * 0.75
+    inf, nan = float("inf"), float("nan")
+    x = torch.tensor([[big, big, 0.0], [1.0, 2.0, 3.0], [inf, 0.0, 0.0], [-inf, inf, 1.0], [0.0, nan, 0.0],
+                      [-big, -big, 1.0]], dtype=dtype)
+    assert not bool(torch.isfinite(x[[0, 5]].sum(1)).any())  # the case: the sums overflow
+    assert finite_rows(x).tolist() == [True, True, False, False, False, True]
+    assert finite_rows(x[[1, 0]]).tolist() == [True, True] and finite_rows(x[1:2]).tolist() == [True]
+    assert finite_rows(x[:0]).tolist() == []
+
+
 # A batch of 4 positives whose third row the codec cannot store (all finite in fp32).
 UNSTORABLE_POSITIVE = {"fp16": 7e4, "bf16": 3.4e38, "int8": 3.0e38, "int4": 2.0e6}
 
