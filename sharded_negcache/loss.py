@@ -118,15 +118,16 @@ def query_losses(
         q = torch.where(leave_out.unsqueeze(1), 0.0, q)
         lse = lse.masked_fill(leave_out, float("-inf"))
     pos_scores = transform((q * positives).sum(-1))
-    drawn = spread(fresh_ok, rows, which, False)  # a real draw whose re-encoding is finite
-    counted = drawn if leave_out is None else drawn & ~leave_out.unsqueeze(1)
     if fresh.shape[0]:
-        index = spread(torch.arange(fresh.shape[0], device=rows.device), rows, which, 0)
+        index = spread(torch.arange(fresh.shape[0], device=rows.device), rows, which, 0)  # each draw's fetched row
+        drawn = (rows >= 0) & fresh_ok[index]  # a real draw whose re-encoding is finite
         per_draw = fresh.index_select(0, index.view(-1)).view(*index.shape, fresh.shape[1])  # [B, m, d]
         neg_scores = transform(torch.einsum("bd,bmd->bm", q, per_draw))
+        stale_per_draw = staleness(stale, fresh)[index]
     else:
-        neg_scores = q.new_zeros(rows.shape)
-    stale_per_draw = spread(staleness(stale, fresh), rows, which, float("nan"))
+        drawn = torch.zeros(rows.shape, dtype=torch.bool, device=rows.device)
+        neg_scores = stale_per_draw = q.new_zeros(rows.shape)
+    counted = drawn if leave_out is None else drawn & ~leave_out.unsqueeze(1)
     batch_scores = None
     if batch_positives is not None:
         batch_scores = transform(q @ batch_positives.float().t())
