@@ -259,8 +259,9 @@ def stage_split(prof: Any) -> dict[str, float]:
 
     ``prof`` is a finished ``torch.profiler.profile(activities=[ProfilerActivity.CPU])``. Returns every
     stage of ``handler.STAGES`` (0 where absent), plus ``score.matmul`` (the ``aten::mm`` calls inside the
-    score range) and ``score.lse`` (the native scan kernel's ``negcache/score.kernel`` ranges: block LSEs,
-    stage 1 and the winners' copies; or the eager block-LSE ops where the kernel is off), which are parts
+    score range) and ``score.lse`` (the native kernel's ``negcache/score.kernel`` ranges: block LSEs,
+    stage 1 and the winners' copies, and with the fused scan the products too; or the eager block-LSE ops
+    where the kernel is off), which are parts
     of ``score``. Range times are wall time on the calling thread (the profiler's
     ``cpu_time_total``), waiting for other ranks included.
     """

@@ -17,7 +17,9 @@ by wrapping it, is subtracted from the step):
    Every size runs in a fresh process, with ``torch.set_num_threads(--threads)`` for all of them.
    Times are the minimum over ``--reps`` interleaved repetitions (least disturbed by other jobs on the
    machine); medians are in the JSON.
-2. the same step at one size for several ``chunk_bytes`` (fastest is reported).
+2. the same step at one size for several ``chunk_bytes`` (fastest is reported), with bf16 rows: fp32 rows
+   with a float scale are scanned in place in one kernel call, so ``chunk_bytes`` matters only where rows
+   are decoded chunk by chunk (other codecs), for a callable transform and in top-k mode.
 Targets (issue 11, same run): step / chunked bare <= 1.5 at 16K rows and <= 1.3 at 128K and 1M,
 judged on the paired ratio: the median over reps of (step / the chunked product timed right after
 it), which cancels most of the load of a shared machine (the min / min ratios are printed beside it).
@@ -46,6 +48,7 @@ import torch
 # 16K rows, <= 1.3x at 128K and 1M
 TARGET_CHUNKED = {16384: 1.5, 131072: 1.3, 1 << 20: 1.3}
 TARGET_SCORING_MB = 256  # extra peak memory of scoring at 1M rows
+SWEEP_CODEC = "bf16"  # the chunk sweep's rows: decoded chunk by chunk (fp32 rows are scanned in place)
 
 
 def _chunk_rows(handler, queries: int) -> int:
@@ -202,7 +205,7 @@ def sweep_child(rank: int, world: int, rows: int, chunk_mbs: list[float], cfg: d
     full = synthetic_rows(0, rows, d, f)
     handlers = {}
     for mb in chunk_mbs:
-        h = make_handler(rows, d, f, chunk_bytes=int(mb * MB), device="cpu")
+        h = make_handler(rows, d, f, chunk_bytes=int(mb * MB), device="cpu", embedding_codec=SWEEP_CODEC)
         h.load_global_rows(full)
         handlers[mb] = h
     del full
@@ -227,7 +230,7 @@ def sweep_child(rank: int, world: int, rows: int, chunk_mbs: list[float], cfg: d
             tot = time.perf_counter() - t0
             times[mb].append(tot - sec.seconds.get("reencode", 0.0))
     return {
-        "rows": rows, "batch": b, "dim": d, "threads": torch.get_num_threads(),
+        "rows": rows, "batch": b, "dim": d, "threads": torch.get_num_threads(), "codec": SWEEP_CODEC,
         "points": [
             {"chunk_mb": mb, "chunk_rows": _chunk_rows(handlers[mb], b), "step_s": times[mb],
              "scoring_s_profiled": scoring[mb], "scoring_extra_peak_mb": peaks[mb]}
@@ -323,7 +326,7 @@ def plot(result: dict, path: Path) -> None:
     ax.plot(xs, [min(p["step_s"]) for p in sw["points"]], "o-", label="step (network excluded)")
     ax.plot(xs, [p["scoring_s_profiled"] for p in sw["points"]], "s--", label="score range (one profiled step)")
     ax.set(xscale="log", xlabel="chunk_bytes (MB)", ylabel="seconds (min over reps)",
-           title=f"chunk_bytes sweep at {size_label(sw['rows'])} rows")
+           title=f"chunk_bytes sweep at {size_label(sw['rows'])} {sw.get('codec', 'fp32')} rows")
     ax.legend(fontsize=8)
     ax = axes[2]
     by = result["bytes"]
@@ -373,7 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["single"] = single
     chunk_mbs = [float(x) for x in args.chunk_mb.split(",")]
     sweep_rows = parse_sizes(args.sweep_rows)[0]
-    print(f"[bench_step] chunk_bytes sweep at {size_label(sweep_rows)} rows ...", flush=True)
+    print(f"[bench_step] chunk_bytes sweep at {size_label(sweep_rows)} {SWEEP_CODEC} rows ...", flush=True)
     result["chunk_sweep"] = in_fresh_process(sweep_child, sweep_rows, chunk_mbs, cfg, threads=args.threads)
     print(f"[bench_step] bytes per step, W={args.world} gloo ...", flush=True)
     per_rank = run_ranks(args.world, bytes_child, parse_sizes(args.bytes_rows), cfg, threads=1)
@@ -411,8 +414,9 @@ def main(argv: list[str] | None = None) -> dict:
         row.update({k: v for k, v in p["split_ms_profiled_step"].items()})
         split_rows.append(row)
     t1b = table(split_rows, list(dict.fromkeys(k for r in split_rows for k in r)),
-                "Split of one profiled step (ms in each negcache/<stage> profiler range; score.matmul (the products) "
-                "and score.lse (the native scan kernel) are inside score; first_step_s includes loading the kernel)")
+                "Split of one profiled step (ms in each negcache/<stage> profiler range; score.matmul (torch products) "
+                "and score.lse (the native kernel: with the fused scan it computes the products as well, so "
+                "score.matmul is 0) are inside score; first_step_s includes loading the kernel)")
     sw_rows = []
     for p in result["chunk_sweep"]["points"]:
         sw_rows.append({"chunk_MB": p["chunk_mb"], "chunk_rows": p["chunk_rows"], "step_s": min(p["step_s"]),
@@ -420,7 +424,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "scoring_peak_MB": p["scoring_extra_peak_mb"]})
     fastest = min(sw_rows, key=lambda r: r["step_s"])
     result["chunk_sweep"]["fastest_chunk_mb"] = fastest["chunk_MB"]
-    t2 = table(sw_rows, list(sw_rows[0]), f"chunk_bytes sweep at {size_label(sweep_rows)} rows "
+    t2 = table(sw_rows, list(sw_rows[0]), f"chunk_bytes sweep at {size_label(sweep_rows)} {SWEEP_CODEC} rows "
                f"(threads={result['chunk_sweep']['threads']}); fastest: {fastest['chunk_MB']:g} MB")
     b_rows = []
     for p in result["bytes"]["per_rank"]:
