@@ -104,7 +104,8 @@ class ShardedCacheLossHandler(nn.Module):
         fbgemm's fused layouts); default the spec dtype.
       block_size: rows per sampling block (must divide the rows per rank; default gcd(256, rows)).
       chunk_bytes: size of the score matrix scored at once (memory bound of scoring); default 8 MB on
-        CPU, 256 MB on CUDA.
+        CPU, 256 MB on CUDA. The fused CPU scan (float scale) writes no score matrix: there it bounds only
+        the decoded rows of non-fp32 codecs (fp32 rows are scanned in place).
       scoring_backend: 'auto' (the fused Triton kernel on CUDA when triton imports, sampling mode and a
         float score transform; else the torch scan), 'torch' or 'triton'. The choice is logged once.
       reduction: 'mean' over this rank's queries (the reference), 'global_mean' (scaled so that DDP's

@@ -1,5 +1,7 @@
 """The CPU scan kernel (``csrc/scan.cpp``): one pass per query over a score chunk that masks, reduces each
-block to its log-sum-exp, runs stage 1 of the sampler and copies new winners' blocks for stage 2.
+block to its log-sum-exp, runs stage 1 of the sampler and copies new winners' blocks for stage 2; and the
+fused scan (:func:`fused_scan`), which does the same straight from the rows, computing each block's
+scores for a group of queries in registers and reducing them while they are in L1 (no score chunk).
 
 Why native code: on CPU the product runs at the FMA peak, and the eager block LSE (max, subtract, exp,
 sum as separate passes) costs 40-70% of it; inductor's fused loop still spends ~0.5 ns per score in

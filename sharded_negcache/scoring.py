@@ -3,8 +3,8 @@
 Never materialises [queries, shard rows]: rows are decoded and scored ``chunk_rows`` at a time
 (design §3 step 2). Per chunk: the product (one matmul), then the block log-sum-exp written into
 [queries, blocks] partials (B_g × rows / block_size floats) and stage 1 below; on CPU one call of the
-native kernel (:mod:`native_scan`) does both in one pass, elsewhere (or without a compiler) torch ops
-do. Then:
+native kernel (:mod:`native_scan`) does both in one pass, and with a float scale it computes the product
+too, so no score chunk exists (the fused scan); elsewhere (or without a compiler) torch ops do. Then:
 
 * sampling mode: ``lse`` over the blocks, and for each draw the two-stage Gumbel sampler: stage 1
   picks a global block with probability Z_b / Z (a Gumbel keyed by the block id on the block LSEs,
