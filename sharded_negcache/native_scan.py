@@ -9,7 +9,7 @@ its exp. The kernel's exp is the Cephes exp2f polynomial on the shifted scores (
 score with the block maxima, and the Gumbel noise of stage 1 (a hash and two logs per query, block and
 draw) moves out of a dozen int64 tensor ops per chunk into the same loop.
 
-Built once per machine and source (``g++ -O3 -march=native -fopenmp``, ~0.3 s) into a cache directory
+Built once per machine and source (``g++ -O3 -march=native -fopenmp``, ~1.3 s) into a cache directory
 (``$SHARDED_NEGCACHE_CACHE_DIR``, else ``$XDG_CACHE_HOME/sharded_negcache`` or ``~/.cache/...``),
 loaded with ctypes (the call releases the GIL; it runs on ``torch.get_num_threads()`` threads). Where no
 compiler works, one warning and the torch ops run instead. ``SHARDED_NEGCACHE_NATIVE=0`` disables it;

@@ -309,20 +309,17 @@ __attribute__((always_inline)) inline void score_tile(const float* qg, const flo
     }
 }
 
-template <int R>
-inline void score_tail(int rows, const float* qg, const float* e, int64_t ld, int64_t d, float* S, vf* mx) {
-  if constexpr (R > 0) {
-    if (rows == R) score_tile<R>(qg, e, ld, d, S, mx);
-    else score_tail<R - 1>(rows, qg, e, ld, d, S, mx);
-  }
-}
-
-// Scores of `rows` rows into S [rows][QW], maximum per lane into mx.
+// Scores of `rows` rows into S [rows][QW], maximum per lane into mx: full tiles, then the rest in tiles of
+// 8, 4, 2 and 1 rows (few template instances keep the first build short; a score's bits do not depend on
+// its tile).
 inline void score_rows(const float* qg, const float* e, int64_t ld, int64_t d, int64_t rows, float* S, vf* mx) {
   for (int v = 0; v < QV; ++v) mx[v] = splat(NEG_INF);
   int64_t r = 0;
   for (; r + TILE_ROWS <= rows; r += TILE_ROWS) score_tile<TILE_ROWS>(qg, e + r * ld, ld, d, S + r * QW, mx);
-  if (r < rows) score_tail<TILE_ROWS - 1>(int(rows - r), qg, e + r * ld, ld, d, S + r * QW, mx);
+  if (TILE_ROWS > 8 && r + 8 <= rows) { score_tile<8>(qg, e + r * ld, ld, d, S + r * QW, mx); r += 8; }
+  if (r + 4 <= rows) { score_tile<4>(qg, e + r * ld, ld, d, S + r * QW, mx); r += 4; }
+  if (r + 2 <= rows) { score_tile<2>(qg, e + r * ld, ld, d, S + r * QW, mx); r += 2; }
+  if (r < rows) score_tile<1>(qg, e + r * ld, ld, d, S + r * QW, mx);
 }
 
 // Column `lane` of S [bs][QW] to out [bs] (a new winner's block scores).
