@@ -240,6 +240,13 @@ __attribute__((always_inline)) inline void row_block_lse(const float* s, int64_t
   }
 }
 
+// The first index of sorted[0, n) whose value is >= id (binary search).
+inline int64_t first_at_least(const int64_t* sorted, int64_t n, int64_t id) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) { int64_t mid = (lo + hi) / 2; if (sorted[mid] < id) lo = mid + 1; else hi = mid; }
+  return lo;
+}
+
 // Rows without a value, and each query's own positive, to -inf (before anything reads the chunk).
 void mask_chunk(float* s, int64_t b, int64_t n, int64_t ld, const uint8_t* filled, const int64_t* row_ids,
                 const int64_t* excl_sorted, const int64_t* excl_query, int64_t n_excl) {
@@ -250,9 +257,8 @@ void mask_chunk(float* s, int64_t b, int64_t n, int64_t ld, const uint8_t* fille
   if (row_ids && n_excl > 0)
     for (int64_t r = 0; r < n; ++r) {
       const int64_t id = row_ids[r];
-      int64_t lo = 0, hi = n_excl;  // first excluded id >= id
-      while (lo < hi) { int64_t mid = (lo + hi) / 2; if (excl_sorted[mid] < id) lo = mid + 1; else hi = mid; }
-      for (; lo < n_excl && excl_sorted[lo] == id; ++lo) s[excl_query[lo] * ld + r] = NEG_INF;
+      for (int64_t x = first_at_least(excl_sorted, n_excl, id); x < n_excl && excl_sorted[x] == id; ++x)
+        s[excl_query[x] * ld + r] = NEG_INF;
     }
 }
 
@@ -370,6 +376,118 @@ inline void block_lse_lanes(const float* S, int64_t bs, const vf* mx, vf* out) {
   }
 }
 
+
+// Hints `count` cache lines of p starting at line `first` (of `lines`) into the caches.
+inline void prefetch_lines(const float* p, int64_t first, int64_t count, int64_t lines) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t i = first, e = first + count < lines ? first + count : lines; i < e; ++i) __builtin_prefetch(c + i * 64, 0, 3);
+}
+
+// Per-lane maximum of S [bs][QW] (after masking).
+inline void max_of_tile(const float* S, int64_t bs, vf* mx) {
+  for (int v = 0; v < QV; ++v) mx[v] = splat(NEG_INF);
+  for (int64_t j = 0; j < bs; ++j)
+    for (int v = 0; v < QV; ++v) mx[v] = vmax(mx[v], load(S + j * QW + v * L));
+}
+
+// What the fused scan needs to know per block of a chunk, found once per call: its item salt, whether it
+// has empty rows, and its (row, query) exclusions (rows ascending).
+struct ChunkIndex {
+  int64_t bs;
+  const uint8_t* filled;
+  std::vector<uint32_t> salt;
+  std::vector<uint8_t> has_empty;
+  std::vector<int64_t> excl_begin, excl_row, excl_q;
+
+  ChunkIndex(int64_t n, int64_t bs_, int64_t first_block, const uint8_t* filled_, const int64_t* row_ids,
+             const int64_t* excl_sorted, const int64_t* excl_query, int64_t n_excl)
+      : bs(bs_), filled(filled_), salt(n / bs_), has_empty(n / bs_, 0), excl_begin(n / bs_ + 1, 0) {
+    for (int64_t k = 0; k < n / bs; ++k) {
+      salt[k] = item_hash(first_block + k);
+      if (filled)
+        for (int64_t j = k * bs; j < (k + 1) * bs; ++j) has_empty[k] |= !filled[j];
+      if (row_ids && n_excl > 0)
+        for (int64_t r = k * bs; r < (k + 1) * bs; ++r)
+          for (int64_t x = first_at_least(excl_sorted, n_excl, row_ids[r]); x < n_excl && excl_sorted[x] == row_ids[r];
+               ++x) {
+            excl_row.push_back(r);
+            excl_q.push_back(excl_query[x]);
+          }
+      excl_begin[k + 1] = int64_t(excl_row.size());
+    }
+  }
+
+  // -inf into the tile S of block k and query group g where a row is empty or holds a lane's own positive;
+  // true when anything was masked (the tile's maximum must then be taken again).
+  bool mask_tile(float* S, int64_t k, int64_t g) const {
+    bool masked = has_empty[k];
+    if (masked)
+      for (int64_t j = 0; j < bs; ++j)
+        if (!filled[k * bs + j])
+          for (int v = 0; v < QV; ++v) store(S + j * QW + v * L, splat(NEG_INF));
+    for (int64_t x = excl_begin[k]; x < excl_begin[k + 1]; ++x)
+      if (excl_q[x] >= g * QW && excl_q[x] < (g + 1) * QW) {
+        S[(excl_row[x] - k * bs) * QW + (excl_q[x] - g * QW)] = NEG_INF;
+        masked = true;
+      }
+    return masked;
+  }
+};
+
+// Stage 1 for one thread's query groups [g0, g1): each (query, draw)'s key and running best, lane-major so
+// that a block's offer is one vector compare per QW / L lanes (padding lanes never win: best +inf).
+struct GroupDraws {
+  int64_t g0, g1, b, m;
+  std::vector<uint32_t> key;
+  std::vector<float> best;
+
+  GroupDraws(int64_t g0_, int64_t g1_, int64_t b_, int64_t m_, const int64_t* keys, const float* best_key)
+      : g0(g0_), g1(g1_), b(b_), m(m_), key((g1_ - g0_) * m_ * QW, 0), best((g1_ - g0_) * m_ * QW, -NEG_INF) {
+    for_each_lane([&](int64_t at, int64_t p) { key[at] = uint32_t(keys[p]); best[at] = best_key[p]; });
+  }
+
+  // f(index in key/best, index q * m + t in the [b, m] arrays) for every real lane of my groups.
+  template <class F> void for_each_lane(F f) const {
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t t = 0; t < m; ++t)
+        for (int64_t i = 0; i < QW && g * QW + i < b; ++i) f(((g - g0) * m + t) * QW + i, (g * QW + i) * m + t);
+  }
+
+  // Offers block k (LSEs `lse` of group g's lanes, scores in S) to every draw: a strictly better key makes
+  // it the winner (row `first_row`; its column of S and its LSE copied when win_scores is set). Returns
+  // how many winners improved.
+  int64_t offer(int64_t g, int64_t k, uint32_t salt, const vf* lse, const float* S, int64_t bs, int64_t first_row,
+                int64_t* best_row, float* win_scores, float* win_lse) {
+    int64_t improved = 0;
+    for (int64_t t = 0; t < m; ++t) {
+      const uint32_t* kt = key.data() + ((g - g0) * m + t) * QW;
+      float* bt = best.data() + ((g - g0) * m + t) * QW;
+      for (int v = 0; v < QV; ++v) {
+        vu kv;
+        std::memcpy(&kv, kt + v * L, sizeof kv);
+        const vf candidate = lse[v] + gumbel(kv ^ salt);
+        if (!any_lane(candidate > load(bt + v * L))) continue;  // no lane improved (the common case)
+        for (int i = 0; i < L; ++i) {
+          if (!(candidate[i] > bt[v * L + i])) continue;
+          const int64_t lane = v * L + i, p = (g * QW + lane) * m + t;
+          bt[lane] = candidate[i];
+          best_row[p] = first_row;
+          if (win_scores) {
+            copy_lane(S, bs, lane, win_scores + p * bs);
+            win_lse[p] = lse[v][i];
+          }
+          ++improved;
+        }
+      }
+    }
+    return improved;
+  }
+
+  void write_back(float* best_key) const {
+    for_each_lane([&](int64_t at, int64_t p) { best_key[p] = best[at]; });
+  }
+};
+
 }  // namespace
 
 extern "C" {
@@ -440,23 +558,7 @@ int64_t negcache_fused_scan(const float* qp, int64_t b, int64_t d, const float* 
                             const int64_t* keys, int64_t m, int64_t first_block, float* best_key, int64_t* best_row,
                             int64_t row0, float* win_scores, float* win_lse, int nthreads) {
   const int64_t nblk = n / bs, groups = (b + QW - 1) / QW;
-  // per block: its item salt, whether it has empty rows, its (row, query) exclusions (rows ascending)
-  std::vector<uint32_t> salt(nblk);
-  std::vector<uint8_t> has_empty(nblk, 0);
-  std::vector<int64_t> excl_begin(nblk + 1, 0), excl_row, excl_q;
-  for (int64_t k = 0; k < nblk; ++k) {
-    salt[k] = item_hash(first_block + k);
-    if (filled)
-      for (int64_t j = k * bs; j < (k + 1) * bs; ++j) has_empty[k] |= !filled[j];
-    if (row_ids && n_excl > 0)
-      for (int64_t r = k * bs; r < (k + 1) * bs; ++r) {
-        const int64_t id = row_ids[r];
-        int64_t lo = 0, hi = n_excl;  // first excluded id >= id
-        while (lo < hi) { int64_t mid = (lo + hi) / 2; if (excl_sorted[mid] < id) lo = mid + 1; else hi = mid; }
-        for (; lo < n_excl && excl_sorted[lo] == id; ++lo) { excl_row.push_back(r); excl_q.push_back(excl_query[lo]); }
-      }
-    excl_begin[k + 1] = int64_t(excl_row.size());
-  }
+  const ChunkIndex index(n, bs, first_block, filled, row_ids, excl_sorted, excl_query, n_excl);
   int64_t changed = 0;
 #pragma omp parallel num_threads(nthreads) reduction(+ : changed) if (nthreads > 1 && groups > 1)
   {
@@ -465,78 +567,26 @@ int64_t negcache_fused_scan(const float* qp, int64_t b, int64_t d, const float* 
 #else
     const int64_t threads = 1, me = 0;
 #endif
-    const int64_t g0 = groups * me / threads, g1 = groups * (me + 1) / threads, mine = g1 - g0;
+    GroupDraws draws(groups * me / threads, groups * (me + 1) / threads, b, m, keys, best_key);
     std::vector<float> tile(bs * QW);
     float* S = tile.data();
-    // stage-1 state of my groups, lane-major: keys, best keys (padding lanes never win: +inf)
-    std::vector<uint32_t> key_t(mine * m * QW, 0);
-    std::vector<float> best_t(mine * m * QW, -NEG_INF);
-    for (int64_t g = g0; g < g1; ++g)
-      for (int64_t t = 0; t < m; ++t)
-        for (int64_t i = 0; i < QW && g * QW + i < b; ++i) {
-          const int64_t q = g * QW + i, at = ((g - g0) * m + t) * QW + i;
-          key_t[at] = uint32_t(keys[q * m + t]);
-          best_t[at] = best_key[q * m + t];
-        }
-    const int64_t lines = bs * ld * int64_t(sizeof(float)) / 64, per_group = mine > 0 ? (lines + mine - 1) / mine : 0;
+    const int64_t lines = bs * ld * int64_t(sizeof(float)) / 64, mine = draws.g1 - draws.g0;
+    const int64_t per_group = mine > 0 ? (lines + mine - 1) / mine : 0;
     for (int64_t k = 0; k < nblk; ++k) {
       const float* block = rows + k * bs * ld;
-      for (int64_t g = g0; g < g1; ++g) {
-        if (k + 1 < nblk) {  // a share of the next block's lines, so it is in cache when its turn comes
-          const char* next = reinterpret_cast<const char*>(block + bs * ld);
-          for (int64_t i = (g - g0) * per_group, e = i + per_group < lines ? i + per_group : lines; i < e; ++i)
-            __builtin_prefetch(next + i * 64, 0, 3);
-        }
-        vf mx[QV];
+      for (int64_t g = draws.g0; g < draws.g1; ++g) {
+        if (k + 1 < nblk)  // a share of the next block's lines, so it is in cache when its turn comes
+          prefetch_lines(block + bs * ld, (g - draws.g0) * per_group, per_group, lines);
+        vf mx[QV], lse[QV];
         score_rows(qp + g * d * QW, block, ld, d, bs, S, mx);
-        bool masked = false;
-        if (has_empty[k]) {
-          for (int64_t j = 0; j < bs; ++j)
-            if (!filled[k * bs + j])
-              for (int v = 0; v < QV; ++v) store(S + j * QW + v * L, splat(NEG_INF));
-          masked = true;
-        }
-        for (int64_t x = excl_begin[k]; x < excl_begin[k + 1]; ++x)
-          if (excl_q[x] >= g * QW && excl_q[x] < (g + 1) * QW) {
-            S[(excl_row[x] - k * bs) * QW + (excl_q[x] - g * QW)] = NEG_INF;
-            masked = true;
-          }
-        if (masked) {
-          for (int v = 0; v < QV; ++v) mx[v] = splat(NEG_INF);
-          for (int64_t j = 0; j < bs; ++j)
-            for (int v = 0; v < QV; ++v) mx[v] = vmax(mx[v], load(S + j * QW + v * L));
-        }
-        vf lse[QV];
+        if (index.mask_tile(S, k, g)) max_of_tile(S, bs, mx);
         block_lse_lanes(S, bs, mx, lse);
         for (int v = 0; v < QV; ++v)
           for (int i = 0; i < L && g * QW + v * L + i < b; ++i) lse_out[(g * QW + v * L + i) * ld_lse + k] = lse[v][i];
-        for (int64_t t = 0; t < m; ++t) {
-          uint32_t* kt = key_t.data() + ((g - g0) * m + t) * QW;
-          float* bt = best_t.data() + ((g - g0) * m + t) * QW;
-          for (int v = 0; v < QV; ++v) {
-            vu kv;
-            std::memcpy(&kv, kt + v * L, sizeof kv);
-            const vf key = lse[v] + gumbel(kv ^ salt[k]);
-            if (!any_lane(key > load(bt + v * L))) continue;  // no lane improved (the common case)
-            for (int i = 0; i < L; ++i) {
-              if (!(key[i] > bt[v * L + i])) continue;
-              const int64_t lane = v * L + i, q = g * QW + lane, p = q * m + t;
-              bt[lane] = key[i];
-              best_row[p] = row0 + k * bs;
-              if (win_scores) {
-                copy_lane(S, bs, lane, win_scores + p * bs);
-                win_lse[p] = lse[v][i];
-              }
-              ++changed;
-            }
-          }
-        }
+        changed += draws.offer(g, k, index.salt[k], lse, S, bs, row0 + k * bs, best_row, win_scores, win_lse);
       }
     }
-    for (int64_t g = g0; g < g1; ++g)
-      for (int64_t t = 0; t < m; ++t)
-        for (int64_t i = 0; i < QW && g * QW + i < b; ++i)
-          best_key[(g * QW + i) * m + t] = best_t[((g - g0) * m + t) * QW + i];
+    draws.write_back(best_key);
   }
   return changed;
 }
