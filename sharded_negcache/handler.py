@@ -24,7 +24,7 @@ from .exchange import DEFAULT_TIMEOUT_S, BatchRejected, CollectiveFailed, Comm
 from .groups import ShardGroups
 from .jagged import Jagged, JaggedColumn
 from .layout import ShardLayout
-from .loss import in_batch_mask, nonfinite_queries, query_losses, reduce_loss, spread
+from .loss import in_batch_mask, nonfinite_queries, query_losses, reduce_loss, spread, zero_rows
 from .scoring import ScoreFn, make_score_fn, resolve_backend, score_shard
 from .specs import CacheSchema, FieldSpec
 from .store import CacheTooLarge, FetchedRows, ShardStore, check_capacity, first_occurrence
@@ -370,13 +370,13 @@ class ShardedCacheLossHandler(nn.Module):
         # 5. the losses (rows the tower made non-finite are left out; optionally in-batch negatives).
         with _stage("losses"), _engine_precision(self.device):
             fresh_ok = self.store.codec.storable(fresh)  # finite, and representable by the storage codec
-            positives = torch.where(positive_ok.unsqueeze(1), document_embeddings.float(), 0.0)
+            positives = zero_rows(document_embeddings.float(), positive_ok)
             batch_positives = batch_mask = None
             if self.in_batch_negatives:
                 batch_positives = self.comm.gather_rows_with_grad(positives, sizes)
                 batch_mask = in_batch_mask(first, own, sum(sizes), exclude, self.device)
             inputs = (query_embeddings, positives, home.lse, home.rows, which,
-                      torch.where(fresh_ok.unsqueeze(1), fresh.float(), 0.0), fresh_ok, fetched.embeddings,
+                      zero_rows(fresh.float(), fresh_ok), fresh_ok, fetched.embeddings,
                       self.score_fn.on_dots, batch_positives, batch_mask)
             losses = query_losses(*inputs, leave_out=~positive_ok)
             bad = nonfinite_queries(losses, home.lse, positive_ok)

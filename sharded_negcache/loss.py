@@ -11,7 +11,7 @@ import torch
 
 __all__ = [
     "cache_losses", "staleness", "spread", "in_batch_mask", "QueryLosses", "query_losses", "nonfinite_queries",
-    "reduce_loss",
+    "reduce_loss", "zero_rows",
 ]
 
 STALENESS_EPS = 1e-12
@@ -59,6 +59,14 @@ def staleness(stale: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
     fresh = fresh.detach().float()
     drift = torch.linalg.vector_norm(stale.float() - fresh, dim=-1).square_()
     return drift / torch.linalg.vector_norm(fresh, dim=-1).square_().clamp_(min=STALENESS_EPS)
+
+
+def zero_rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``x`` [n, d] with the rows where ``keep`` [n] is False set to 0 (so that no NaN or Inf reaches a product
+    or its gradient). On CPU, where a host read is free, ``x`` itself when every row is kept (no [n, d] copy)."""
+    if x.device.type == "cpu" and bool(keep.all()):
+        return x
+    return torch.where(keep.unsqueeze(1), x, 0.0)
 
 
 def spread(values: torch.Tensor, rows: torch.Tensor, which: torch.Tensor, fill: float | bool | int) -> torch.Tensor:
@@ -115,7 +123,7 @@ def query_losses(
     """
     q = queries.float()
     if leave_out is not None:
-        q = torch.where(leave_out.unsqueeze(1), 0.0, q)
+        q = zero_rows(q, ~leave_out)
         lse = lse.masked_fill(leave_out, float("-inf"))
     pos_scores = transform((q * positives).sum(-1))
     if fresh.shape[0]:

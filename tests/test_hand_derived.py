@@ -135,3 +135,18 @@ def test_reencode_on_every_rank_calls_the_tower_with_zero_rows():
     p = torch.tensor([[0.3, 0.2]])
     h.update_cache_and_compute_loss(lambda d: calls.append(d["x"].shape) or d["x"], torch.ones(1, 2), p, {"x": p})
     assert calls == [torch.Size([0, 2])]  # empty cache: nothing sampled, the tower still ran (on zero rows)
+
+
+def test_zero_rows_masks_values_and_gradients_and_copies_nothing_when_all_rows_are_kept():
+    """The losses zero the rows left out (NaN / Inf inputs) before any product: values and gradients of those rows
+    are 0 and never NaN; with every row kept, CPU returns the tensor itself (no [n, d] copy)."""
+    from sharded_negcache.loss import zero_rows
+
+    x = torch.tensor([[1.0, 2.0], [float("nan"), float("inf")], [3.0, -1.0]], requires_grad=True)
+    keep = torch.tensor([True, False, True])
+    y = zero_rows(x, keep)
+    assert y.tolist() == [[1.0, 2.0], [0.0, 0.0], [3.0, -1.0]]
+    (y * torch.tensor([[1.0, 1.0], [5.0, 5.0], [2.0, 2.0]])).sum().backward()
+    assert x.grad.tolist() == [[1.0, 1.0], [0.0, 0.0], [2.0, 2.0]]
+    ok = torch.ones(2, 2)
+    assert zero_rows(ok, torch.tensor([True, True])) is ok
