@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ENV_NATIVE", "ENV_ARCH", "available", "scan_chunk", "pack_queries", "fused_scan", "pick", "draws", "row_lse",
-           "gumbel", "exp_nonpositive", "build_info"]
+__all__ = ["ENV_NATIVE", "ENV_ARCH", "available", "scan_chunk", "pack_queries", "fused_scan", "fused_topk", "pick",
+           "draws", "row_lse", "gumbel", "exp_nonpositive", "build_info"]
 
 log = logging.getLogger("sharded_negcache")
 
@@ -125,6 +125,8 @@ def _load() -> ctypes.CDLL | None:
     lib.negcache_fused_scan.restype = _I64
     lib.negcache_fused_scan.argtypes = [_P, _I64, _I64, _P, _I64, _I64, _I64, _P, _P, _P, _P, _I64, _P, _I64, _P, _I64,
                                         _I64, _P, _P, _I64, _P, _P, ctypes.c_int]
+    lib.negcache_fused_topk.argtypes = [_P, _I64, _I64, _P, _I64, _I64, _I64, _P, _P, _P, _P, _I64, _I64, _P, _P, _I64,
+                                        ctypes.c_int]
     lib.negcache_pack_queries.restype = _I64
     lib.negcache_pack_queries.argtypes = [_P, _I64, _I64, _P]
     lib.negcache_query_group.restype = _I64
@@ -232,6 +234,35 @@ def fused_scan(
         packed.data_ptr(), b, d, rows.data_ptr(), n, rows.stride(0), block, _ptr(filled), _ptr(row_ids),
         _ptr(excl_sorted), _ptr(excl_query), n_excl, lse_out.data_ptr(), lse_out.stride(0), keys.data_ptr(), m,
         first_block, best_key.data_ptr(), best_row.data_ptr(), row0, _ptr(win_scores), _ptr(win_lse),
+        torch.get_num_threads())
+
+
+def fused_topk(
+    packed: torch.Tensor,
+    b: int,
+    rows: torch.Tensor,
+    tile: int,
+    best_val: torch.Tensor,
+    best_row: torch.Tensor,
+    *,
+    filled: torch.Tensor | None,
+    row_ids: torch.Tensor | None,
+    excl_sorted: torch.Tensor | None,
+    excl_query: torch.Tensor | None,
+    row0: int,
+) -> None:
+    """Folds ``rows`` [n, d] (float32, unit column stride) into each query's running top-k ``best_val`` /
+    ``best_row`` [b, k] (float32 / int64, -inf / -1 where empty; left in heap order: sort after the last
+    chunk), scoring ``tile`` rows at a time for the ``b`` queries of ``packed`` inside the kernel; masks as
+    :func:`fused_scan`; a row enters as ``row0`` + its index, and only strictly above the k-th value."""
+    n, d = rows.shape
+    assert rows.dtype == torch.float32 and rows.stride(1) == 1 and tile > 0
+    for t in (filled, row_ids, excl_sorted, excl_query, best_val, best_row):
+        assert t is None or t.is_contiguous()
+    n_excl = 0 if excl_sorted is None else excl_sorted.numel()
+    _Lib.lib.negcache_fused_topk(
+        packed.data_ptr(), b, d, rows.data_ptr(), n, rows.stride(0), tile, _ptr(filled), _ptr(row_ids),
+        _ptr(excl_sorted), _ptr(excl_query), n_excl, best_val.shape[1], best_val.data_ptr(), best_row.data_ptr(), row0,
         torch.get_num_threads())
 
 

@@ -434,12 +434,15 @@ def _scan_topk(
     exclude_key: str | None,
     exclude_ids: torch.Tensor | None,
 ) -> LocalPartials:
-    """The exact local top-k (value, global row), kept running chunk by chunk."""
+    """The exact local top-k (value, global row), kept running chunk by chunk (on CPU with a float scale: in the
+    fused kernel, which never writes a score chunk)."""
     b, device = q.shape[0], q.device
     best_val = torch.full((b, k), _NEG_INF, device=device)
     best_row = torch.full((b, k), -1, dtype=torch.int64, device=device)
     if b == 0:
         return LocalPartials(topk_val=best_val, topk_row=best_row)
+    if score_fn.fn is None and native_scan.available(device):
+        return _topk_native(store, layout, q, best_val, best_row, chunk_rows, exclude_key, exclude_ids)
     for start, end, filled in _chunks(store, chunk_rows):
         scores = score_fn.on_prepared(q @ store.decode(start, end).t())
         _mask_chunk(scores, store, start, end, filled, exclude_key, exclude_ids)
@@ -448,3 +451,26 @@ def _scan_topk(
         val, pick = torch.cat([best_val, val], 1).topk(k, dim=1)
         best_val, best_row = val, torch.cat([best_row, row], 1).gather(1, pick)
     return LocalPartials(topk_val=best_val, topk_row=best_row)
+
+
+TOPK_TILE_ROWS = 192  # rows the fused top-k scores per (query group, tile): a multiple of every micro-tile
+
+
+def _topk_native(store: ShardStore, layout: ShardLayout, q: torch.Tensor, best_val: torch.Tensor,
+                 best_row: torch.Tensor, chunk_rows: int, exclude_key: str | None,
+                 exclude_ids: torch.Tensor | None) -> LocalPartials:
+    """Top-k mode in the fused kernel: each query's running top-k as a heap per lane, a row entering only when
+    above the k-th value (rare after the first rows); sorted once at the end. fp32 rows in one call."""
+    packed, excl = native_scan.pack_queries(q), _native_exclusions(store, exclude_key, exclude_ids)
+    if store.codec.storage_dtype == torch.float32:
+        chunk_rows = store.rows
+    for start, end, filled in _chunks(store, chunk_rows):
+        with record_function(KERNEL_RANGE):
+            native_scan.fused_topk(
+                packed, q.shape[0], store.decode(start, end), TOPK_TILE_ROWS, best_val, best_row,
+                filled=store.filled[start:end] if filled < end - start else None,
+                row_ids=None if excl is None else excl[0][start:end],
+                excl_sorted=None if excl is None else excl[1], excl_query=None if excl is None else excl[2],
+                row0=layout.row_offset + start)
+    best_val, order = best_val.sort(dim=1, descending=True)
+    return LocalPartials(topk_val=best_val, topk_row=best_row.gather(1, order))

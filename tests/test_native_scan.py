@@ -463,3 +463,94 @@ def test_fused_results_do_not_depend_on_the_thread_count():
     for a, b in zip(one[:5], two[:5]):
         assert torch.equal(a, b)
     assert one[5] == two[5]
+
+
+# ---- the fused top-k (top_k mode on CPU with a float scale) ------------------------------------------------
+def _fused_topk(q, rows, k, *, tile=192, filled=None, row_ids=None, excl=None, threads=None, best=None):
+    """One fused_topk call; returns (values, rows) sorted by value, descending."""
+    b = q.shape[0]
+    val = best[0].clone() if best else torch.full((b, k), NEG_INF)
+    row = best[1].clone() if best else torch.full((b, k), -1, dtype=torch.int64)
+    ids = None if excl is None else torch.sort(excl)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads or old)
+    try:
+        native_scan.fused_topk(native_scan.pack_queries(q), b, rows, tile, val, row, filled=filled, row_ids=row_ids,
+                               excl_sorted=None if ids is None else ids[0].contiguous(),
+                               excl_query=None if ids is None else ids[1].contiguous(), row0=1000)
+    finally:
+        torch.set_num_threads(old)
+    val, order = val.sort(dim=1, descending=True)
+    return val, row.gather(1, order)
+
+
+@pytest.mark.parametrize("b,d,n,k,tile", [(1, 3, 7, 1, 192), (33, 16, 500, 5, 12), (70, 20, 1000, 64, 192),
+                                          (5, 128, 300, 400, 13)])
+def test_fused_topk_against_a_dense_float64_reference(b, d, n, k, tile):
+    """Values within the product's bound of the exact top-k; the same set of rows wherever the k-th and the
+    next value are farther apart than twice the bound; k above the candidates pads with -inf / -1."""
+    g = torch.Generator().manual_seed(b * 7 + k)
+    q, rows = torch.randn(b, d, generator=g), torch.randn(n, d, generator=g)
+    filled = torch.rand(n, generator=g) > 0.1
+    got_val, got_row = _fused_topk(q, rows, k, tile=tile, filled=filled)
+    exact = (q.double() @ rows.double().t()).masked_fill(~filled[None, :], NEG_INF)
+    kk = min(k, n)
+    ref_val, ref_row = exact.topk(kk, dim=1)
+    tol = _product_bound(q, rows).amax(1, keepdim=True)
+    finite = torch.isfinite(ref_val)
+    assert torch.equal(torch.isfinite(got_val[:, :kk]), finite)
+    assert bool(((got_val[:, :kk].double() - ref_val).abs() <= tol)[finite].all())
+    assert bool((got_val[:, kk:] == NEG_INF).all()) and bool((got_row[:, kk:] == -1).all())
+    assert bool((got_row[:, :kk][~finite] == -1).all())
+    if kk == n:  # every candidate is in
+        clear = torch.ones(b, dtype=torch.bool)
+    else:
+        clear = (ref_val[:, -1] - exact.topk(kk + 1, dim=1).values[:, -1]) > 2 * tol.squeeze(1)
+    assert int(clear.sum()) >= 0.8 * b
+    for i in clear.nonzero().view(-1).tolist():
+        want = sorted((ref_row[i][finite[i]] + 1000).tolist())
+        assert sorted(got_row[i][got_row[i] >= 0].tolist()) == want
+
+
+def test_fused_topk_masks_the_querys_own_positive_and_keeps_the_earlier_row_on_ties():
+    g = torch.Generator().manual_seed(2)
+    b, d, n = 40, 8, 96
+    q = torch.randn(b, d, generator=g)
+    rows = torch.randn(1, d, generator=g).expand(n, d).contiguous()  # every row the same: all scores tie
+    row_ids = torch.arange(n) % 7
+    excl = torch.randint(0, 9, (b,), generator=g)
+    val, row = _fused_topk(q, rows, 3, tile=12, row_ids=row_ids, excl=excl)
+    for i in range(b):  # the three earliest rows whose id is not the query's own
+        want = [r for r in range(n) if int(row_ids[r]) != int(excl[i])][:3]
+        assert sorted(row[i].tolist()) == [1000 + r for r in want]
+        assert len(set(val[i].tolist())) == 1
+    # a second chunk whose rows tie with the first: the first chunk's rows stay
+    again = _fused_topk(q, rows, 3, tile=12, row_ids=row_ids, excl=excl, best=(val, row))
+    assert torch.equal(again[1].sort(1).values, row.sort(1).values)
+
+
+def test_fused_topk_does_not_depend_on_the_thread_count_or_the_tile():
+    g = torch.Generator().manual_seed(6)
+    q, rows = torch.randn(130, 24, generator=g), torch.randn(700, 24, generator=g)
+    one = _fused_topk(q, rows, 9, threads=1)
+    for got in (_fused_topk(q, rows, 9, threads=2), _fused_topk(q, rows, 9, tile=12)):
+        assert torch.equal(got[0], one[0]) and torch.equal(got[1], one[1])
+
+
+def test_topk_mode_through_score_shard_matches_the_torch_path(monkeypatch):
+    """score_shard in top-k mode: the fused kernel (one call for fp32 rows) against the torch chunks."""
+    from engine_cases import Tower, global_cache, make_handler
+    from sharded_negcache.scoring import score_shard
+
+    tower = Tower()
+    h = make_handler(48, with_ids=True, num_negatives=2, top_k=4)
+    h.load_global_rows(global_cache(48, tower, with_ids=True))
+    q = torch.randn(9, 8, generator=torch.Generator().manual_seed(3))
+    ids = h.store.feature("doc_id")[torch.arange(9) * 5].reshape(-1)  # ids of filled and empty rows
+    run = lambda: score_shard(h.store, h.layout, q, h.score_fn, num_draws=2, top_k=4, seed=1, step=1,  # noqa: E731
+                              chunk_rows=16, exclude_key=h.schema.doc_id_key, exclude_ids=ids)
+    native = run()
+    monkeypatch.setenv(native_scan.ENV_NATIVE, "0")
+    torch_path = run()
+    torch.testing.assert_close(native.topk_val, torch_path.topk_val, rtol=0, atol=1e-5)
+    assert torch.equal(native.topk_row.sort(1).values, torch_path.topk_row.sort(1).values)

@@ -390,24 +390,26 @@ inline void max_of_tile(const float* S, int64_t bs, vf* mx) {
     for (int v = 0; v < QV; ++v) mx[v] = vmax(mx[v], load(S + j * QW + v * L));
 }
 
-// What the fused scan needs to know per block of a chunk, found once per call: its item salt, whether it
-// has empty rows, and its (row, query) exclusions (rows ascending).
+// What the fused scans need to know per block (tile) of a chunk, found once per call: its item salt, whether
+// it has empty rows, and its (row, query) exclusions (rows ascending). The last block may be short (top-k
+// tiles; sampling blocks always divide the chunk).
 struct ChunkIndex {
-  int64_t bs;
+  int64_t n, bs, nblk;
   const uint8_t* filled;
   std::vector<uint32_t> salt;
   std::vector<uint8_t> has_empty;
   std::vector<int64_t> excl_begin, excl_row, excl_q;
 
-  ChunkIndex(int64_t n, int64_t bs_, int64_t first_block, const uint8_t* filled_, const int64_t* row_ids,
+  ChunkIndex(int64_t n_, int64_t bs_, int64_t first_block, const uint8_t* filled_, const int64_t* row_ids,
              const int64_t* excl_sorted, const int64_t* excl_query, int64_t n_excl)
-      : bs(bs_), filled(filled_), salt(n / bs_), has_empty(n / bs_, 0), excl_begin(n / bs_ + 1, 0) {
-    for (int64_t k = 0; k < n / bs; ++k) {
+      : n(n_), bs(bs_), nblk((n_ + bs_ - 1) / bs_), filled(filled_), salt(nblk), has_empty(nblk, 0),
+        excl_begin(nblk + 1, 0) {
+    for (int64_t k = 0; k < nblk; ++k) {
       salt[k] = item_hash(first_block + k);
       if (filled)
-        for (int64_t j = k * bs; j < (k + 1) * bs; ++j) has_empty[k] |= !filled[j];
+        for (int64_t j = k * bs; j < k * bs + rows_in(k); ++j) has_empty[k] |= !filled[j];
       if (row_ids && n_excl > 0)
-        for (int64_t r = k * bs; r < (k + 1) * bs; ++r)
+        for (int64_t r = k * bs; r < k * bs + rows_in(k); ++r)
           for (int64_t x = first_at_least(excl_sorted, n_excl, row_ids[r]); x < n_excl && excl_sorted[x] == row_ids[r];
                ++x) {
             excl_row.push_back(r);
@@ -417,12 +419,14 @@ struct ChunkIndex {
     }
   }
 
+  int64_t rows_in(int64_t k) const { return n - k * bs < bs ? n - k * bs : bs; }
+
   // -inf into the tile S of block k and query group g where a row is empty or holds a lane's own positive;
   // true when anything was masked (the tile's maximum must then be taken again).
   bool mask_tile(float* S, int64_t k, int64_t g) const {
     bool masked = has_empty[k];
     if (masked)
-      for (int64_t j = 0; j < bs; ++j)
+      for (int64_t j = 0; j < rows_in(k); ++j)
         if (!filled[k * bs + j])
           for (int v = 0; v < QV; ++v) store(S + j * QW + v * L, splat(NEG_INF));
     for (int64_t x = excl_begin[k]; x < excl_begin[k + 1]; ++x)
@@ -431,6 +435,68 @@ struct ChunkIndex {
         masked = true;
       }
     return masked;
+  }
+};
+
+// The running top-k of one thread's query groups [g0, g1): per real lane a binary min-heap of k (value, row)
+// whose root, the k-th best value, is the lane's threshold (kept lane-major in `floor` for one vector compare
+// per row). A score enters only when strictly above it: on equal values the earlier row stays. NaN never
+// enters (no finite score compares below it; the handler refuses non-finite queries before scoring).
+struct GroupTopK {
+  int64_t g0, g1, b, k;
+  std::vector<float> val, floor;
+  std::vector<int64_t> row;
+
+  GroupTopK(int64_t g0_, int64_t g1_, int64_t b_, int64_t k_, const float* best_val, const int64_t* best_row)
+      : g0(g0_), g1(g1_), b(b_), k(k_), val((g1_ - g0_) * QW * k_), floor((g1_ - g0_) * QW, -NEG_INF),
+        row((g1_ - g0_) * QW * k_) {
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t i = 0; i < QW && g * QW + i < b; ++i) {
+        const int64_t lane = (g - g0) * QW + i, q = g * QW + i;
+        for (int64_t j = 0; j < k; ++j) { val[lane * k + j] = best_val[q * k + j]; row[lane * k + j] = best_row[q * k + j]; }
+        for (int64_t j = k / 2 - 1; j >= 0; --j) sift_down(lane, j);
+        floor[lane] = val[lane * k];
+      }
+  }
+
+  void sift_down(int64_t lane, int64_t j) {
+    float* v = val.data() + lane * k;
+    int64_t* r = row.data() + lane * k;
+    for (;;) {
+      int64_t c = 2 * j + 1;
+      if (c >= k) return;
+      if (c + 1 < k && v[c + 1] < v[c]) ++c;
+      if (!(v[c] < v[j])) return;
+      std::swap(v[c], v[j]);
+      std::swap(r[c], r[j]);
+      j = c;
+    }
+  }
+
+  // Offers the rows of tile S [rows][QW] (group g; row j is global row first_row + j).
+  void offer(int64_t g, const float* S, int64_t rows, int64_t first_row) {
+    float* fl = floor.data() + (g - g0) * QW;
+    for (int64_t j = 0; j < rows; ++j)
+      for (int v = 0; v < QV; ++v) {
+        const vf x = load(S + j * QW + v * L);
+        if (!any_lane(x > load(fl + v * L))) continue;
+        for (int i = 0; i < L; ++i) {
+          const int64_t lane = (g - g0) * QW + v * L + i;
+          if (!(x[i] > fl[v * L + i])) continue;
+          val[lane * k] = x[i];
+          row[lane * k] = first_row + j;
+          sift_down(lane, 0);
+          fl[v * L + i] = val[lane * k];
+        }
+      }
+  }
+
+  void write_back(float* best_val, int64_t* best_row) const {
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t i = 0; i < QW && g * QW + i < b; ++i) {
+        const int64_t lane = (g - g0) * QW + i, q = g * QW + i;
+        for (int64_t j = 0; j < k; ++j) { best_val[q * k + j] = val[lane * k + j]; best_row[q * k + j] = row[lane * k + j]; }
+      }
   }
 };
 
@@ -589,6 +655,44 @@ int64_t negcache_fused_scan(const float* qp, int64_t b, int64_t d, const float* 
     draws.write_back(best_key);
   }
   return changed;
+}
+
+// The running top-k of the b queries of `qp` over the rows [n, d] of one chunk (row stride ld), scored tile by
+// tile as in negcache_fused_scan (tiles of `tile` rows; the last may be short), with the same masks.
+// best_val / best_row [b, k] hold the top-k of earlier chunks (-inf / -1 where empty) on entry and after it
+// (in heap order; the caller sorts); rows are recorded as row0 + local row.
+void negcache_fused_topk(const float* qp, int64_t b, int64_t d, const float* rows, int64_t n, int64_t ld, int64_t tile,
+                         const uint8_t* filled, const int64_t* row_ids, const int64_t* excl_sorted,
+                         const int64_t* excl_query, int64_t n_excl, int64_t k, float* best_val, int64_t* best_row,
+                         int64_t row0, int nthreads) {
+  const int64_t groups = (b + QW - 1) / QW;
+  const ChunkIndex index(n, tile, 0, filled, row_ids, excl_sorted, excl_query, n_excl);
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && groups > 1)
+  {
+#ifdef _OPENMP
+    const int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
+#else
+    const int64_t threads = 1, me = 0;
+#endif
+    GroupTopK top(groups * me / threads, groups * (me + 1) / threads, b, k, best_val, best_row);
+    std::vector<float> scratch(tile * QW);
+    float* S = scratch.data();
+    const int64_t lines = tile * ld * int64_t(sizeof(float)) / 64, mine = top.g1 - top.g0;
+    const int64_t per_group = mine > 0 ? (lines + mine - 1) / mine : 0;
+    for (int64_t t = 0; t < index.nblk; ++t) {
+      const float* block = rows + t * tile * ld;
+      for (int64_t g = top.g0; g < top.g1; ++g) {
+        if (t + 1 < index.nblk)
+          prefetch_lines(block + tile * ld, (g - top.g0) * per_group, per_group,
+                         index.rows_in(t + 1) * ld * int64_t(sizeof(float)) / 64);
+        vf mx[QV];
+        score_rows(qp + g * d * QW, block, ld, d, index.rows_in(t), S, mx);
+        index.mask_tile(S, t, g);
+        top.offer(g, S, index.rows_in(t), row0 + t * tile);
+      }
+    }
+    top.write_back(best_val, best_row);
+  }
 }
 
 // Packs queries q [b, d] into ceil(b / QW) groups of [d][QW] (lane = query; padding lanes 0) for
