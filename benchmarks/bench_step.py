@@ -27,6 +27,8 @@ Every timed call starts with the CPU caches evicted (:class:`CacheEvictor`), the
 alike.
 3. W gloo processes (1 thread each): bytes each rank sends per step, from the engine's ``Comm``
    counters and, independently, from wrapping the ``torch.distributed`` calls, for several cache sizes.
+4. top-k mode: ``score_shard`` for several k, in the fused kernel and on the torch path
+   (``SHARDED_NEGCACHE_NATIVE=0``), against the sampling mode's ``score_shard`` (caches evicted, min over reps).
 
 Usage: ``.venv/bin/python benchmarks/bench_step.py`` (``--quick`` for a tiny smoke run). Writes
 ``benchmarks/results/step.json`` and ``step.png``.
@@ -240,6 +242,41 @@ def sweep_child(rank: int, world: int, rows: int, chunk_mbs: list[float], cfg: d
 
 
 # ---------------------------------------------------------------------------------------------
+# 4. top-k mode (one fresh process per size)
+# ---------------------------------------------------------------------------------------------
+def topk_child(rank: int, world: int, rows: int, ks: list[int], cfg: dict) -> dict:
+    import os
+
+    from sharded_negcache import native_scan
+    from sharded_negcache.scoring import score_shard
+
+    b, d, f, reps = cfg["batch"], cfg["dim"], cfg["feat"], cfg["reps"]
+    handler = make_handler(rows, d, f, chunk_bytes=cfg["chunk_bytes"], device="cpu")
+    handler.load_global_rows(synthetic_rows(0, rows, d, f))
+    q = make_batch(b, d, CheapTower(f, d), seed=3000)[0].detach()
+    chunk = handler._chunk_rows(b)
+
+    def scan(k: int | None) -> None:
+        score_shard(handler.store, handler.layout, q, handler.score_fn, num_draws=handler.num_negatives, top_k=k,
+                    seed=0, step=0, chunk_rows=chunk)
+
+    modes = [("sampling", None, "1")] + [(f"top{k}_{path}", k, env) for k in ks for path, env in
+                                         (("fused", "1"), ("torch", "0"))]
+    times: dict[str, list[float]] = {name: [] for name, _, _ in modes}
+    evict = CacheEvictor()
+    for r in range(reps + 1):  # the first round warms up
+        for name, k, env in modes:
+            os.environ[native_scan.ENV_NATIVE] = env
+            evict()
+            t0 = time.perf_counter()
+            scan(k)
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    os.environ.pop(native_scan.ENV_NATIVE, None)
+    return {"rows": rows, "batch": b, "dim": d, "threads": torch.get_num_threads(), "times_s": times}
+
+
+# ---------------------------------------------------------------------------------------------
 # 3. bytes per step with W gloo ranks
 # ---------------------------------------------------------------------------------------------
 def bytes_child(rank: int, world: int, sizes: list[int], cfg: dict) -> list[dict]:
@@ -357,11 +394,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--bytes-rows", default="16K,128K,1M", help="global cache sizes for the bytes table")
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--byte-steps", type=int, default=2)
+    ap.add_argument("--topk-rows", default="16K,128K", help="cache rows for the top-k table")
+    ap.add_argument("--topk", default="2,16,64", help="k values for the top-k table")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test, ~1 min)")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "step.json")
     args = ap.parse_args(argv)
     if args.quick:
         args.rows, args.sweep_rows, args.bytes_rows, args.reps = "16K,64K", "64K", "16K,64K", 2
+        args.topk_rows = "16K"
     from sharded_negcache.handler import DEFAULT_CHUNK_BYTES
 
     cfg = {"batch": args.batch, "dim": args.dim, "feat": args.feat, "reps": args.reps,
@@ -381,6 +421,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[bench_step] bytes per step, W={args.world} gloo ...", flush=True)
     per_rank = run_ranks(args.world, bytes_child, parse_sizes(args.bytes_rows), cfg, threads=1)
     result["bytes"] = {"world": args.world, "per_rank": [p for rank in per_rank for p in rank]}
+    ks = [int(x) for x in args.topk.split(",")]
+    result["topk"] = []
+    for rows in parse_sizes(args.topk_rows):
+        print(f"[bench_step] top-k mode, {size_label(rows)} rows ...", flush=True)
+        result["topk"].append(in_fresh_process(topk_child, rows, ks, cfg, threads=args.threads))
 
     # ---- tables ----
     rows_tab = []
@@ -436,6 +481,16 @@ def main(argv: list[str] | None = None) -> dict:
     cols = list(dict.fromkeys(k for r in b_rows for k in r))
     t3 = table(b_rows, cols, f"Bytes each rank sends per step, W={args.world} gloo, global batch {args.batch}")
 
+    k_rows = []
+    for p in result["topk"]:
+        best = {name: min(ts) for name, ts in p["times_s"].items()}
+        for k in ks:
+            fused, slow = best[f"top{k}_fused"], best[f"top{k}_torch"]
+            k_rows.append({"rows": size_label(p["rows"]), "k": k, "sampling_s": best["sampling"], "topk_fused_s": fused,
+                           "topk_torch_s": slow, "fused/sampling": fused / best["sampling"], "torch/fused": slow / fused})
+    t4 = table(k_rows, list(k_rows[0]), f"top-k mode: score_shard, B={args.batch}, d={args.dim}, fp32 (min of "
+               f"{args.reps} reps, caches evicted; torch = SHARDED_NEGCACHE_NATIVE=0)")
+
     # ---- targets ----
     indep = bytes_independent(result["bytes"])
     at_1m = [p for p in single if p["rows"] >= 1 << 20]
@@ -462,6 +517,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(t1b, "\n")
     print(t2, "\n")
     print(t3, "\n")
+    print(t4, "\n")
     print(f"Bytes check: cache-size-free parts {FIXED_TAGS} identical across sizes: {indep['fixed_identical']}; "
           f"every total <= protocol bound {indep['bound']:,.0f} B (no cache-size term): {indep['under_bound']}; "
           f"largest/smallest total across a {indep['size_span']:.0f}x range of cache sizes: {indep['spread']:.3f}")
