@@ -10,7 +10,7 @@ import torch
 from engine_cases import Tower, global_cache, make_handler
 from sharded_negcache import keyed_random, native_scan
 from sharded_negcache.keyed_random import Stream
-from sharded_negcache.scoring import pick_in_block, score_shard
+from sharded_negcache.scoring import make_score_fn, pick_in_block, score_shard
 
 NEG_INF = float("-inf")
 
@@ -66,9 +66,12 @@ def dense_reference(store, layout, q, m, seed, step, exclude_ids=None):
     return torch.logsumexp(blse, dim=1), key, rows
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+@pytest.mark.parametrize("path", ["fused", "native", "torch"])
 @pytest.mark.parametrize("chunk_rows", [4, 8, 12, 64])
-def test_scan_matches_dense_reference_for_every_chunk_size(chunk_rows, native, monkeypatch):
+def test_scan_matches_dense_reference_for_every_chunk_size(chunk_rows, path, monkeypatch):
+    """fused: the kernel computes the products (float scale); native: torch.mm, then the chunk kernel (a
+    callable transform, here the same scale); torch: torch ops only."""
+    native = path != "torch"
     monkeypatch.setenv(native_scan.ENV_NATIVE, "1" if native else "0")
     tower = Tower()
     h = make_handler(48, with_ids=True, num_negatives=3)
@@ -78,8 +81,10 @@ def test_scan_matches_dense_reference_for_every_chunk_size(chunk_rows, native, m
     q = h.score_fn.prepare_queries(torch.randn(7, 8, generator=g))
     ids = torch.randint(0, 12, (7,), generator=g)
     lse, key, rows = dense_reference(h.store, h.layout, q, 3, seed=4, step=2, exclude_ids=ids)
+    scale = h.score_fn.scale
+    score_fn = make_score_fn(lambda dots: dots * scale) if path == "native" else h.score_fn
     got = score_shard(h.store, h.layout, torch.randn(7, 8, generator=torch.Generator().manual_seed(5)),
-                      h.score_fn, num_draws=3, top_k=None, seed=4, step=2, chunk_rows=chunk_rows,
+                      score_fn, num_draws=3, top_k=None, seed=4, step=2, chunk_rows=chunk_rows,
                       exclude_key="doc_id", exclude_ids=ids)
     torch.testing.assert_close(got.lse, lse, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got.win_key, key, rtol=1e-6, atol=1e-6)
