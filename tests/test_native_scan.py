@@ -455,14 +455,20 @@ def test_fused_stage_one_and_the_winners_copies_against_torch(threads):
         assert win_lse[slot].item() == lse[qi, int(blk[qi, ti])].item()
 
 
-def test_fused_results_do_not_depend_on_the_thread_count():
+@pytest.mark.parametrize("b,threads", [(130, 2), (20, 2), (20, 3), (40, 4)],
+                         ids=["groups-per-thread", "one-group-two-ranges", "one-group-three-ranges", "two-groups-four"])
+def test_fused_results_do_not_depend_on_the_thread_count(b, threads):
+    """With fewer query groups (32 queries) than threads, each group's blocks are split into ranges scanned
+    apart and merged in block order: the same LSEs, winners and copies as one thread."""
     g = torch.Generator().manual_seed(1)
-    q, rows = torch.randn(130, 24, generator=g), torch.randn(512, 24, generator=g)
-    keys = keyed_random.draw_keys(0, 0, Stream.BLOCK_GUMBEL, torch.arange(130), 2)
-    one, two = _fused(q, rows, 64, keys=keys, threads=1), _fused(q, rows, 64, keys=keys, threads=2)
-    for a, b in zip(one[:5], two[:5]):
-        assert torch.equal(a, b)
-    assert one[5] == two[5]
+    q, rows = torch.randn(b, 24, generator=g), torch.randn(512, 24, generator=g)
+    keys = keyed_random.draw_keys(0, 0, Stream.BLOCK_GUMBEL, torch.arange(b), 2)
+    best = (torch.full((b, 2), NEG_INF), torch.full((b, 2), -1, dtype=torch.int64))
+    best[0][0, 0] = 50.0  # an earlier chunk's winner that no block beats
+    one, many = _fused(q, rows, 16, keys=keys, threads=1, best=best), _fused(q, rows, 16, keys=keys, threads=threads, best=best)
+    for a, c in zip(one[:5], many[:5]):
+        assert torch.equal(a, c)
+    assert one[2][0, 0].item() == -1 and one[1][0, 0].item() == 50.0
 
 
 # ---- the fused top-k (top_k mode on CPU with a float scale) ------------------------------------------------

@@ -9,6 +9,7 @@
 // Numerics: exp(x) for x <= 0 is a polynomial on the exponent's fraction (see exp_nonpositive); the
 // log of the Gumbel noise is the Cephes single-precision log (about 1 ulp). The hash and the uniforms
 // are bit-identical to keyed_random.py.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -554,6 +555,40 @@ struct GroupDraws {
   }
 };
 
+// Stage-1 results of the block ranges after the first (negcache_fused_scan with fewer query groups than
+// threads): per range r >= 1 and (query, draw) pair, the best key (-inf: none), its first row, its LSE and
+// block scores; merged into the first range's results in range order.
+struct SideDraws {
+  int64_t pairs, bs;
+  std::vector<float> best, win_lse, win;
+  std::vector<int64_t> rows;
+
+  SideDraws(int64_t ranges, int64_t pairs_, int64_t bs_, bool copies)
+      : pairs(pairs_), bs(bs_), best(ranges * pairs_, NEG_INF), win_lse(ranges * pairs_),
+        win(copies ? ranges * pairs_ * bs_ : 0), rows(ranges * pairs_, -1) {}
+
+  float* key(int64_t r) { return best.data() + (r - 1) * pairs; }
+  int64_t* row(int64_t r) { return rows.data() + (r - 1) * pairs; }
+  float* lse(int64_t r) { return win_lse.data() + (r - 1) * pairs; }
+  float* scores(int64_t r) { return win.empty() ? nullptr : win.data() + (r - 1) * pairs * bs; }
+
+  // Range r's winners where strictly better than the ones so far; returns how many were.
+  int64_t merge(int64_t r, float* best_key, int64_t* best_row, float* win_scores, float* win_lse_out) {
+    int64_t taken = 0;
+    for (int64_t p = 0; p < pairs; ++p) {
+      if (!(key(r)[p] > best_key[p])) continue;
+      best_key[p] = key(r)[p];
+      best_row[p] = row(r)[p];
+      if (win_scores) {
+        std::memcpy(win_scores + p * bs, scores(r) + p * bs, bs * sizeof(float));
+        win_lse_out[p] = lse(r)[p];
+      }
+      ++taken;
+    }
+    return taken;
+  }
+};
+
 }  // namespace
 
 extern "C" {
@@ -616,8 +651,12 @@ int64_t negcache_scan_chunk(float* s, int64_t b, int64_t n, int64_t ld, int64_t 
 // negcache_scan_chunk does on a score chunk (masks, block LSEs into lse_out[q * ld_lse + k], stage 1
 // with ties to the lower block, copies of each new winner's block scores and LSE), without a score
 // chunk: each (query group, block) is scored into a per-thread [bs][QW] tile, reduced and offered to
-// stage 1 while it is in L1. Threads own whole query groups, so every (query, draw) meets the blocks in
-// increasing order. Returns how many times a winner improved.
+// stage 1 while it is in L1.
+// Work is split so that every thread has some: with at least as many query groups as threads, each thread
+// owns a range of groups and meets all blocks in increasing order; with fewer groups, each group's blocks
+// are split into consecutive ranges, the ranges after the first scanned into side buffers of their own
+// and merged in block order afterwards (strictly better only: ties keep the lower block, as a single pass
+// would). Returns how many times a winner improved.
 int64_t negcache_fused_scan(const float* qp, int64_t b, int64_t d, const float* rows, int64_t n, int64_t ld,
                             int64_t bs, const uint8_t* filled, const int64_t* row_ids, const int64_t* excl_sorted,
                             const int64_t* excl_query, int64_t n_excl, float* lse_out, int64_t ld_lse,
@@ -625,23 +664,26 @@ int64_t negcache_fused_scan(const float* qp, int64_t b, int64_t d, const float* 
                             int64_t row0, float* win_scores, float* win_lse, int nthreads) {
   const int64_t nblk = n / bs, groups = (b + QW - 1) / QW;
   const ChunkIndex index(n, bs, first_block, filled, row_ids, excl_sorted, excl_query, n_excl);
+  const int64_t ranges = groups >= nthreads ? 1 : std::max<int64_t>(1, std::min<int64_t>(nblk, (nthreads + groups - 1) / groups));
+  const int64_t parts = ranges == 1 ? std::max<int64_t>(1, std::min<int64_t>(groups, nthreads)) : groups;
+  SideDraws side(ranges - 1, b * m, bs, win_scores != nullptr);
   int64_t changed = 0;
-#pragma omp parallel num_threads(nthreads) reduction(+ : changed) if (nthreads > 1 && groups > 1)
-  {
-#ifdef _OPENMP
-    const int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
-#else
-    const int64_t threads = 1, me = 0;
-#endif
-    GroupDraws draws(groups * me / threads, groups * (me + 1) / threads, b, m, keys, best_key);
+#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+ : changed) if (nthreads > 1 && parts * ranges > 1)
+  for (int64_t w = 0; w < parts * ranges; ++w) {
+    const int64_t part = w / ranges, r = w % ranges;
+    GroupDraws draws(groups * part / parts, groups * (part + 1) / parts, b, m, keys, r ? side.key(r) : best_key);
+    float* ws = r ? side.scores(r) : win_scores;
+    float* wl = r ? side.lse(r) : win_lse;
+    int64_t* br = r ? side.row(r) : best_row;
     std::vector<float> tile(bs * QW);
     float* S = tile.data();
+    const int64_t k0 = nblk * r / ranges, k1 = nblk * (r + 1) / ranges;
     const int64_t lines = bs * ld * int64_t(sizeof(float)) / 64, mine = draws.g1 - draws.g0;
     const int64_t per_group = mine > 0 ? (lines + mine - 1) / mine : 0;
-    for (int64_t k = 0; k < nblk; ++k) {
+    for (int64_t k = k0; k < k1; ++k) {
       const float* block = rows + k * bs * ld;
       for (int64_t g = draws.g0; g < draws.g1; ++g) {
-        if (k + 1 < nblk)  // a share of the next block's lines, so it is in cache when its turn comes
+        if (k + 1 < k1)  // a share of the next block's lines, so it is in cache when its turn comes
           prefetch_lines(block + bs * ld, (g - draws.g0) * per_group, per_group, lines);
         vf mx[QV], lse[QV];
         score_rows(qp + g * d * QW, block, ld, d, bs, S, mx);
@@ -649,11 +691,12 @@ int64_t negcache_fused_scan(const float* qp, int64_t b, int64_t d, const float* 
         block_lse_lanes(S, bs, mx, lse);
         for (int v = 0; v < QV; ++v)
           for (int i = 0; i < L && g * QW + v * L + i < b; ++i) lse_out[(g * QW + v * L + i) * ld_lse + k] = lse[v][i];
-        changed += draws.offer(g, k, index.salt[k], lse, S, bs, row0 + k * bs, best_row, win_scores, win_lse);
+        changed += draws.offer(g, k, index.salt[k], lse, S, bs, row0 + k * bs, br, ws, wl);
       }
     }
-    draws.write_back(best_key);
+    draws.write_back(r ? side.key(r) : best_key);
   }
+  for (int64_t r = 1; r < ranges; ++r) changed += side.merge(r, best_key, best_row, win_scores, win_lse);
   return changed;
 }
 
