@@ -518,28 +518,32 @@ def test_fused_topk_against_a_dense_float64_reference(b, d, n, k, tile):
         assert sorted(got_row[i][got_row[i] >= 0].tolist()) == want
 
 
-def test_fused_topk_masks_the_querys_own_positive_and_keeps_the_earlier_row_on_ties():
+@pytest.mark.parametrize("b,threads,k", [(40, 1, 3), (40, 4, 3), (20, 3, 3), (20, 3, 30)])
+def test_fused_topk_masks_the_querys_own_positive_and_keeps_the_earlier_row_on_ties(b, threads, k):
+    """Also with the tiles split into ranges (fewer query groups than threads; k = 30 spills past the first
+    range, whose candidates must then be taken in row order): ties keep the earlier row."""
     g = torch.Generator().manual_seed(2)
-    b, d, n = 40, 8, 96
+    d, n = 8, 96
     q = torch.randn(b, d, generator=g)
     rows = torch.randn(1, d, generator=g).expand(n, d).contiguous()  # every row the same: all scores tie
     row_ids = torch.arange(n) % 7
     excl = torch.randint(0, 9, (b,), generator=g)
-    val, row = _fused_topk(q, rows, 3, tile=12, row_ids=row_ids, excl=excl)
-    for i in range(b):  # the three earliest rows whose id is not the query's own
-        want = [r for r in range(n) if int(row_ids[r]) != int(excl[i])][:3]
+    val, row = _fused_topk(q, rows, k, tile=12, row_ids=row_ids, excl=excl, threads=threads)
+    for i in range(b):  # the k earliest rows whose id is not the query's own
+        want = [r for r in range(n) if int(row_ids[r]) != int(excl[i])][:k]
         assert sorted(row[i].tolist()) == [1000 + r for r in want]
         assert len(set(val[i].tolist())) == 1
     # a second chunk whose rows tie with the first: the first chunk's rows stay
-    again = _fused_topk(q, rows, 3, tile=12, row_ids=row_ids, excl=excl, best=(val, row))
+    again = _fused_topk(q, rows, k, tile=12, row_ids=row_ids, excl=excl, best=(val, row), threads=threads)
     assert torch.equal(again[1].sort(1).values, row.sort(1).values)
 
 
-def test_fused_topk_does_not_depend_on_the_thread_count_or_the_tile():
+@pytest.mark.parametrize("b", [130, 20])
+def test_fused_topk_does_not_depend_on_the_thread_count_or_the_tile(b):
     g = torch.Generator().manual_seed(6)
-    q, rows = torch.randn(130, 24, generator=g), torch.randn(700, 24, generator=g)
+    q, rows = torch.randn(b, 24, generator=g), torch.randn(700, 24, generator=g)
     one = _fused_topk(q, rows, 9, threads=1)
-    for got in (_fused_topk(q, rows, 9, threads=2), _fused_topk(q, rows, 9, tile=12)):
+    for got in (_fused_topk(q, rows, 9, threads=2), _fused_topk(q, rows, 9, threads=4), _fused_topk(q, rows, 9, tile=12)):
         assert torch.equal(got[0], one[0]) and torch.equal(got[1], one[1])
 
 

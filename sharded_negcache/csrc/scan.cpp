@@ -439,6 +439,47 @@ struct ChunkIndex {
   }
 };
 
+// A binary min-heap of k (value, row) pairs: restores the heap below j.
+inline void heap_sift_down(float* v, int64_t* r, int64_t k, int64_t j) {
+  for (;;) {
+    int64_t c = 2 * j + 1;
+    if (c >= k) return;
+    if (c + 1 < k && v[c + 1] < v[c]) ++c;
+    if (!(v[c] < v[j])) return;
+    std::swap(v[c], v[j]);
+    std::swap(r[c], r[j]);
+    j = c;
+  }
+}
+
+// (x, row) replaces the heap's smallest value when strictly greater (an equal value: the earlier row stays).
+inline void heap_offer(float* v, int64_t* r, int64_t k, float x, int64_t row) {
+  if (!(x > v[0])) return;
+  v[0] = x;
+  r[0] = row;
+  heap_sift_down(v, r, k, 0);
+}
+
+// How the fused scans share a chunk among threads: with at least as many query groups as threads, `parts`
+// contiguous ranges of groups, each meeting every block; with fewer, each group alone, its blocks split into
+// `ranges` consecutive ranges (scanned apart, then merged in block order). Item w is (part w / ranges,
+// range w % ranges).
+struct WorkSplit {
+  int64_t groups, nblk, ranges, parts;
+
+  WorkSplit(int64_t groups_, int64_t nblk_, int64_t nthreads)
+      : groups(groups_), nblk(nblk_),
+        ranges(groups_ >= nthreads ? 1 : std::max<int64_t>(1, std::min<int64_t>(nblk_, (nthreads + groups_ - 1) / groups_))),
+        parts(ranges == 1 ? std::max<int64_t>(1, std::min<int64_t>(groups_, nthreads)) : groups_) {}
+
+  int64_t items() const { return parts * ranges; }
+  int64_t g0(int64_t w) const { return groups * (w / ranges) / parts; }
+  int64_t g1(int64_t w) const { return groups * (w / ranges + 1) / parts; }
+  int64_t range(int64_t w) const { return w % ranges; }
+  int64_t k0(int64_t w) const { return nblk * range(w) / ranges; }
+  int64_t k1(int64_t w) const { return nblk * (range(w) + 1) / ranges; }
+};
+
 // The running top-k of one thread's query groups [g0, g1): per real lane a binary min-heap of k (value, row)
 // whose root, the k-th best value, is the lane's threshold (kept lane-major in `floor` for one vector compare
 // per row). A score enters only when strictly above it: on equal values the earlier row stays. NaN never
@@ -455,23 +496,9 @@ struct GroupTopK {
       for (int64_t i = 0; i < QW && g * QW + i < b; ++i) {
         const int64_t lane = (g - g0) * QW + i, q = g * QW + i;
         for (int64_t j = 0; j < k; ++j) { val[lane * k + j] = best_val[q * k + j]; row[lane * k + j] = best_row[q * k + j]; }
-        for (int64_t j = k / 2 - 1; j >= 0; --j) sift_down(lane, j);
+        for (int64_t j = k / 2 - 1; j >= 0; --j) heap_sift_down(val.data() + lane * k, row.data() + lane * k, k, j);
         floor[lane] = val[lane * k];
       }
-  }
-
-  void sift_down(int64_t lane, int64_t j) {
-    float* v = val.data() + lane * k;
-    int64_t* r = row.data() + lane * k;
-    for (;;) {
-      int64_t c = 2 * j + 1;
-      if (c >= k) return;
-      if (c + 1 < k && v[c + 1] < v[c]) ++c;
-      if (!(v[c] < v[j])) return;
-      std::swap(v[c], v[j]);
-      std::swap(r[c], r[j]);
-      j = c;
-    }
   }
 
   // Offers the rows of tile S [rows][QW] (group g; row j is global row first_row + j).
@@ -484,9 +511,7 @@ struct GroupTopK {
         for (int i = 0; i < L; ++i) {
           const int64_t lane = (g - g0) * QW + v * L + i;
           if (!(x[i] > fl[v * L + i])) continue;
-          val[lane * k] = x[i];
-          row[lane * k] = first_row + j;
-          sift_down(lane, 0);
+          heap_offer(val.data() + lane * k, row.data() + lane * k, k, x[i], first_row + j);
           fl[v * L + i] = val[lane * k];
         }
       }
@@ -664,20 +689,19 @@ int64_t negcache_fused_scan(const float* qp, int64_t b, int64_t d, const float* 
                             int64_t row0, float* win_scores, float* win_lse, int nthreads) {
   const int64_t nblk = n / bs, groups = (b + QW - 1) / QW;
   const ChunkIndex index(n, bs, first_block, filled, row_ids, excl_sorted, excl_query, n_excl);
-  const int64_t ranges = groups >= nthreads ? 1 : std::max<int64_t>(1, std::min<int64_t>(nblk, (nthreads + groups - 1) / groups));
-  const int64_t parts = ranges == 1 ? std::max<int64_t>(1, std::min<int64_t>(groups, nthreads)) : groups;
-  SideDraws side(ranges - 1, b * m, bs, win_scores != nullptr);
+  const WorkSplit split(groups, nblk, nthreads);
+  SideDraws side(split.ranges - 1, b * m, bs, win_scores != nullptr);
   int64_t changed = 0;
-#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+ : changed) if (nthreads > 1 && parts * ranges > 1)
-  for (int64_t w = 0; w < parts * ranges; ++w) {
-    const int64_t part = w / ranges, r = w % ranges;
-    GroupDraws draws(groups * part / parts, groups * (part + 1) / parts, b, m, keys, r ? side.key(r) : best_key);
+#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+ : changed) if (nthreads > 1 && split.items() > 1)
+  for (int64_t w = 0; w < split.items(); ++w) {
+    const int64_t r = split.range(w);
+    GroupDraws draws(split.g0(w), split.g1(w), b, m, keys, r ? side.key(r) : best_key);
     float* ws = r ? side.scores(r) : win_scores;
     float* wl = r ? side.lse(r) : win_lse;
     int64_t* br = r ? side.row(r) : best_row;
     std::vector<float> tile(bs * QW);
     float* S = tile.data();
-    const int64_t k0 = nblk * r / ranges, k1 = nblk * (r + 1) / ranges;
+    const int64_t k0 = split.k0(w), k1 = split.k1(w);
     const int64_t lines = bs * ld * int64_t(sizeof(float)) / 64, mine = draws.g1 - draws.g0;
     const int64_t per_group = mine > 0 ? (lines + mine - 1) / mine : 0;
     for (int64_t k = k0; k < k1; ++k) {
@@ -696,36 +720,40 @@ int64_t negcache_fused_scan(const float* qp, int64_t b, int64_t d, const float* 
     }
     draws.write_back(r ? side.key(r) : best_key);
   }
-  for (int64_t r = 1; r < ranges; ++r) changed += side.merge(r, best_key, best_row, win_scores, win_lse);
+  for (int64_t r = 1; r < split.ranges; ++r) changed += side.merge(r, best_key, best_row, win_scores, win_lse);
   return changed;
 }
 
 // The running top-k of the b queries of `qp` over the rows [n, d] of one chunk (row stride ld), scored tile by
 // tile as in negcache_fused_scan (tiles of `tile` rows; the last may be short), with the same masks.
 // best_val / best_row [b, k] hold the top-k of earlier chunks (-inf / -1 where empty) on entry and after it
-// (in heap order; the caller sorts); rows are recorded as row0 + local row.
+// (in heap order; the caller sorts); rows are recorded as row0 + local row. Work is split as in
+// negcache_fused_scan (WorkSplit); the tile ranges after the first fill heaps of their own, whose entries
+// are then offered to the first range's heaps in row order, so ties keep the earlier row as in one pass.
 void negcache_fused_topk(const float* qp, int64_t b, int64_t d, const float* rows, int64_t n, int64_t ld, int64_t tile,
                          const uint8_t* filled, const int64_t* row_ids, const int64_t* excl_sorted,
                          const int64_t* excl_query, int64_t n_excl, int64_t k, float* best_val, int64_t* best_row,
                          int64_t row0, int nthreads) {
   const int64_t groups = (b + QW - 1) / QW;
   const ChunkIndex index(n, tile, 0, filled, row_ids, excl_sorted, excl_query, n_excl);
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && groups > 1)
-  {
-#ifdef _OPENMP
-    const int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
-#else
-    const int64_t threads = 1, me = 0;
-#endif
-    GroupTopK top(groups * me / threads, groups * (me + 1) / threads, b, k, best_val, best_row);
+  const WorkSplit split(groups, index.nblk, nthreads);
+  // ranges after the first start from empty heaps of their own
+  std::vector<float> side_val((split.ranges - 1) * b * k, NEG_INF);
+  std::vector<int64_t> side_row((split.ranges - 1) * b * k, -1);
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1 && split.items() > 1)
+  for (int64_t w = 0; w < split.items(); ++w) {
+    const int64_t r = split.range(w);
+    float* vals = r ? side_val.data() + (r - 1) * b * k : best_val;
+    int64_t* rws = r ? side_row.data() + (r - 1) * b * k : best_row;
+    GroupTopK top(split.g0(w), split.g1(w), b, k, vals, rws);
     std::vector<float> scratch(tile * QW);
     float* S = scratch.data();
     const int64_t lines = tile * ld * int64_t(sizeof(float)) / 64, mine = top.g1 - top.g0;
     const int64_t per_group = mine > 0 ? (lines + mine - 1) / mine : 0;
-    for (int64_t t = 0; t < index.nblk; ++t) {
+    for (int64_t t = split.k0(w); t < split.k1(w); ++t) {
       const float* block = rows + t * tile * ld;
       for (int64_t g = top.g0; g < top.g1; ++g) {
-        if (t + 1 < index.nblk)
+        if (t + 1 < split.k1(w))
           prefetch_lines(block + tile * ld, (g - top.g0) * per_group, per_group,
                          index.rows_in(t + 1) * ld * int64_t(sizeof(float)) / 64);
         vf mx[QV];
@@ -734,8 +762,20 @@ void negcache_fused_topk(const float* qp, int64_t b, int64_t d, const float* row
         top.offer(g, S, index.rows_in(t), row0 + t * tile);
       }
     }
-    top.write_back(best_val, best_row);
+    top.write_back(vals, rws);
   }
+  // later ranges' candidates offered in row order, as a single pass would have met them
+  std::vector<std::pair<int64_t, float>> cand;
+  for (int64_t r = 1; r < split.ranges; ++r)
+    for (int64_t q = 0; q < b; ++q) {
+      cand.clear();
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t at = ((r - 1) * b + q) * k + j;
+        if (side_row[at] >= 0) cand.emplace_back(side_row[at], side_val[at]);
+      }
+      std::sort(cand.begin(), cand.end());
+      for (const auto& [row, val] : cand) heap_offer(best_val + q * k, best_row + q * k, k, val, row);
+    }
 }
 
 // Packs queries q [b, d] into ceil(b / QW) groups of [d][QW] (lane = query; padding lanes 0) for
