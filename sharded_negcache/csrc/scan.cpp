@@ -1,10 +1,13 @@
 // The CPU scan of one score chunk in one pass per query: mask, per-block log-sum-exp, stage 1 of the
-// two-stage Gumbel sampler, and the copy of each new winner's block for stage 2 (design §9).
+// two-stage Gumbel sampler, and the copy of each new winner's block for stage 2 (design §9). The fused
+// scan and the fused top-k do the same straight from the rows: a register-blocked micro-kernel scores one
+// (query group, block) tile at a time, which is reduced while it is in L1, so no score chunk exists.
 //
 // Built at first use by sharded_negcache/native_scan.py (g++ -O3 -march=native -fopenmp) and called
 // through ctypes on tensors' data pointers. Written once with GCC vector extensions at the target's
 // vector width (16 float lanes on AVX-512, 8 on AVX2, 4 elsewhere); the result is deterministic for
-// a machine, and differs between widths only in the last bits (summation order).
+// a machine, and differs between widths only in the last bits (summation order). A fused score is
+// one chain of fused multiply-adds over k = 0..d-1: its bits do not depend on the tile, lane or chunk.
 //
 // Numerics: exp(x) for x <= 0 is a polynomial on the exponent's fraction (see exp_nonpositive); the
 // log of the Gumbel noise is the Cephes single-precision log (about 1 ulp). The hash and the uniforms
