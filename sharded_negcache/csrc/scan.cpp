@@ -583,6 +583,29 @@ struct GroupDraws {
   }
 };
 
+// Work item w of a fused scan: scores each (query group, block) of the item into a per-thread tile S
+// [rows][QW], masked (empty rows, own positives), with its per-lane maximum, and hands it to
+// visit(g, k, S, mx). The next block is prefetched in shares spread over the item's groups.
+template <class Visit>
+void scan_tiles(const WorkSplit& split, int64_t w, const ChunkIndex& index, const float* qp, int64_t d,
+                const float* rows, int64_t ld, Visit visit) {
+  const int64_t g0 = split.g0(w), g1 = split.g1(w), k1 = split.k1(w), bs = index.bs;
+  std::vector<float> tile(bs * QW);
+  float* S = tile.data();
+  for (int64_t k = split.k0(w); k < k1; ++k) {
+    const float* block = rows + k * bs * ld;
+    const int64_t next_lines = k + 1 < k1 ? index.rows_in(k + 1) * ld * int64_t(sizeof(float)) / 64 : 0;
+    const int64_t share = (next_lines + (g1 - g0) - 1) / (g1 - g0);
+    for (int64_t g = g0; g < g1; ++g) {
+      prefetch_lines(block + bs * ld, (g - g0) * share, share, next_lines);
+      vf mx[QV];
+      score_rows(qp + g * d * QW, block, ld, d, index.rows_in(k), S, mx);
+      if (index.mask_tile(S, k, g)) max_of_tile(S, index.rows_in(k), mx);
+      visit(g, k, S, mx);
+    }
+  }
+}
+
 // Stage-1 results of the block ranges after the first (negcache_fused_scan with fewer query groups than
 // threads): per range r >= 1 and (query, draw) pair, the best key (-inf: none), its first row, its LSE and
 // block scores; merged into the first range's results in range order.
@@ -702,25 +725,13 @@ int64_t negcache_fused_scan(const float* qp, int64_t b, int64_t d, const float* 
     float* ws = r ? side.scores(r) : win_scores;
     float* wl = r ? side.lse(r) : win_lse;
     int64_t* br = r ? side.row(r) : best_row;
-    std::vector<float> tile(bs * QW);
-    float* S = tile.data();
-    const int64_t k0 = split.k0(w), k1 = split.k1(w);
-    const int64_t lines = bs * ld * int64_t(sizeof(float)) / 64, mine = draws.g1 - draws.g0;
-    const int64_t per_group = mine > 0 ? (lines + mine - 1) / mine : 0;
-    for (int64_t k = k0; k < k1; ++k) {
-      const float* block = rows + k * bs * ld;
-      for (int64_t g = draws.g0; g < draws.g1; ++g) {
-        if (k + 1 < k1)  // a share of the next block's lines, so it is in cache when its turn comes
-          prefetch_lines(block + bs * ld, (g - draws.g0) * per_group, per_group, lines);
-        vf mx[QV], lse[QV];
-        score_rows(qp + g * d * QW, block, ld, d, bs, S, mx);
-        if (index.mask_tile(S, k, g)) max_of_tile(S, bs, mx);
-        block_lse_lanes(S, bs, mx, lse);
-        for (int v = 0; v < QV; ++v)
-          for (int i = 0; i < L && g * QW + v * L + i < b; ++i) lse_out[(g * QW + v * L + i) * ld_lse + k] = lse[v][i];
-        changed += draws.offer(g, k, index.salt[k], lse, S, bs, row0 + k * bs, br, ws, wl);
-      }
-    }
+    scan_tiles(split, w, index, qp, d, rows, ld, [&](int64_t g, int64_t k, const float* S, const vf* mx) {
+      vf lse[QV];
+      block_lse_lanes(S, bs, mx, lse);
+      for (int v = 0; v < QV; ++v)
+        for (int i = 0; i < L && g * QW + v * L + i < b; ++i) lse_out[(g * QW + v * L + i) * ld_lse + k] = lse[v][i];
+      changed += draws.offer(g, k, index.salt[k], lse, S, bs, row0 + k * bs, br, ws, wl);
+    });
     draws.write_back(r ? side.key(r) : best_key);
   }
   for (int64_t r = 1; r < split.ranges; ++r) changed += side.merge(r, best_key, best_row, win_scores, win_lse);
@@ -749,22 +760,9 @@ void negcache_fused_topk(const float* qp, int64_t b, int64_t d, const float* row
     float* vals = r ? side_val.data() + (r - 1) * b * k : best_val;
     int64_t* rws = r ? side_row.data() + (r - 1) * b * k : best_row;
     GroupTopK top(split.g0(w), split.g1(w), b, k, vals, rws);
-    std::vector<float> scratch(tile * QW);
-    float* S = scratch.data();
-    const int64_t lines = tile * ld * int64_t(sizeof(float)) / 64, mine = top.g1 - top.g0;
-    const int64_t per_group = mine > 0 ? (lines + mine - 1) / mine : 0;
-    for (int64_t t = split.k0(w); t < split.k1(w); ++t) {
-      const float* block = rows + t * tile * ld;
-      for (int64_t g = top.g0; g < top.g1; ++g) {
-        if (t + 1 < split.k1(w))
-          prefetch_lines(block + tile * ld, (g - top.g0) * per_group, per_group,
-                         index.rows_in(t + 1) * ld * int64_t(sizeof(float)) / 64);
-        vf mx[QV];
-        score_rows(qp + g * d * QW, block, ld, d, index.rows_in(t), S, mx);
-        index.mask_tile(S, t, g);
-        top.offer(g, S, index.rows_in(t), row0 + t * tile);
-      }
-    }
+    scan_tiles(split, w, index, qp, d, rows, ld, [&](int64_t g, int64_t t, const float* S, const vf*) {
+      top.offer(g, S, index.rows_in(t), row0 + t * tile);
+    });
     top.write_back(vals, rws);
   }
   // later ranges' candidates offered in row order, as a single pass would have met them
