@@ -28,11 +28,12 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["ENV_NATIVE", "ENV_ARCH", "available", "scan_chunk", "pack_queries", "fused_scan", "fused_topk", "pick",
-           "draws", "row_lse", "gumbel", "exp_nonpositive", "build_info"]
+__all__ = ["ENV_NATIVE", "ENV_ARCH", "available", "ChunkMasks", "Stage1", "scan_chunk", "pack_queries", "fused_scan",
+           "fused_topk", "pick", "draws", "row_lse", "gumbel", "exp_nonpositive", "build_info"]
 
 log = logging.getLogger("sharded_negcache")
 
@@ -155,39 +156,55 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def scan_chunk(
-    scores: torch.Tensor,
-    block: int,
-    lse_out: torch.Tensor,
-    *,
-    filled: torch.Tensor | None,
-    row_ids: torch.Tensor | None,
-    excl_sorted: torch.Tensor | None,
-    excl_query: torch.Tensor | None,
-    keys: torch.Tensor,
-    first_block: int,
-    best_key: torch.Tensor,
-    best_row: torch.Tensor,
-    row0: int,
-    win_scores: torch.Tensor | None,
-    win_lse: torch.Tensor | None,
-) -> int:
+class ChunkMasks(NamedTuple):
+    """What a chunk's scan masks: ``filled`` [n] bool (None: every row has a value), and each query's own
+    positive: the rows' doc ids ``row_ids`` [n] int64, the queries' ids ``excl_sorted`` ascending (int64) and
+    the query of each ``excl_query`` (all three None: nothing to exclude)."""
+
+    filled: torch.Tensor | None = None
+    row_ids: torch.Tensor | None = None
+    excl_sorted: torch.Tensor | None = None
+    excl_query: torch.Tensor | None = None
+
+    def args(self) -> tuple:
+        """The kernel's (filled, row_ids, excl_sorted, excl_query, n_excl) arguments."""
+        for t in self:
+            assert t is None or t.is_contiguous()
+        n_excl = 0 if self.excl_sorted is None else self.excl_sorted.numel()
+        return (*(_ptr(t) for t in self), n_excl)
+
+
+class Stage1(NamedTuple):
+    """The sampler's running state across a scan's chunks: draw ``keys``, ``best_key``, ``best_row`` [B, m]
+    (int64, float32, int64) and, for the deferred stage 2, ``win_scores`` [B·m, block] and ``win_lse`` [B·m]
+    (or None: no copies)."""
+
+    keys: torch.Tensor
+    best_key: torch.Tensor
+    best_row: torch.Tensor
+    win_scores: torch.Tensor | None = None
+    win_lse: torch.Tensor | None = None
+
+    def args(self, first_block: int, row0: int) -> tuple:
+        """The kernel's (keys, m, first_block, best_key, best_row, row0, win_scores, win_lse) arguments."""
+        for t in self:
+            assert t is None or t.is_contiguous()
+        m = self.keys.shape[1] if self.keys.dim() == 2 else 0
+        return (self.keys.data_ptr(), m, first_block, self.best_key.data_ptr(), self.best_row.data_ptr(), row0,
+                _ptr(self.win_scores), _ptr(self.win_lse))
+
+
+def scan_chunk(scores: torch.Tensor, block: int, lse_out: torch.Tensor, masks: ChunkMasks, state: Stage1, *,
+               first_block: int, row0: int) -> int:
     """Scans ``scores`` [B, n] in place (see ``negcache_scan_chunk`` in csrc/scan.cpp) and returns how many
     (query, draw) winners changed. ``lse_out`` is a [B, n / block] view with unit column stride (a slice of
-    the step's block LSEs); ``filled`` [n] bool (None: all filled); ``row_ids`` [n] int64 with the queries'
-    excluded ids ``excl_sorted`` (ascending, int64) and their queries ``excl_query``; ``keys``, ``best_key``,
-    ``best_row`` [B, m] (int64, float32, int64); ``win_scores`` [B·m, block] and ``win_lse`` [B·m] or None.
-    """
+    the step's block LSEs); the chunk's first block has global id ``first_block`` and its first row is local
+    row ``row0``."""
     b, n = scores.shape
     assert scores.dtype == torch.float32 and scores.stride(1) == 1 and n % block == 0 and lse_out.stride(1) == 1
-    for t in (filled, row_ids, excl_sorted, excl_query, keys, best_key, best_row, win_scores, win_lse):
-        assert t is None or t.is_contiguous()
-    m = keys.shape[1] if keys.dim() == 2 else 0
-    n_excl = 0 if excl_sorted is None else excl_sorted.numel()
     return _Lib.lib.negcache_scan_chunk(
-        scores.data_ptr(), b, n, scores.stride(0), block, _ptr(filled), _ptr(row_ids), _ptr(excl_sorted),
-        _ptr(excl_query), n_excl, lse_out.data_ptr(), lse_out.stride(0), keys.data_ptr(), m, first_block,
-        best_key.data_ptr(), best_row.data_ptr(), row0, _ptr(win_scores), _ptr(win_lse), torch.get_num_threads())
+        scores.data_ptr(), b, n, scores.stride(0), block, *masks.args(), lse_out.data_ptr(), lse_out.stride(0),
+        *state.args(first_block, row0), torch.get_num_threads())
 
 
 def pack_queries(q: torch.Tensor) -> torch.Tensor:
@@ -200,70 +217,36 @@ def pack_queries(q: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def fused_scan(
-    packed: torch.Tensor,
-    b: int,
-    rows: torch.Tensor,
-    block: int,
-    lse_out: torch.Tensor,
-    *,
-    filled: torch.Tensor | None,
-    row_ids: torch.Tensor | None,
-    excl_sorted: torch.Tensor | None,
-    excl_query: torch.Tensor | None,
-    keys: torch.Tensor,
-    first_block: int,
-    best_key: torch.Tensor,
-    best_row: torch.Tensor,
-    row0: int,
-    win_scores: torch.Tensor | None,
-    win_lse: torch.Tensor | None,
-) -> int:
+def _rows_args(packed: torch.Tensor, b: int, rows: torch.Tensor) -> tuple:
+    """The fused kernels' (packed queries, b, d, rows, n, row stride) arguments."""
+    n, d = rows.shape
+    group = _Lib.lib.negcache_query_group()
+    assert rows.dtype == torch.float32 and rows.stride(1) == 1 and packed.numel() == -(-b // group) * d * group
+    return packed.data_ptr(), b, d, rows.data_ptr(), n, rows.stride(0)
+
+
+def fused_scan(packed: torch.Tensor, b: int, rows: torch.Tensor, block: int, lse_out: torch.Tensor, masks: ChunkMasks,
+               state: Stage1, *, first_block: int, row0: int) -> int:
     """:func:`scan_chunk` without a score chunk: scores the ``b`` queries of ``packed`` (:func:`pack_queries`)
     against ``rows`` [n, d] (float32, unit column stride) block by block inside the kernel (see
-    ``negcache_fused_scan`` in csrc/scan.cpp). Same arguments and effects as :func:`scan_chunk`; returns how
-    many times a winner improved."""
-    n, d = rows.shape
-    assert rows.dtype == torch.float32 and rows.stride(1) == 1 and n % block == 0 and lse_out.stride(1) == 1
-    assert packed.numel() == -(-b // _Lib.lib.negcache_query_group()) * d * _Lib.lib.negcache_query_group()
-    for t in (filled, row_ids, excl_sorted, excl_query, keys, best_key, best_row, win_scores, win_lse):
-        assert t is None or t.is_contiguous()
-    m = keys.shape[1] if keys.dim() == 2 else 0
-    n_excl = 0 if excl_sorted is None else excl_sorted.numel()
+    ``negcache_fused_scan`` in csrc/scan.cpp). Same effects as :func:`scan_chunk`; returns how many times a
+    winner improved."""
+    assert rows.shape[0] % block == 0 and lse_out.stride(1) == 1
     return _Lib.lib.negcache_fused_scan(
-        packed.data_ptr(), b, d, rows.data_ptr(), n, rows.stride(0), block, _ptr(filled), _ptr(row_ids),
-        _ptr(excl_sorted), _ptr(excl_query), n_excl, lse_out.data_ptr(), lse_out.stride(0), keys.data_ptr(), m,
-        first_block, best_key.data_ptr(), best_row.data_ptr(), row0, _ptr(win_scores), _ptr(win_lse),
-        torch.get_num_threads())
+        *_rows_args(packed, b, rows), block, *masks.args(), lse_out.data_ptr(), lse_out.stride(0),
+        *state.args(first_block, row0), torch.get_num_threads())
 
 
-def fused_topk(
-    packed: torch.Tensor,
-    b: int,
-    rows: torch.Tensor,
-    tile: int,
-    best_val: torch.Tensor,
-    best_row: torch.Tensor,
-    *,
-    filled: torch.Tensor | None,
-    row_ids: torch.Tensor | None,
-    excl_sorted: torch.Tensor | None,
-    excl_query: torch.Tensor | None,
-    row0: int,
-) -> None:
+def fused_topk(packed: torch.Tensor, b: int, rows: torch.Tensor, tile: int, best_val: torch.Tensor,
+               best_row: torch.Tensor, masks: ChunkMasks, *, row0: int) -> None:
     """Folds ``rows`` [n, d] (float32, unit column stride) into each query's running top-k ``best_val`` /
     ``best_row`` [b, k] (float32 / int64, -inf / -1 where empty; left in heap order: sort after the last
     chunk), scoring ``tile`` rows at a time for the ``b`` queries of ``packed`` inside the kernel; masks as
     :func:`fused_scan`; a row enters as ``row0`` + its index, and only strictly above the k-th value."""
-    n, d = rows.shape
-    assert rows.dtype == torch.float32 and rows.stride(1) == 1 and tile > 0
-    for t in (filled, row_ids, excl_sorted, excl_query, best_val, best_row):
-        assert t is None or t.is_contiguous()
-    n_excl = 0 if excl_sorted is None else excl_sorted.numel()
+    assert tile > 0 and best_val.is_contiguous() and best_row.is_contiguous()
     _Lib.lib.negcache_fused_topk(
-        packed.data_ptr(), b, d, rows.data_ptr(), n, rows.stride(0), tile, _ptr(filled), _ptr(row_ids),
-        _ptr(excl_sorted), _ptr(excl_query), n_excl, best_val.shape[1], best_val.data_ptr(), best_row.data_ptr(), row0,
-        torch.get_num_threads())
+        *_rows_args(packed, b, rows), tile, *masks.args(), best_val.shape[1], best_val.data_ptr(), best_row.data_ptr(),
+        row0, torch.get_num_threads())
 
 
 def pick(win_scores: torch.Tensor, win_lse: torch.Tensor, u: torch.Tensor, best_key: torch.Tensor,

@@ -335,6 +335,20 @@ def _native_exclusions(store: ShardStore, exclude_key: str | None, exclude_ids: 
     return row_ids, ids.contiguous(), order.contiguous()
 
 
+def _native_masks(store: ShardStore, excl, start: int, end: int, filled: int) -> native_scan.ChunkMasks:
+    """The kernel's masks for local rows [start, end) holding ``filled`` rows (``excl``: :func:`_native_exclusions`)."""
+    return native_scan.ChunkMasks(
+        filled=store.filled[start:end] if filled < end - start else None,
+        row_ids=None if excl is None else excl[0][start:end],
+        excl_sorted=None if excl is None else excl[1], excl_query=None if excl is None else excl[2])
+
+
+def _fused_chunk_rows(store: ShardStore, chunk_rows: int) -> int:
+    """Rows per call of a fused kernel: fp32 rows are scanned where they lie (no buffer to bound: one call),
+    other codecs are decoded ``chunk_rows`` at a time."""
+    return store.rows if store.codec.storage_dtype == torch.float32 else chunk_rows
+
+
 def _sample_native(
     store: ShardStore,
     layout: ShardLayout,
@@ -352,28 +366,25 @@ def _sample_native(
     b, bs = draws.best_key.shape[0], layout.block_size
     lse_all = torch.full((b, layout.blocks_per_rank), _NEG_INF)
     win_scores, win_lse = _deferred_buffers(draws, bs)
+    state = native_scan.Stage1(draws.keys, draws.best_key, draws.best_row, win_scores, win_lse)
     excl = _native_exclusions(store, exclude_key, exclude_ids)
     fused = score_fn.fn is None
-    packed = native_scan.pack_queries(q) if fused else None
-    buf = None if fused else torch.empty(b * min(chunk_rows, store.rows))
-    if fused and store.codec.storage_dtype == torch.float32:
-        chunk_rows = store.rows  # fp32 rows are scanned where they lie: no buffer to bound, one call
+    if fused:
+        packed, chunk_rows = native_scan.pack_queries(q), _fused_chunk_rows(store, chunk_rows)
+    else:
+        buf = torch.empty(b * min(chunk_rows, store.rows))
     for start, end, filled in _chunks(store, chunk_rows):
-        args = dict(
-            filled=store.filled[start:end] if filled < end - start else None,
-            row_ids=None if excl is None else excl[0][start:end],
-            excl_sorted=None if excl is None else excl[1], excl_query=None if excl is None else excl[2],
-            keys=draws.keys, first_block=draws.first_block + start // bs, best_key=draws.best_key,
-            best_row=draws.best_row, row0=start, win_scores=win_scores, win_lse=win_lse,
-        )
+        masks = _native_masks(store, excl, start, end, filled)
+        where = dict(first_block=draws.first_block + start // bs, row0=start)
+        lse_out = lse_all[:, start // bs : end // bs]
         if fused:
             rows = store.decode(start, end)
             with record_function(KERNEL_RANGE):  # a trace shows the kernel apart from the decode
-                native_scan.fused_scan(packed, b, rows, bs, lse_all[:, start // bs : end // bs], **args)
+                native_scan.fused_scan(packed, b, rows, bs, lse_out, masks, state, **where)
         else:
             scores = _chunk_scores(store, q, score_fn, start, end, buf)
             with record_function(KERNEL_RANGE):  # a trace shows the kernel apart from the product
-                native_scan.scan_chunk(scores, bs, lse_all[:, start // bs : end // bs], **args)
+                native_scan.scan_chunk(scores, bs, lse_out, masks, state, **where)
     native_scan.pick(win_scores, win_lse, draws.u.view(-1), draws.best_key.view(-1), draws.best_row.view(-1),
                      layout.row_offset)  # global rows, -1 where nothing was found: the partials as they are
     return LocalPartials(lse=native_scan.row_lse(lse_all), win_key=draws.best_key, win_row=draws.best_row)
@@ -462,15 +473,10 @@ def _topk_native(store: ShardStore, layout: ShardLayout, q: torch.Tensor, best_v
     """Top-k mode in the fused kernel: each query's running top-k as a heap per lane, a row entering only when
     above the k-th value (rare after the first rows); sorted once at the end. fp32 rows in one call."""
     packed, excl = native_scan.pack_queries(q), _native_exclusions(store, exclude_key, exclude_ids)
-    if store.codec.storage_dtype == torch.float32:
-        chunk_rows = store.rows
-    for start, end, filled in _chunks(store, chunk_rows):
+    for start, end, filled in _chunks(store, _fused_chunk_rows(store, chunk_rows)):
+        masks = _native_masks(store, excl, start, end, filled)
         with record_function(KERNEL_RANGE):
-            native_scan.fused_topk(
-                packed, q.shape[0], store.decode(start, end), TOPK_TILE_ROWS, best_val, best_row,
-                filled=store.filled[start:end] if filled < end - start else None,
-                row_ids=None if excl is None else excl[0][start:end],
-                excl_sorted=None if excl is None else excl[1], excl_query=None if excl is None else excl[2],
-                row0=layout.row_offset + start)
+            native_scan.fused_topk(packed, q.shape[0], store.decode(start, end), TOPK_TILE_ROWS, best_val, best_row,
+                                   masks, row0=layout.row_offset + start)
     best_val, order = best_val.sort(dim=1, descending=True)
     return LocalPartials(topk_val=best_val, topk_row=best_row.gather(1, order))

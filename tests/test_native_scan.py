@@ -6,6 +6,7 @@ ragged block sizes, batch 1, NaN/Inf propagation, the thread count, the build ca
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -60,28 +61,42 @@ def test_gumbel_matches_keyed_random_including_the_extreme_hash_levels():
     torch.testing.assert_close(got, want, rtol=0, atol=GUMBEL_ABS)
 
 
+@contextlib.contextmanager
+def _threads(n: int | None):
+    """torch's (and so the kernel's) thread count set to ``n`` (None: unchanged) inside the block."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n or old)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _masks(filled=None, row_ids=None, excl=None) -> native_scan.ChunkMasks:
+    """The kernel's masks from empty rows ``filled``, row doc ids and each query's own id ``excl``."""
+    ids = None if excl is None else torch.sort(excl)
+    return native_scan.ChunkMasks(filled, row_ids, None if ids is None else ids[0].contiguous(),
+                                  None if ids is None else ids[1].contiguous())
+
+
+def _state(b, bs, keys=None, best=None) -> native_scan.Stage1:
+    """Stage-1 state for b queries: ``best`` (key, row) of earlier chunks or none yet; copy buffers of 7.0."""
+    m = 0 if keys is None else keys.shape[1]
+    return native_scan.Stage1(torch.empty(b, 0, dtype=torch.int64) if keys is None else keys,
+                              best[0].clone() if best else torch.full((b, m), NEG_INF),
+                              best[1].clone() if best else torch.full((b, m), -1, dtype=torch.int64),
+                              torch.full((b * m, bs), 7.0), torch.full((b * m,), 7.0))
+
+
 def _scan(scores, bs, *, keys=None, filled=None, row_ids=None, excl=None, best=None, threads=None):
     """One scan_chunk call on a copy of ``scores``; returns (masked scores, lse, best_key, best_row,
     win_scores, win_lse, changed)."""
     s = scores.clone()
     b, n = s.shape
-    m = 0 if keys is None else keys.shape[1]
-    lse = torch.full((b, n // bs), 123.0)
-    best_key = best[0].clone() if best else torch.full((b, m), NEG_INF)
-    best_row = best[1].clone() if best else torch.full((b, m), -1, dtype=torch.int64)
-    win_scores, win_lse = torch.full((b * m, bs), 7.0), torch.full((b * m,), 7.0)
-    ids = None if excl is None else torch.sort(excl)
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads or old)
-    try:
-        changed = native_scan.scan_chunk(
-            s, bs, lse, filled=filled, row_ids=row_ids, excl_sorted=None if ids is None else ids[0].contiguous(),
-            excl_query=None if ids is None else ids[1].contiguous(),
-            keys=torch.empty(b, 0, dtype=torch.int64) if keys is None else keys, first_block=40,
-            best_key=best_key, best_row=best_row, row0=1000, win_scores=win_scores, win_lse=win_lse)
-    finally:
-        torch.set_num_threads(old)
-    return s, lse, best_key, best_row, win_scores, win_lse, changed
+    lse, state = torch.full((b, n // bs), 123.0), _state(b, bs, keys, best)
+    with _threads(threads):
+        changed = native_scan.scan_chunk(s, bs, lse, _masks(filled, row_ids, excl), state, first_block=40, row0=1000)
+    return s, lse, state.best_key, state.best_row, state.win_scores, state.win_lse, changed
 
 
 @pytest.mark.parametrize("bs", [1, 4, 16, 17, 48, 256])
@@ -336,23 +351,11 @@ def _fused(q, rows, bs, *, keys=None, filled=None, row_ids=None, excl=None, best
     """One fused_scan call of queries ``q`` [b, d] against ``rows`` [n, d]; returns (lse, best_key, best_row,
     win_scores, win_lse, improvements)."""
     b, n = q.shape[0], rows.shape[0]
-    m = 0 if keys is None else keys.shape[1]
-    lse = torch.full((b, n // bs), 123.0)
-    best_key = best[0].clone() if best else torch.full((b, m), NEG_INF)
-    best_row = best[1].clone() if best else torch.full((b, m), -1, dtype=torch.int64)
-    win_scores, win_lse = torch.full((b * m, bs), 7.0), torch.full((b * m,), 7.0)
-    ids = None if excl is None else torch.sort(excl)
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads or old)
-    try:
-        improved = native_scan.fused_scan(
-            native_scan.pack_queries(q), b, rows, bs, lse, filled=filled, row_ids=row_ids,
-            excl_sorted=None if ids is None else ids[0].contiguous(), excl_query=None if ids is None else ids[1].contiguous(),
-            keys=torch.empty(b, 0, dtype=torch.int64) if keys is None else keys, first_block=first_block,
-            best_key=best_key, best_row=best_row, row0=1000, win_scores=win_scores, win_lse=win_lse)
-    finally:
-        torch.set_num_threads(old)
-    return lse, best_key, best_row, win_scores, win_lse, improved
+    lse, state = torch.full((b, n // bs), 123.0), _state(b, bs, keys, best)
+    with _threads(threads):
+        improved = native_scan.fused_scan(native_scan.pack_queries(q), b, rows, bs, lse, _masks(filled, row_ids, excl),
+                                          state, first_block=first_block, row0=1000)
+    return lse, state.best_key, state.best_row, state.win_scores, state.win_lse, improved
 
 
 def _product_bound(q, rows):
@@ -477,15 +480,9 @@ def _fused_topk(q, rows, k, *, tile=192, filled=None, row_ids=None, excl=None, t
     b = q.shape[0]
     val = best[0].clone() if best else torch.full((b, k), NEG_INF)
     row = best[1].clone() if best else torch.full((b, k), -1, dtype=torch.int64)
-    ids = None if excl is None else torch.sort(excl)
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads or old)
-    try:
-        native_scan.fused_topk(native_scan.pack_queries(q), b, rows, tile, val, row, filled=filled, row_ids=row_ids,
-                               excl_sorted=None if ids is None else ids[0].contiguous(),
-                               excl_query=None if ids is None else ids[1].contiguous(), row0=1000)
-    finally:
-        torch.set_num_threads(old)
+    with _threads(threads):
+        native_scan.fused_topk(native_scan.pack_queries(q), b, rows, tile, val, row, _masks(filled, row_ids, excl),
+                               row0=1000)
     val, order = val.sort(dim=1, descending=True)
     return val, row.gather(1, order)
 
