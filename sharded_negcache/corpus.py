@@ -36,20 +36,23 @@ class CorpusIndex:
         order = torch.argsort(ids)
         return cls(ids[order].contiguous(), rows[order], keys[order])
 
+    def to(self, device: torch.device) -> "CorpusIndex":
+        return CorpusIndex(self.ids.to(device), self.rows.to(device), self.keys.to(device))
+
     def __len__(self) -> int:
         return self.ids.numel()
 
     def lookup(self, doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(global rows, exclusion keys, found) of ``doc_ids`` [B]; rows and keys are 0 where not found."""
-        doc_ids = doc_ids.reshape(-1).to(torch.int64)
-        ids = self.ids.to(doc_ids.device)
+        doc_ids = doc_ids.reshape(-1).to(self.ids.device, torch.int64)
+        ids = self.ids
         if ids.numel() == 0:
             zero = torch.zeros_like(doc_ids)
             return zero, zero, torch.zeros_like(doc_ids, dtype=torch.bool)
         pos = torch.searchsorted(ids, doc_ids).clamp_(max=ids.numel() - 1)
         found = ids[pos] == doc_ids
-        rows = torch.where(found, self.rows.to(doc_ids.device)[pos], 0)
-        keys = torch.where(found, self.keys.to(doc_ids.device)[pos], 0)
+        rows = torch.where(found, self.rows[pos], 0)
+        keys = torch.where(found, self.keys[pos], 0)
         return rows, keys, found
 
 

@@ -546,6 +546,8 @@ class ShardedCacheLossHandler(nn.Module):
             s = self.store
             check_capacity(s.rows, s.dim, s.feature_specs, s.codec, query_embeddings.device, s.host_keys)
             self.to(query_embeddings.device)
+            if self._corpus is not None:
+                self._corpus = self._corpus.to(self.device)
         self._device_fixed = True
 
     def _agree_on_inputs(

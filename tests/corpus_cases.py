@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from engine_cases import DIM, FEAT, Tower, make_handler
+from two_level_cases import _expect
 
 N_DOCS, ID_BASE = 22, 1000
 
@@ -62,14 +63,6 @@ def positives_of(rank: int) -> tuple[list[int], torch.Tensor]:
     """The corpus positions and the (recognisable) positive embeddings rank ``rank`` steps with."""
     which = [(5 * rank + 1) % N_DOCS, (5 * rank + 3) % N_DOCS]
     return which, torch.randn(2, DIM, generator=torch.Generator().manual_seed(100 + rank))
-
-
-def _expect(fn, exc_type) -> str:
-    try:
-        fn()
-    except exc_type as exc:
-        return str(exc)
-    return "no error"
 
 
 def extra_inputs(rank: int) -> dict:
