@@ -1,7 +1,7 @@
 """Corpus mode: the cache's rows are the documents of a corpus, addressed by document id.
 
 ``CorpusIndex`` maps a document id to its global row and its exclusion key; it is replicated on every
-rank of a shard group (16 bytes per document: 16 MB for a million). ``place`` decides where prefill
+rank of a shard group (24 bytes per document: 24 MB for a million). ``place`` decides where prefill
 puts each document, ``owned_batches`` yields the documents a rank encodes, and ``content_keys`` hashes
 what the tower reads, so that exact duplicates share an exclusion key (design §12).
 No collectives here: the handler gathers what the index is rebuilt from.
