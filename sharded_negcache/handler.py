@@ -368,8 +368,11 @@ class ShardedCacheLossHandler(nn.Module):
         self.comm.step = step
         settings = {**self.config(), "step": step, "writes": write, "returns_refreshes": return_refreshes}
         corpus = self._corpus_index() if self.cache_mode == "corpus" else None
-        if extra_negatives is not None:
-            settings["extra_negatives"] = extra_negatives.shape[1] if extra_negatives.dim() == 3 else -1
+        if extra_negatives is not None:  # n must match on every rank (the in-batch gather sizes by it)
+            shaped = isinstance(extra_negatives, torch.Tensor) and extra_negatives.dim() == 3
+            settings["extra_negatives"] = extra_negatives.shape[1] if shaped else -1
+        else:
+            settings["extra_negatives"] = None
         with _stage("agree"):
             sizes, features, positive_ok = self._agree_on_inputs(
                 query_embeddings, document_embeddings, document_data, settings,

@@ -327,3 +327,14 @@ def test_a_nan_in_the_refresh_budget_raises_before_any_write():
     with pytest.raises(NonFiniteRows, match="cache unchanged"):
         h.update_cache_and_compute_loss(nan_without_grad, torch.randn(1, DIM), tower(data), data)
     assert same_rows(before, snapshot(h)) and h.steps_done == steps
+
+
+def test_extra_negatives_of_the_wrong_kind_are_rejected_by_name():
+    h = make_handler(16, score_transform=SCALE)
+    q, pos, data = torch.randn(2, DIM), torch.randn(2, DIM), {"x": torch.randn(2, FEAT)}
+    for bad, match in [([1, 2], "extra_negatives must be a floating tensor"),
+                       (torch.full((2, 1, DIM), float("nan")), "extra_negatives contain NaN or Inf"),
+                       (torch.zeros(2, 1, DIM, dtype=torch.int64), "extra_negatives must be a floating tensor")]:
+        with pytest.raises(BatchRejected, match=match):
+            h.update_cache_and_compute_loss(Tower(), q, pos, data, extra_negatives=bad)
+    assert h.steps_done == 0
