@@ -338,3 +338,14 @@ def test_extra_negatives_of_the_wrong_kind_are_rejected_by_name():
         with pytest.raises(BatchRejected, match=match):
             h.update_cache_and_compute_loss(Tower(), q, pos, data, extra_negatives=bad)
     assert h.steps_done == 0
+
+
+def test_content_keys_group_exact_duplicates_only():
+    from sharded_negcache.corpus import content_keys
+    from sharded_negcache.jagged import Jagged
+
+    toks = [[1, 2], [1, 2, 0], [1, 2], [5], [1, 2, 0], [1, 2]]  # [1, 2] and [1, 2, 0] pad alike; lengths differ
+    x = torch.tensor([[0.5], [0.5], [0.5], [0.5], [0.5], [-0.5]])  # the last [1, 2] differs in another field
+    tok = Jagged(torch.tensor([len(t) for t in toks]), torch.tensor([v for t in toks for v in t]))
+    ids = torch.tensor([30, 31, 12, 40, 9, 7])
+    assert content_keys({"tok": tok, "x": x}, ids).tolist() == [12, 9, 12, 40, 9, 7]
