@@ -18,7 +18,8 @@ from .jagged import Jagged, JaggedFieldSpec, to_jagged
 from .keyed_random import _M32, _mix
 from .specs import AnySpec
 
-__all__ = ["CORPUS_KEY", "CorpusIndex", "place", "corpus_columns", "row_batches", "content_keys", "ids_checksum", "select_rows"]
+__all__ = ["CORPUS_KEY", "CorpusIndex", "place", "corpus_columns", "row_batches", "content_keys", "ids_checksum",
+           "select_rows"]
 
 # The store column holding each row's exclusion key (the doc id, or the duplicate group's key).
 CORPUS_KEY = "corpus_key"

@@ -496,9 +496,9 @@ class ShardedCacheLossHandler(nn.Module):
                     result.pending_refresh = (slots, rows[first_row])
         if write and corpus is not None:
             with _stage("insert"):
-                result.refreshed_rows = torch.unique(torch.cat([
-                    result.refreshed_rows, self._refresh_corpus_rows(corpus, document_data, document_embeddings,
-                                                                     positive_ok, budget_slots, budget_rows, budget_ok)]))
+                rewritten = self._refresh_corpus_rows(corpus, document_data, document_embeddings, positive_ok,
+                                                      budget_slots, budget_rows, budget_ok)
+                result.refreshed_rows = torch.unique(torch.cat([result.refreshed_rows, rewritten]))
                 self.store.tick()
             self._advance_step()
         elif write:

@@ -333,7 +333,7 @@ class ShardStore(nn.Module):
 
     @torch.no_grad()
     def write(self, slots: torch.Tensor, embeddings: torch.Tensor, features: Mapping[str, Any], age: int) -> None:
-        """Writes whole rows (embedding, every feature field) at distinct ``slots``, marks them filled, sets their age."""
+        """Writes whole rows (embedding, every feature field) at distinct ``slots``, filled, with age ``age``."""
         self.embeddings.index_copy_(0, slots, self.codec.encode(embeddings))
         for key, spec in self.feature_specs.items():
             f, where = self.feature(key), self._on(key, slots)
