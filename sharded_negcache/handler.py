@@ -329,17 +329,18 @@ class ShardedCacheLossHandler(nn.Module):
         self.comm.step = step
         settings = {**self.config(), "step": step, "writes": write, "returns_refreshes": return_refreshes}
         with _stage("agree"):
-            sizes, features, positive_ok = self._agree_on_inputs(query_embeddings, document_embeddings, document_data,
-                                                                 settings)
+            sizes, features, positive_ok, to_gather, payload = self._agree_on_inputs(
+                query_embeddings, document_embeddings, document_data, settings)
         rank, m = self.comm.rank, self.num_negatives
         own, first = sizes[rank], sum(sizes[:rank])
         query_pos = torch.arange(first, first + own, device=self.device)
 
         with torch.no_grad(), _engine_precision(self.device):
-            # 1. gather every rank's queries (and their positives' ids).
+            # 1. gather every rank's queries (and their positives' ids): in the flat layout they came with the
+            #    agreement's all-gather, padded to the largest batch seen.
             with _stage("gather"):
-                queries = self.comm.gather_rows(query_embeddings.detach().float(), sizes)
-                exclude = self._gather_positive_ids(document_data, sizes)
+                queries, *ids = self.comm.gather_agreed(to_gather, sizes, payload)
+                exclude = ids[0] if ids else None
             # 2. score them against the local rows, chunk by chunk.
             with _stage("score"):
                 partials = score_shard(
@@ -361,8 +362,10 @@ class ShardedCacheLossHandler(nn.Module):
             sampled = home.rows >= 0
             unique_rows, which = torch.unique(home.rows[sampled], return_inverse=True)
             owners = self.layout.owner_of(unique_rows)
+            capacity = [min(s * m, self.layout.rows_per_rank) for s in sizes]  # distinct rows one rank can ask for
             packed, jagged, route = self.comm.fetch_rows(
-                owners, unique_rows - owners * self.layout.rows_per_rank, self.store.pack, self.store.jagged_lengths
+                owners, unique_rows - owners * self.layout.rows_per_rank, self.store.pack, self.store.jagged_lengths,
+                capacity,
             )
             fetched = self.store.unpack(packed, jagged)
         with _stage("reencode"):
@@ -464,12 +467,14 @@ class ShardedCacheLossHandler(nn.Module):
         document_embeddings: torch.Tensor,
         document_data: Mapping[str, torch.Tensor],
         settings: Mapping[str, Any],
-    ) -> tuple[list[int], dict[str, Any], torch.Tensor | None]:
+    ) -> tuple[list[int], dict[str, Any], torch.Tensor | None, list[torch.Tensor], torch.Tensor | None]:
         """Validates locally, then one all-gather makes every rank raise together or go on; ``settings``
         (the configuration, the step and the mode) must be the same on every rank.
 
-        Returns the batch sizes of all ranks, this batch's features (jagged fields normalised) and which
-        positives the codec can store (finite and representable: the rows the step inserts).
+        Returns the batch sizes of this shard group's ranks, this batch's features (jagged fields normalised),
+        which positives the codec can store (finite and representable: the rows the step inserts), and what
+        ``Comm.gather_agreed`` needs to gather the queries and positives' ids (the rows, and the agreement's
+        payload when it carried them).
         """
         problem, features = self.schema.check_batch(
             query_embeddings, document_embeddings, document_data, self.device, self.layout.rows_per_rank
@@ -499,11 +504,12 @@ class ShardedCacheLossHandler(nn.Module):
                              f"(finite, but the stored row would be Inf/NaN; its error bound: {codec.error_bound})")
             return "; ".join(p for p in parts if p)
 
-        table = self.comm.agree(status, describe)
+        to_gather = self._rows_to_gather(query_embeddings, document_data, batch if problem is None else 0)
+        table, payload = self.comm.agree(status, describe, to_gather)
         if len(set(table[:, 2].tolist())) > 1:
             self._raise_config_mismatch(settings)
         self._global_batch = int(table[:, 1].sum())  # every group's batch: the denominator of global_mean
-        return table[self.comm.members, 1].tolist(), features, positive_ok
+        return table[self.comm.members, 1].tolist(), features, positive_ok, to_gather, payload
 
     def _raise_config_mismatch(self, settings: Mapping[str, Any]) -> None:
         configs = self.comm.all_gather_object(dict(settings))
@@ -514,12 +520,16 @@ class ShardedCacheLossHandler(nn.Module):
         ]
         raise BatchRejected("ranks disagree on the cache configuration, cache unchanged; " + "; ".join(diffs))
 
-    def _gather_positive_ids(self, document_data: Mapping[str, torch.Tensor], sizes: list[int]) -> torch.Tensor | None:
+    def _rows_to_gather(self, query_embeddings: torch.Tensor, document_data: Mapping[str, torch.Tensor],
+                        batch: int) -> list[torch.Tensor]:
+        """The fp32 queries and (with a doc_id_key) the positives' ids; zero rows of the same widths when the
+        batch was rejected, so the agreement's buffers still match across ranks."""
         key = self.schema.doc_id_key
-        if key is None:
-            return None
-        own = document_data[key].reshape(-1).to(self.store.feature(key).dtype)
-        return self.comm.gather_rows(own, sizes)
+        if batch == 0:
+            rows = [torch.zeros(0, self.schema.dim, device=self.device)]
+            return rows + ([torch.zeros(0, dtype=self.store.feature(key).dtype, device=self.device)] if key else [])
+        rows = [query_embeddings.detach().float()]
+        return rows + ([document_data[key].reshape(-1).to(self.store.feature(key).dtype)] if key else [])
 
     def _scoring_backend(self) -> str:
         """The scan's backend, resolved on the first step on a device (known then); logged once per device."""
