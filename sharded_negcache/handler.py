@@ -258,7 +258,7 @@ class ShardedCacheLossHandler(nn.Module):
         """The whole cache in global row order, on every rank (see :meth:`ShardStore.export_rows`)."""
         local = self.store.export_rows()
         sizes = [self.layout.rows_per_rank] * self.comm.world_size
-        return {k: self.comm.gather_rows(v, sizes) for k, v in local.items()}
+        return {k: self.comm.gather_rows(v, sizes, tag="gather_cache") for k, v in local.items()}
 
     def load_global_rows(self, rows: Mapping[str, torch.Tensor]) -> None:
         """Sets this rank's shard from whole-cache tensors in global row order (each rank takes its slice)."""
