@@ -20,7 +20,7 @@ from torch.profiler import record_function
 from . import metrics
 from .codecs import EmbeddingCodec, finite_rows, make_codec
 from .combine import merge_partials, pack_partials
-from .exchange import DEFAULT_TIMEOUT_S, BatchRejected, CollectiveFailed, Comm
+from .exchange import DEFAULT_TIMEOUT_S, BatchRejected, CollectiveFailed, Comm, RowRoute
 from .groups import ShardGroups
 from .jagged import Jagged, JaggedColumn
 from .layout import ShardLayout
@@ -362,12 +362,14 @@ class ShardedCacheLossHandler(nn.Module):
             sampled = home.rows >= 0
             unique_rows, which = torch.unique(home.rows[sampled], return_inverse=True)
             owners = self.layout.owner_of(unique_rows)
-            capacity = [min(s * m, self.layout.rows_per_rank) for s in sizes]  # distinct rows one rank can ask for
-            packed, jagged, route = self.comm.fetch_rows(
-                owners, unique_rows - owners * self.layout.rows_per_rank, self.store.pack, self.store.jagged_lengths,
-                capacity,
-            )
-            fetched = self.store.unpack(packed, jagged)
+            slots = unique_rows - owners * self.layout.rows_per_rank
+            if self.comm.active:
+                capacity = [min(s * m, self.layout.rows_per_rank) for s in sizes]  # distinct rows a rank can ask for
+                packed, jagged, route = self.comm.fetch_rows(owners, slots, self.store.pack, self.store.jagged_lengths,
+                                                             capacity)
+                fetched = self.store.unpack(packed, jagged)
+            else:  # one process: the rows are read where they lie, nothing is packed for a transfer
+                fetched, route = self.store.read(slots), RowRoute([slots.numel()], [slots.numel()], slots)
         with _stage("reencode"):
             fresh, failure = self._reencode(document_network, fetched, query_embeddings)
         # 5. the losses (rows the tower made non-finite are left out; optionally in-batch negatives).
