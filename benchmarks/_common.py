@@ -611,10 +611,9 @@ def protocol_bytes(world: int, batch: int, draws: int, dim: int, row_bytes: int,
     srv = expect if rows_served is None else rows_served
     return {
         "agree": 3 * 8 * w1,
-        "gather_queries": batch * dim * query_bytes * w1,
+        "gather_queries": batch * dim * query_bytes * w1,  # inside the agreement's all-gather (flat layout)
         "partials": batch * w1 * (1 + 2 * draws) * 8,
-        "row_counts": 8 * w1,
-        "row_ids": req * 8,
+        "row_ids": batch * draws * 8 * w1,  # requests padded to this rank's draw capacity, to every other rank
         "row_fetch": srv * row_bytes,
         "write_back": req * dim * 4,
         "stats": 9 * 8,  # the statistics all-reduce: nine float64 sums

@@ -554,7 +554,7 @@ def main(argv: list[str] | None = None) -> dict:
     if len(sweep) >= 2:
         b = [r["bytes_per_rank_per_step"] for r in sweep]
         checks["sharded_bytes_spread_over_cache_sizes"] = max(b) / min(b)
-        fixed = ("agree", "gather_queries", "partials", "row_counts", "stats")
+        fixed = ("agree", "gather_queries", "partials", "row_ids", "stats")
         checks["sharded_cache_free_parts_identical"] = all(
             len({round(r["comm_tags_per_rank"].get(t, 0.0), 3) for r in sweep}) == 1 for t in fixed)
         checks["sharded_bytes_cache_span"] = sweep[-1]["cache_rows"] / sweep[0]["cache_rows"]

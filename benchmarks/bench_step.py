@@ -309,7 +309,7 @@ def bytes_child(rank: int, world: int, sizes: list[int], cfg: dict) -> list[dict
     return out
 
 
-FIXED_TAGS = ("agree", "gather_queries", "partials", "row_counts", "stats")
+FIXED_TAGS = ("agree", "gather_queries", "partials", "row_ids", "stats")
 
 
 def bytes_independent(by: dict, tolerance: float = 1.15) -> dict:

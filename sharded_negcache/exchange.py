@@ -11,10 +11,11 @@ it, so a rejected batch or a non-finite row on any rank raises on every rank of 
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, NoReturn
+from typing import Callable, NoReturn, Sequence
 
 import torch
 import torch.distributed as dist
@@ -76,13 +77,16 @@ class Comm:
         else:
             self.outer_size, self.outer_rank, self.members = self.world_size, self.rank, list(range(self.world_size))
         self.bytes_sent: dict[str, int] = defaultdict(int)
+        self.calls: dict[str, int] = defaultdict(int)  # collectives launched, by name (read by the benchmarks)
         if not timeout_s > 0:
             raise ValueError(f"collective_timeout_s must be positive, got {timeout_s!r}")
         self.timeout_s = float(timeout_s)
         self.step = 0  # set by the handler, for error messages
+        self.gather_capacity = 0  # rows per rank that the agreement all-gather carries (see agree)
 
     def _run(self, name: str, launch: Callable[[], "dist.Work"]) -> None:
         """Launches an async collective and waits at most ``timeout_s``; failures name the step and collective."""
+        self.calls[name] += 1
         try:
             work = launch()
             work.wait(timedelta(seconds=self.timeout_s))
@@ -101,30 +105,74 @@ class Comm:
 
     def reset_counters(self) -> None:
         self.bytes_sent.clear()
+        self.calls.clear()
 
     # ---- agreement -------------------------------------------------------------------------
     def agree(
         self,
         status: torch.Tensor,
         describe: Callable[[int], str | None],
-    ) -> torch.Tensor:
-        """All-gathers an int64 ``status`` row [code, *stats] over the outer group; raises on every rank if any code != 0.
+        rows: Sequence[torch.Tensor] = (),
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """All-gathers an int64 ``status`` row [code, batch, *stats] over the outer group; raises on every rank
+        if any code != 0. ``describe(code)`` turns this rank's code into its message.
 
-        ``describe(code)`` turns this rank's code into its message. Returns [outer_size, len(status)]
-        on host (``table[comm.members]`` are the rows of this rank's shard group).
+        ``rows``: tensors with ``status[1]`` rows each (the queries, the positives' ids) that
+        :meth:`gather_agreed` will gather over the shard group; in the flat layout they ride in this same
+        all-gather when every batch fits the padded capacity (:meth:`_agree_with_rows`). Returns the status
+        table [outer_size, len(status)] on host (``table[comm.members]`` are the rows of this rank's shard
+        group) and the gathered rows as bytes, or None when :meth:`gather_agreed` must gather them itself.
         """
-        if self.outer_size > 1:
+        if self.outer_size > 1 and not self.two_level and rows:
+            table, payload = self._agree_with_rows(status, rows)
+        elif self.outer_size > 1:
             out = torch.empty(self.outer_size, status.numel(), dtype=status.dtype, device=status.device)
             self._run("agree", lambda: _all_gather_concat(out, status.unsqueeze(0), group=self.outer_group, async_op=True))
             self.bytes_sent["agree"] += _nbytes(status) * (self.outer_size - 1)
+            table, payload = out.cpu(), None
         else:
-            out = status.unsqueeze(0)
-        table = out.cpu()
+            table, payload = status.unsqueeze(0).cpu(), None
         codes = table[:, 0].tolist()
         if any(codes):
             mine = describe(codes[self.outer_rank]) if codes[self.outer_rank] else None
             self.raise_together(mine, BatchRejected, "batch rejected, cache unchanged; ")
-        return table
+        return table, payload
+
+    def gather_agreed(self, rows: Sequence[torch.Tensor], sizes: list[int], payload: torch.Tensor | None) -> list[torch.Tensor]:
+        """Each of ``rows`` concatenated over the shard group in rank order (``sizes``: the agreed batch sizes),
+        from the agreement's ``payload`` when it carried them, else with one all-gather of all of them.
+
+        Called only once the ranks agreed on the configuration (the rows' widths follow from it): the padded
+        capacity grows here, identically on every rank, to the largest batch gathered so far.
+        """
+        if not self.active:
+            return list(rows)
+        if payload is None:
+            packed = self.gather_rows(_rows_as_bytes(rows, sizes[self.rank]), sizes)
+            self.gather_capacity = max(self.gather_capacity, max(sizes))
+        else:
+            packed = torch.cat([payload[r, : sizes[r]] for r in range(self.world_size)])
+        return _rows_from_bytes(packed, rows)
+
+    def _agree_with_rows(self, status: torch.Tensor, rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Flat layout: the status row and this rank's rows (as bytes, padded to ``gather_capacity``) in one
+        all-gather. The capacity is the largest batch seen so far, the same on every rank (it changes only from
+        gathered sizes), so the buffers match; a batch above it is gathered again at its size, once."""
+        cap, own = self.gather_capacity, rows[0].shape[0]
+        row_bytes = sum(_row_nbytes(t) for t in rows)
+        buf = torch.zeros(8 * status.numel() + cap * row_bytes, dtype=torch.uint8, device=status.device)
+        buf[: 8 * status.numel()] = status.view(torch.uint8)
+        if 0 < own <= cap:
+            buf[8 * status.numel(): 8 * status.numel() + own * row_bytes] = _rows_as_bytes(rows, own).reshape(-1)
+        out = torch.empty(self.outer_size * buf.numel(), dtype=torch.uint8, device=buf.device)
+        self._run("agree", lambda: _all_gather_concat(out, buf, group=self.outer_group, async_op=True))
+        self.bytes_sent["agree"] += 8 * status.numel() * (self.outer_size - 1)
+        self.bytes_sent["gather_queries"] += cap * row_bytes * (self.outer_size - 1)
+        out = out.view(self.outer_size, buf.numel())
+        table = out[:, : 8 * status.numel()].contiguous().view(torch.int64).cpu()
+        if max(table[:, 1].tolist()) > cap or table[:, 0].any():
+            return table, None
+        return table, out[:, 8 * status.numel():].view(self.outer_size, cap, row_bytes)
 
     def raise_together(
         self, mine: str | None, error: type[Exception], header: str, footer: str = "",
@@ -188,6 +236,7 @@ class Comm:
 
     # ---- rows ------------------------------------------------------------------------------
     def exchange_counts(self, send_counts: list[int], device: torch.device) -> list[int]:
+        """How many rows each rank will send this one, given how many this one sends each (an all-to-all)."""
         if not self.active:
             return list(send_counts)
         send = torch.tensor(send_counts, dtype=torch.int64, device=device)
@@ -202,23 +251,35 @@ class Comm:
         local_slots: torch.Tensor,
         pack: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]],
         jagged_lengths: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+        capacity: Sequence[int],
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], RowRoute]:
         """Asks each row's owner for it. ``owners`` must be sorted ascending (rows grouped by owner).
 
-        Returns the packed fixed-size rows in the order requested, the values of each jagged field
-        (one more all-to-all per field, sized from the lengths inside the packed rows), and the
-        route for :meth:`write_back`.
+        ``capacity[r]``: the most rows rank r can ask one owner for (its draws, bounded by the shard), the same
+        on every rank. Requests travel padded to it (-1), so an owner knows what it receives without a count
+        exchange. Returns the packed fixed-size rows in the order requested, the values of each jagged field
+        (one more all-to-all per field, sized from the lengths inside the packed rows), and the route for
+        :meth:`write_back`.
         """
         send_counts = torch.bincount(owners, minlength=self.world_size).tolist()
-        recv_counts = self.exchange_counts(send_counts, local_slots.device)
-        served = self.all_to_all(local_slots, send_counts, recv_counts, "row_ids")
+        if not self.active:
+            served, recv_counts = local_slots, list(send_counts)
+        else:
+            cap = capacity[self.rank]
+            starts = torch.tensor([0] + send_counts[:-1], device=owners.device).cumsum(0)
+            requests = torch.full((self.world_size, cap), -1, dtype=local_slots.dtype, device=local_slots.device)
+            requests[owners, torch.arange(owners.numel(), device=owners.device) - starts[owners]] = local_slots
+            got = self.all_to_all(requests.view(-1), [cap] * self.world_size, list(capacity), "row_ids")
+            valid = got >= 0
+            recv_counts = _segment_sums(valid.long(), list(capacity))
+            served = got[valid]
         fixed, var = pack(served)
         rows = self.all_to_all(fixed, recv_counts, send_counts, "row_fetch")
         if var:
-            sent, got = jagged_lengths(fixed), jagged_lengths(rows)
+            sent, got_lengths = jagged_lengths(fixed), jagged_lengths(rows)
             for key in var:
                 out_sizes = _segment_sums(sent[key], recv_counts)
-                in_sizes = _segment_sums(got[key], send_counts)
+                in_sizes = _segment_sums(got_lengths[key], send_counts)
                 var[key] = self.all_to_all(var[key], out_sizes, in_sizes, "row_fetch_jagged")
         return rows, var, RowRoute(send_counts, recv_counts, served)
 
@@ -272,3 +333,31 @@ class _GatherRowsWithGrad(torch.autograd.Function):
         comm.bytes_sent["gather_grad"] += _nbytes(grad)
         start = sum(sizes[: comm.rank])
         return grad[start : start + sizes[comm.rank]], None, None
+
+
+def _row_nbytes(t: torch.Tensor) -> int:
+    """Bytes of one row of ``t`` (its first dimension indexes rows)."""
+    return math.prod(t.shape[1:]) * t.element_size()
+
+
+def _rows_as_bytes(rows: Sequence[torch.Tensor], count: int) -> torch.Tensor:
+    """[count, row bytes] uint8: the rows of every tensor side by side (zeros where a tensor has no rows,
+    e.g. a rejected batch)."""
+    parts = []
+    for t in rows:
+        if t.shape[0] == count:
+            parts.append(t.contiguous().view(torch.uint8).reshape(count, _row_nbytes(t)))
+        else:
+            parts.append(torch.zeros(count, _row_nbytes(t), dtype=torch.uint8, device=t.device))
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+def _rows_from_bytes(packed: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Inverse of :func:`_rows_as_bytes` for gathered rows: one tensor per ``like`` (its dtype and row shape)."""
+    out, at = [], 0
+    for t in like:
+        width = _row_nbytes(t)
+        cols = packed[:, at: at + width].clone(memory_format=torch.contiguous_format)  # aligned for .view
+        out.append(cols.view(t.dtype).reshape(packed.shape[0], *t.shape[1:]))
+        at += width
+    return out

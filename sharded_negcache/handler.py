@@ -22,7 +22,7 @@ from .codecs import EmbeddingCodec, finite_rows, make_codec
 from .combine import merge_partials, pack_partials
 from .corpus import (CORPUS_KEY, CorpusIndex, content_keys, corpus_columns, ids_checksum, place, row_batches,
                      select_rows)
-from .exchange import DEFAULT_TIMEOUT_S, BatchRejected, CollectiveFailed, Comm
+from .exchange import DEFAULT_TIMEOUT_S, BatchRejected, CollectiveFailed, Comm, RowRoute
 from .groups import ShardGroups
 from .jagged import Jagged, JaggedColumn
 from .keyed_random import Stream, draw_keys, uniform
@@ -288,7 +288,7 @@ class ShardedCacheLossHandler(nn.Module):
         """The whole cache in global row order, on every rank (see :meth:`ShardStore.export_rows`)."""
         local = self.store.export_rows()
         sizes = [self.layout.rows_per_rank] * self.comm.world_size
-        return {k: self.comm.gather_rows(v, sizes) for k, v in local.items()}
+        return {k: self.comm.gather_rows(v, sizes, tag="gather_cache") for k, v in local.items()}
 
     def load_global_rows(self, rows: Mapping[str, torch.Tensor]) -> None:
         """Sets this rank's shard from whole-cache tensors in global row order (each rank takes its slice)."""
@@ -374,18 +374,19 @@ class ShardedCacheLossHandler(nn.Module):
         else:
             settings["extra_negatives"] = None
         with _stage("agree"):
-            sizes, features, positive_ok = self._agree_on_inputs(
-                query_embeddings, document_embeddings, document_data, settings,
+            sizes, features, positive_ok, to_gather, payload = self._agree_on_inputs(
+                query_embeddings, document_embeddings, document_data, settings, corpus,
                 lambda: self._check_step_extras(document_data, query_embeddings, extra_negatives, corpus))
         rank, m = self.comm.rank, self.num_negatives
         own, first = sizes[rank], sum(sizes[:rank])
         query_pos = torch.arange(first, first + own, device=self.device)
 
         with torch.no_grad(), _engine_precision(self.device):
-            # 1. gather every rank's queries (and their positives' ids).
+            # 1. gather every rank's queries (and their positives' ids): in the flat layout they came with the
+            #    agreement's all-gather, padded to the largest batch seen.
             with _stage("gather"):
-                queries = self.comm.gather_rows(query_embeddings.detach().float(), sizes)
-                exclude = self._gather_positive_ids(document_data, sizes, corpus)
+                queries, *ids = self.comm.gather_agreed(to_gather, sizes, payload)
+                exclude = ids[0] if ids else None
             # 2. score them against the local rows, chunk by chunk.
             with _stage("score"):
                 partials = score_shard(
@@ -408,10 +409,14 @@ class ShardedCacheLossHandler(nn.Module):
             sampled = home.rows >= 0
             unique_rows, which = torch.unique(home.rows[sampled], return_inverse=True)
             owners = self.layout.owner_of(unique_rows)
-            packed, jagged, route = self.comm.fetch_rows(
-                owners, unique_rows - owners * self.layout.rows_per_rank, self.store.pack, self.store.jagged_lengths
-            )
-            fetched = self.store.unpack(packed, jagged)
+            slots = unique_rows - owners * self.layout.rows_per_rank
+            if self.comm.active:
+                capacity = [min(s * m, self.layout.rows_per_rank) for s in sizes]  # distinct rows a rank can ask for
+                packed, jagged, route = self.comm.fetch_rows(owners, slots, self.store.pack, self.store.jagged_lengths,
+                                                             capacity)
+                fetched = self.store.unpack(packed, jagged)
+            else:  # one process: the rows are read where they lie, nothing is packed for a transfer
+                fetched, route = self.store.read(slots), RowRoute([slots.numel()], [slots.numel()], slots)
         with _stage("reencode"):
             chosen_draws = chosen = None  # which draws, and which fetched rows, are re-encoded (None: all)
             if self.reencode_negatives != "all":
@@ -559,13 +564,16 @@ class ShardedCacheLossHandler(nn.Module):
         document_embeddings: torch.Tensor,
         document_data: Mapping[str, torch.Tensor],
         settings: Mapping[str, Any],
+        corpus: CorpusIndex | None = None,
         extra_check: Callable[[], str | None] | None = None,
-    ) -> tuple[list[int], dict[str, Any], torch.Tensor | None]:
+    ) -> tuple[list[int], dict[str, Any], torch.Tensor | None, list[torch.Tensor], torch.Tensor | None]:
         """Validates locally, then one all-gather makes every rank raise together or go on; ``settings``
         (the configuration, the step and the mode) must be the same on every rank.
 
-        Returns the batch sizes of all ranks, this batch's features (jagged fields normalised) and which
-        positives the codec can store (finite and representable: the rows the step inserts).
+        Returns the batch sizes of this shard group's ranks, this batch's features (jagged fields normalised),
+        which positives the codec can store (finite and representable: the rows the step inserts), and what
+        ``Comm.gather_agreed`` needs to gather the queries and positives' ids (the rows, and the agreement's
+        payload when it carried them).
         """
         problem, features = self.schema.check_batch(
             query_embeddings, document_embeddings, document_data, self.device, self.layout.rows_per_rank
@@ -597,11 +605,12 @@ class ShardedCacheLossHandler(nn.Module):
                              f"(finite, but the stored row would be Inf/NaN; its error bound: {codec.error_bound})")
             return "; ".join(p for p in parts if p)
 
-        table = self.comm.agree(status, describe)
+        to_gather = self._rows_to_gather(query_embeddings, document_data, batch, corpus)
+        table, payload = self.comm.agree(status, describe, to_gather)
         if len(set(table[:, 2].tolist())) > 1:
             self._raise_config_mismatch(settings)
         self._global_batch = int(table[:, 1].sum())  # every group's batch: the denominator of global_mean
-        return table[self.comm.members, 1].tolist(), features, positive_ok
+        return table[self.comm.members, 1].tolist(), features, positive_ok, to_gather, payload
 
     def _raise_config_mismatch(self, settings: Mapping[str, Any]) -> None:
         configs = self.comm.all_gather_object(dict(settings))
@@ -612,17 +621,22 @@ class ShardedCacheLossHandler(nn.Module):
         ]
         raise BatchRejected("ranks disagree on the cache configuration, cache unchanged; " + "; ".join(diffs))
 
-    def _gather_positive_ids(
-        self, document_data: Mapping[str, torch.Tensor], sizes: list[int], corpus: CorpusIndex | None = None
-    ) -> torch.Tensor | None:
-        """Every rank's positives' exclusion ids: their doc ids, or in corpus mode their rows' exclusion keys."""
+    def _rows_to_gather(self, query_embeddings: torch.Tensor, document_data: Mapping[str, torch.Tensor],
+                        batch: int, corpus: CorpusIndex | None) -> list[torch.Tensor]:
+        """The fp32 queries and (with a doc_id_key) the positives' exclusion ids: their doc ids, or in corpus mode
+        their rows' exclusion keys. Zero rows of the same widths when the batch was rejected, so the agreement's
+        buffers still match across ranks."""
         key = self.schema.doc_id_key
         if key is None:
-            return None
-        if corpus is not None:
-            return self.comm.gather_rows(corpus.lookup(document_data[key])[1], sizes)
-        own = document_data[key].reshape(-1).to(self.store.feature(key).dtype)
-        return self.comm.gather_rows(own, sizes)
+            ids = None
+        elif batch == 0:
+            ids = torch.zeros(0, dtype=self.store.feature(CORPUS_KEY if corpus else key).dtype, device=self.device)
+        elif corpus is not None:
+            ids = corpus.lookup(document_data[key])[1]
+        else:
+            ids = document_data[key].reshape(-1).to(self.store.feature(key).dtype)
+        queries = query_embeddings.detach().float() if batch else torch.zeros(0, self.schema.dim, device=self.device)
+        return [queries] if ids is None else [queries, ids]
 
     # ---- corpus mode and the re-encoding choice (design §12) ---------------------------------
     @torch.no_grad()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import two_level_cases
-from engine_cases import make_handler
+from engine_cases import DIM, make_handler
 from sharded_negcache.groups import ShardGroups
 from sharded_negcache.layout import stream_seed
 from two_level_cases import CACHE, G, SPLITS
@@ -55,9 +55,16 @@ def test_each_group_equals_a_two_rank_run(runs):
         assert sampled > 0, f"rank {rank}: nothing was sampled, the comparison would be vacuous"
         for key, value in want["cache"].items():
             assert torch.equal(r["cache"][key], value), (rank, key)
-        # queries, partials and rows never leave the group: the same bytes as the W = 2 run; the agreement spans 4
+        # partials and rows never leave the group: the same bytes as the W = 2 run. The agreement spans all 4
+        # ranks (its 3 int64 to 3 others per step); the queries and ids (4·DIM + 8 bytes a row) go to the one
+        # other rank of the group, padded to the group's largest batch of the step (the flat W = 2 run instead
+        # carries them inside its agreement, padded to the largest batch so far).
+        steps = len(SPLITS[g])
+        assert r["bytes"]["agree"] == 24 * 3 * steps, rank
+        assert r["bytes"]["gather_queries"] == sum(max(s) for s in SPLITS[g]) * (4 * DIM + 8) * (G - 1), rank
         for tag, nbytes in want["bytes"].items():
-            assert r["bytes"][tag] == (nbytes * 3 if tag == "agree" else nbytes), (rank, tag)
+            if tag not in ("agree", "gather_queries"):
+                assert r["bytes"][tag] == nbytes, (rank, tag)
     assert not torch.equal(two[0]["cache"]["embedding"], two[2]["cache"]["embedding"])  # independent caches
 
 
