@@ -53,7 +53,7 @@ def main() -> None:
     )
     world = dist.get_world_size() if dist.is_initialized() else 1
     model = tiny_model(os.path.join(out, f"model-{os.environ.get('RANK', 0)}-w{world}"))
-    loss = CachedNegativesRankingLoss(model, cache_size=32, num_negatives=2, handler_kwargs={"block_size": 16})
+    loss = CachedNegativesRankingLoss(model, cache_size=32, num_negatives=2)  # default block size: 16 at W=2, 32 at W=1
     anchors, positives = pairs(96, seed=4)
     trainer = SentenceTransformerTrainer(
         model=model, args=args, train_dataset=Dataset.from_dict({"anchor": anchors, "positive": positives}), loss=loss,
@@ -68,6 +68,7 @@ def main() -> None:
         dist.all_gather(sums, torch.tensor([checksum], dtype=torch.float64))
     if int(os.environ.get("RANK", 0)) == 0:
         result = {"world": world, "log_history": trainer.state.log_history, "steps_done": loss.handler.steps_done,
+                  "block_size": loss.handler.layout.block_size,
                   "param_checksums": [float(s) for s in sums] if dist.is_initialized() else [checksum]}
         with open(os.path.join(out, f"result-w{world}.json"), "w") as f:
             json.dump(result, f)

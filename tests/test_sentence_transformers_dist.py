@@ -7,8 +7,8 @@
   empty cache: each rank inserts into its own shard, so the global rows hold the same items in another
   order; the engine's world-size tests compare equal cache contents.)
 - ``SentenceTransformerTrainer`` under ``torchrun`` (2 ranks, the trainer's own DDP): logs the cache
-  metrics, checkpoints the cache; a 1-rank ``torchrun`` resumes from that checkpoint (2 -> 1) with the
-  cache row for row as saved, and trains on.
+  metrics, checkpoints the cache; a 1-rank ``torchrun`` resumes from that checkpoint (2 -> 1, the default
+  block size 16 -> 32 rows) with the cache row for row as saved, and trains on.
 """
 from __future__ import annotations
 
@@ -116,4 +116,5 @@ def test_trainer_under_torchrun_two_ranks_then_resume_on_one(tmp_path):
     for key in saved:
         assert torch.equal(saved[key], loaded[key]), f"{key} differs after resuming 2 -> 1 ranks"
     again = json.loads((tmp_path / "result-w1.json").read_text())
+    assert (result["block_size"], again["block_size"]) == (16, 32)  # the default block size changed with W
     assert again["steps_done"] == 6 and [h["step"] for h in again["log_history"] if "loss" in h][-2:] == [4, 6]

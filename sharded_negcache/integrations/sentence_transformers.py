@@ -12,8 +12,12 @@ world size).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
+import sys
+import warnings
 from typing import Any, Callable, Iterable
 
 import torch
@@ -24,12 +28,13 @@ from torch import Tensor, nn
 from ..checkpoint import CacheCheckpoint, load, save
 from ..handler import ShardedCacheLossHandler
 from ..jagged import JaggedFieldSpec
-from ..keyed_random import _mix
+from ..keyed_random import mix32
 from ..specs import FieldSpec
 
 try:  # sentence-transformers is an optional dependency: `pip install sharded_negcache[sentence-transformers]`
     from sentence_transformers.util import cos_sim, dot_score
-    from transformers import TrainerCallback
+    from transformers import Trainer, TrainerCallback
+    from transformers.trainer_utils import get_last_checkpoint
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "sharded_negcache.integrations.sentence_transformers needs sentence-transformers: "
@@ -44,6 +49,7 @@ IDS, DOC_ID, EMBEDDING = "input_ids", "doc_id", "embedding"
 CHECKPOINT_DIR = "negcache"  # inside the trainer's checkpoint-<step> folder
 LOG_PREFIX = "negcache/"
 LOGGED = ("interpretable_loss", "staleness", "fill_fraction", "sampled_age", "sampled")
+IN_BATCH = "in_batch_loss"  # MNRL's loss on the rank's batch: what ``eval_loss`` measures
 
 
 def token_hash(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -55,8 +61,8 @@ def token_hash(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     ids = _left_align(input_ids, attention_mask)  # the same text hashes the same however it was padded
     pos = torch.arange(ids.shape[1], device=ids.device, dtype=torch.int64).expand_as(ids)
     keep = pos < attention_mask.sum(1, keepdim=True)
-    hi = torch.where(keep, _mix(_mix(ids ^ 0x5BD1E995) ^ (pos + 0x27D4EB2F)), 0).sum(1) & 0x7FFFFFFF
-    lo = torch.where(keep, _mix(_mix(ids + 0x165667B1) ^ (pos * 0x9E3779B1)), 0).sum(1) & 0x7FFFFFFF
+    hi = torch.where(keep, mix32(mix32(ids ^ 0x5BD1E995) ^ (pos + 0x27D4EB2F)), 0).sum(1) & 0x7FFFFFFF
+    lo = torch.where(keep, mix32(mix32(ids + 0x165667B1) ^ (pos * 0x9E3779B1)), 0).sum(1) & 0x7FFFFFFF
     return (hi << 31) | lo
 
 
@@ -75,9 +81,11 @@ class CachedNegativesRankingLoss(nn.Module):
       scale: multiplies the similarity (1 / temperature), as in MNRL.
       similarity_fct: ``cos_sim`` (embeddings are L2-normalised before they are scored and cached) or
         ``dot_score``; other similarities are not dot products and are refused.
-      cache_size: global rows; each rank holds ``cache_size / world_size``.
+      cache_size: global rows; each rank holds ``cache_size / world_size`` (at least one per-device
+        batch: checked when training begins).
       num_negatives: rows sampled from the cache per anchor and re-encoded.
-      in_batch_negatives: also use the global batch's other positives as negatives.
+      in_batch_negatives: also use the global batch's other positives as negatives (MNRL's candidates,
+        so a fine-tuning run starts where MNRL is and the cache only adds to it).
       embedding_codec: storage of the cached embeddings ('fp32', 'bf16', 'fp16', 'int8', 'int4').
       seed: the cache's sampling seed (with the step, it fixes every draw).
       exclude_same_text: rows holding a positive with the same token ids as the anchor's positive
@@ -87,7 +95,12 @@ class CachedNegativesRankingLoss(nn.Module):
     The handler is built at the first training step (when the trainer has set up the process group
     and the device), or by :meth:`handler_for` (the callback does this at ``on_train_begin``).
     In evaluation (no gradient or ``model.eval()``) the cache is neither read nor written and the
-    loss is MNRL's in-batch loss on this rank's batch, so ``eval_loss`` is comparable across runs.
+    loss is MNRL's in-batch loss on this rank's batch, so ``eval_loss`` is comparable across runs; the
+    same quantity on each training batch is logged as ``negcache/in_batch_loss``.
+
+    In a ``SentenceTransformerTrainer`` (or ``model.fit``) without a :class:`NegativeCacheCallback`, the
+    first training step attaches one and warns; on a resumed run it raises instead (the cache could
+    not be restored).
     """
 
     def __init__(
@@ -96,9 +109,9 @@ class CachedNegativesRankingLoss(nn.Module):
         scale: float = 20.0,
         similarity_fct: Callable[[Tensor, Tensor], Tensor] = cos_sim,
         *,
-        cache_size: int = 4096,
-        num_negatives: int = 1,
-        in_batch_negatives: bool = False,
+        cache_size: int = 65536,
+        num_negatives: int = 4,
+        in_batch_negatives: bool = True,
         embedding_codec: str | None = None,
         seed: int = 0,
         exclude_same_text: bool = True,
@@ -114,6 +127,12 @@ class CachedNegativesRankingLoss(nn.Module):
             )
         if not isinstance(cache_size, int) or cache_size < 1:
             raise ValueError(f"cache_size must be a positive int, got {cache_size!r}")
+        if not isinstance(num_negatives, int) or num_negatives < 1:
+            raise ValueError(f"num_negatives must be an int >= 1, got {num_negatives!r}")
+        owned = {"score_transform", "num_negatives", "seed", "doc_id_key", "process_group", "device",
+                 "embedding_codec", "in_batch_negatives"} & set(handler_kwargs or {})
+        if owned:
+            raise ValueError(f"handler_kwargs must not set {sorted(owned)}: the loss sets them (use its own arguments)")
         self.model = model
         self.scale = float(scale)
         self.similarity_fct = similarity_fct
@@ -127,6 +146,8 @@ class CachedNegativesRankingLoss(nn.Module):
         self._extra: dict[str, Any] = {}
         self._metric_sums: dict[str, float] = {}
         self._metric_steps = 0
+        self.callback: NegativeCacheCallback | None = None  # set by the callback when training begins
+        self._callback_checked = False
 
     # ---- the handler -----------------------------------------------------------------------
     def _base(self) -> nn.Module:
@@ -187,6 +208,8 @@ class CachedNegativesRankingLoss(nn.Module):
             # Evaluation: MNRL's in-batch loss on this rank's batch; the cache is neither read nor written.
             scores = self.scale * anchors @ positives.t()
             return F.cross_entropy(scores, torch.arange(scores.shape[0], device=scores.device))
+        if not self._callback_checked:
+            self._ensure_callback()
         handler = self.handler_for(anchors.device)
         ids, mask = inputs[IDS], inputs["attention_mask"]
         data: dict[str, Any] = {IDS: (_left_align(ids, mask), mask.sum(1))}
@@ -194,11 +217,32 @@ class CachedNegativesRankingLoss(nn.Module):
             data[DOC_ID] = token_hash(ids, mask)[:, None]
         loss = handler.update_cache_and_compute_loss(self._reencode, anchors, positives, data)
         step = handler.last_step
-        self._accumulate(step.metrics)
+        self._accumulate(step.metrics, _in_batch_loss(self.scale, anchors.detach(), positives.detach()))
         # The value shown is the cross-entropy estimate -log P (what MNRL reports), reduced like the loss;
         # the gradient is the engine's estimator's. (The estimator's own value is not a cross-entropy.)
         shown = torch.nan_to_num(step.interpretable_loss, nan=0.0).sum() * _reduction_factor(handler, len(anchors))
         return loss + (shown - loss.detach())
+
+    def _ensure_callback(self) -> None:
+        """Forgetting the callback must not be silent: inside a trainer without one, attach one (and warn), or
+        raise when the trainer resumed (its checkpoint's cache can no longer be restored)."""
+        self._callback_checked = True
+        if self.callback is not None:
+            return
+        trainer = _calling_trainer(self)
+        if trainer is None:  # a plain training loop: no trainer checkpoints to keep the cache in
+            return
+        if trainer.state.global_step > 0:
+            raise RuntimeError(
+                f"the trainer resumed at step {trainer.state.global_step} without a NegativeCacheCallback, so the "
+                "negative cache was not restored: call NegativeCacheCallback.attach(trainer) before trainer.train()"
+            )
+        self.callback = NegativeCacheCallback.attach(trainer, self)
+        warnings.warn(
+            "CachedNegativesRankingLoss: the trainer had no NegativeCacheCallback; one is attached now (cache metrics "
+            "in the logs, the cache saved with checkpoints). Call NegativeCacheCallback.attach(trainer) before "
+            "trainer.train() so that resuming restores the cache.", UserWarning, stacklevel=3,
+        )
 
     def _remember_extras(self, positive_features: dict[str, Any]) -> None:
         """Which inputs the model reads: re-encoded rows get the same keys (token types zero, non-tensors copied)."""
@@ -228,17 +272,27 @@ class CachedNegativesRankingLoss(nn.Module):
         return self._embed(features)
 
     # ---- metrics ---------------------------------------------------------------------------
-    def _accumulate(self, metrics: dict[str, float]) -> None:
+    def _accumulate(self, metrics: dict[str, float], in_batch: Tensor) -> None:
         for name in LOGGED:
             if name in metrics:
                 self._metric_sums[name] = self._metric_sums.get(name, 0.0) + float(metrics[name])
+        self._metric_sums[IN_BATCH] = self._metric_sums.get(IN_BATCH, 0.0) + float(in_batch)
         self._metric_steps += 1
 
     def pop_metrics(self) -> dict[str, float]:
-        """Means of the cache metrics over the steps since the last call, keyed ``negcache/<name>``."""
+        """Means of the cache metrics over the steps since the last call, keyed ``negcache/<name>``.
+
+        The cache's metrics are global already; ``in_batch_loss`` is each rank's own and is averaged over the
+        ranks here (a collective: every rank calls this together, as the trainer's ``on_log`` does).
+        """
         if not self._metric_steps:
             return {}
-        out = {LOG_PREFIX + k: round(v / self._metric_steps, 6) for k, v in self._metric_sums.items()}
+        sums = dict(self._metric_sums)
+        if self.handler is not None and dist.is_available() and dist.is_initialized():  # the handler's group: WORLD
+            total = torch.tensor([sums[IN_BATCH]], dtype=torch.float64, device=self.handler.device)
+            dist.all_reduce(total)
+            sums[IN_BATCH] = float(total) / dist.get_world_size()
+        out = {LOG_PREFIX + k: round(v / self._metric_steps, 6) for k, v in sums.items()}
         self._metric_sums, self._metric_steps = {}, 0
         return out
 
@@ -252,6 +306,29 @@ class CachedNegativesRankingLoss(nn.Module):
             "scale": self.scale, "similarity_fct": self.similarity_fct.__name__, "cache_size": self.cache_size,
             "num_negatives": self.num_negatives, "in_batch_negatives": self.in_batch_negatives, "seed": self.seed,
         }
+
+
+def _in_batch_loss(scale: float, anchors: Tensor, positives: Tensor) -> Tensor:
+    """MNRL's cross-entropy of each anchor against this rank's positives (the quantity ``eval_loss`` reports)."""
+    scores = scale * anchors @ positives.t()
+    return F.cross_entropy(scores, torch.arange(scores.shape[0], device=scores.device))
+
+
+def _calling_trainer(loss: nn.Module) -> Any:
+    """The transformers ``Trainer`` whose ``compute_loss`` is calling ``loss`` (found on the call stack), or None.
+
+    The loss is handed to the trainer before the trainer exists and is never told about it; the stack is
+    the one place that knows. Only the trainer that holds this loss counts.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, Trainer):
+            held = getattr(owner, "loss", None)
+            if held is loss or (isinstance(held, dict) and any(v is loss for v in held.values())):
+                return owner
+        frame = frame.f_back
+    return None
 
 
 def _reduction_factor(handler: ShardedCacheLossHandler, batch: int) -> float:
@@ -274,15 +351,17 @@ def _left_align(ids: Tensor, mask: Tensor) -> Tensor:
 class NegativeCacheCallback(TrainerCallback):
     """Cache metrics into the trainer's logs; the cache saved and restored with the trainer's checkpoints.
 
-    - ``on_log``: adds ``negcache/interpretable_loss``, ``negcache/staleness``, ``negcache/fill_fraction``,
-      ``negcache/sampled_age``, ``negcache/sampled`` (means since the previous log; the same on every rank).
-      Pass it in ``callbacks=[...]`` *before* integrations that should see these keys, or use
-      :meth:`attach`, which puts it first.
+    - ``on_log``: adds ``negcache/interpretable_loss``, ``negcache/in_batch_loss``, ``negcache/staleness``,
+      ``negcache/fill_fraction``, ``negcache/sampled_age``, ``negcache/sampled`` (means since the previous
+      log; the same on every rank). Pass it in ``callbacks=[...]`` *before* integrations that should see
+      these keys, or use :meth:`attach`, which puts it first.
     - ``on_save``: writes the cache into ``<checkpoint-N>/negcache`` with :func:`sharded_negcache.checkpoint.save`
       (every rank writes its own rows).
-    - ``on_train_begin``: when the trainer resumed (``global_step > 0``), loads
-      ``<output_dir>/checkpoint-<global_step>/negcache`` on the current world size (any that divides
-      ``cache_size``); ``resume_from`` names another checkpoint folder.
+    - ``on_train_begin``: checks that a rank's cache shard holds a per-device batch; when the trainer
+      resumed (``global_step > 0``), loads ``<checkpoint>/negcache`` from the checkpoint given to
+      ``trainer.train(resume_from_checkpoint=...)`` (``True``: the trainer's own choice, the last one in
+      ``output_dir``), on the current world size (any that divides ``cache_size``). Seeing that argument
+      needs :meth:`attach`; ``resume_from`` names the folder explicitly instead.
 
     Args:
       loss: the :class:`CachedNegativesRankingLoss` given to the trainer.
@@ -299,19 +378,50 @@ class NegativeCacheCallback(TrainerCallback):
         self.resume_from = resume_from
         self.require_cache_on_resume = require_cache_on_resume
         self.loaded_from: str | None = None
+        self.trainer_checkpoint: str | None = None  # what the attached trainer's train() resumes from
 
     @classmethod
     def attach(cls, trainer: Any, loss: CachedNegativesRankingLoss | None = None, **kwargs: Any) -> "NegativeCacheCallback":
-        """Creates the callback for ``trainer.loss`` and puts it first, so every logger sees the cache metrics."""
+        """Creates the callback for ``trainer.loss``, puts it first (every logger sees the cache metrics) and
+        records the checkpoint each ``trainer.train(resume_from_checkpoint=...)`` resumes from."""
         callback = cls(loss if loss is not None else trainer.loss, **kwargs)
         trainer.callback_handler.callbacks.insert(0, callback)
+        train = trainer.train
+        signature = inspect.signature(train)
+
+        @functools.wraps(train)
+        def train_and_record_checkpoint(*args: Any, **kw: Any) -> Any:
+            given = signature.bind_partial(*args, **kw).arguments.get("resume_from_checkpoint")
+            # The trainer's own resolution: False/None -> none, True -> the last checkpoint in output_dir.
+            callback.trainer_checkpoint = get_last_checkpoint(trainer.args.output_dir) if given is True else (
+                given or None)
+            return train(*args, **kw)
+
+        trainer.train = train_and_record_checkpoint
         return callback
 
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: D102 (TrainerCallback hook)
+        self.loss.callback = self
         handler = self.loss.handler_for(args.device)
+        shard = handler.layout.rows_per_rank
+        if shard < args.per_device_train_batch_size:  # caught here, before any step, not at the first insert
+            raise ValueError(
+                f"cache_size={self.loss.cache_size} gives {shard} rows per rank over {handler.layout.world_size} "
+                f"rank(s), fewer than per_device_train_batch_size={args.per_device_train_batch_size}: a batch must "
+                "fit in a rank's cache shard; raise cache_size"
+            )
         path = self.resume_from
         if path is None and state.global_step > 0:
-            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            path = self.trainer_checkpoint
+            if path is None:
+                # Without attach() the callback cannot see which checkpoint train() was given; guessing
+                # output_dir/checkpoint-N could load another run's cache.
+                problem = (f"the trainer resumed at step {state.global_step} but NegativeCacheCallback cannot see "
+                           "which checkpoint: add it with NegativeCacheCallback.attach(trainer) or pass resume_from=")
+                if self.require_cache_on_resume:
+                    raise RuntimeError(problem)
+                logger.warning("%s; starting with an empty cache", problem)
+                return
         if path is None:
             return
         cache_dir = path if os.path.basename(os.path.normpath(path)) == CHECKPOINT_DIR else os.path.join(path, CHECKPOINT_DIR)
@@ -323,7 +433,9 @@ class NegativeCacheCallback(TrainerCallback):
                 )
             logger.warning("no negative cache in %s: starting with an empty cache", cache_dir)
             return
-        load({"cache": CacheCheckpoint(handler)}, cache_dir)
+        # The default block size depends on the rows per rank, so a resume on another world size may see
+        # another one; the rows are valid under any block size (only the sampler's stream is keyed by it).
+        load({"cache": CacheCheckpoint(handler, allow_block_size_change=True)}, cache_dir)
         self.loaded_from = cache_dir
 
     def on_save(self, args, state, control, **kwargs):  # noqa: D102
