@@ -22,6 +22,7 @@ class Stream:
     BLOCK_GUMBEL = 1  # stage 1: a Gumbel per (query, block, draw)
     ROW_UNIFORM = 2  # stage 2: one uniform per (query, draw) for the inverse CDF inside a block
     TOPK_GUMBEL = 3  # top_k mode: a Gumbel per (query, global row, draw)
+    REENCODE = 4  # reencode_negatives=f: one uniform per (query, draw), re-encoded when below f
 
 
 def _mix_int(x: int) -> int:
