@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 import warnings
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -90,7 +90,17 @@ class CachedNegativesRankingLoss(nn.Module):
       seed: the cache's sampling seed (with the step, it fixes every draw).
       exclude_same_text: rows holding a positive with the same token ids as the anchor's positive
         are not its negatives (a hash of the tokens is cached as the document id).
-      handler_kwargs: further :class:`ShardedCacheLossHandler` options (``use_lru``, ``top_k``, ...).
+      corpus: the documents the cache holds (texts: a list or a dataset column such as
+        ``train_dataset["positive"]``): the engine's corpus mode, one row per distinct text, its id the
+        hash of its tokens. Every training positive must be one of them (its row is refreshed in place).
+        Encoded into the cache when training begins (:meth:`prefill`), unless a checkpoint is restored.
+      prefill_batch_size: texts encoded at once by :meth:`prefill`.
+      handler_kwargs: further :class:`ShardedCacheLossHandler` options (``use_lru``, ``top_k``, and in
+        corpus mode ``reencode_negatives``, ``refresh_budget``, ``exclude_duplicates``, ...).
+
+    Negative columns (``(anchor, positive, negative_1, ..., negative_n)``, as MNRL takes) are encoded
+    with gradient and passed to the engine as ``extra_negatives``: candidates of their own anchor, and
+    with ``in_batch_negatives`` of every anchor of the batch, as in MNRL; they are never cached.
 
     The handler is built at the first training step (when the trainer has set up the process group
     and the device), or by :meth:`handler_for` (the callback does this at ``on_train_begin``).
@@ -115,6 +125,8 @@ class CachedNegativesRankingLoss(nn.Module):
         embedding_codec: str | None = None,
         seed: int = 0,
         exclude_same_text: bool = True,
+        corpus: Iterable[str] | None = None,
+        prefill_batch_size: int = 256,
         handler_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -130,9 +142,16 @@ class CachedNegativesRankingLoss(nn.Module):
         if not isinstance(num_negatives, int) or num_negatives < 1:
             raise ValueError(f"num_negatives must be an int >= 1, got {num_negatives!r}")
         owned = {"score_transform", "num_negatives", "seed", "doc_id_key", "process_group", "device",
-                 "embedding_codec", "in_batch_negatives"} & set(handler_kwargs or {})
+                 "embedding_codec", "in_batch_negatives", "cache_mode"} & set(handler_kwargs or {})
         if owned:
             raise ValueError(f"handler_kwargs must not set {sorted(owned)}: the loss sets them (use its own arguments)")
+        self.corpus = _corpus_texts(corpus) if corpus is not None else None
+        if self.corpus is not None and not exclude_same_text:
+            raise ValueError("corpus needs exclude_same_text=True: the hash of a text's tokens is its document id")
+        if not isinstance(prefill_batch_size, int) or prefill_batch_size < 1:
+            raise ValueError(f"prefill_batch_size must be an int >= 1, got {prefill_batch_size!r}")
+        self.prefill_batch_size = prefill_batch_size
+        self._corpus_pending = self.corpus is not None  # cleared by prefill() or a restored checkpoint
         self.model = model
         self.scale = float(scale)
         self.similarity_fct = similarity_fct
@@ -182,42 +201,86 @@ class CachedNegativesRankingLoss(nn.Module):
                 doc_id_key=DOC_ID if self.exclude_same_text else None,
                 process_group=dist.group.WORLD if dist.is_available() and dist.is_initialized() else None,
                 device=device, embedding_codec=self.embedding_codec, in_batch_negatives=self.in_batch_negatives,
-                **self.handler_kwargs,
+                **({"cache_mode": "corpus"} if self.corpus is not None else {}), **self.handler_kwargs,
             )
         return self.handler
 
+    def prefill(self) -> None:
+        """Encodes the corpus into the cache: every rank together, each encoding only the rows it owns.
+
+        The callback calls it when training begins (unless it restored the cache from a checkpoint), or the
+        first training step does. The model runs unwrapped (no DDP: ranks encode different numbers of batches)
+        and in eval mode: cached embeddings are the documents as the model would serve them, without dropout.
+        """
+        if self.corpus is None:
+            raise ValueError("prefill needs a corpus: pass corpus=[...] to CachedNegativesRankingLoss")
+        base = self._base()
+        handler = self.handler_for()
+        tokens, doc_ids = self._tokenize_corpus(base)
+        was_training = base.training
+        base.eval()
+        try:
+            handler.prefill(doc_ids, {IDS: tokens}, functools.partial(self._reencode, model=base),
+                            batch_size=self.prefill_batch_size)
+        finally:
+            base.train(was_training)
+        self._corpus_pending = False
+
+    def _tokenize_corpus(self, base: nn.Module) -> tuple[list[Tensor], Tensor]:
+        """Each distinct text's unpadded token ids and its token hash (its document id), in corpus order."""
+        tokens: list[Tensor] = []
+        hashes: list[Tensor] = []
+        for start in range(0, len(self.corpus), 1024):
+            features = dict(base.preprocess(self.corpus[start : start + 1024]))
+            self._remember_extras(features)
+            ids, mask = features[IDS], features["attention_mask"]
+            aligned, lengths = _left_align(ids, mask), mask.sum(1).tolist()
+            tokens += [aligned[i, :n] for i, n in enumerate(lengths)]
+            hashes.append(token_hash(ids, mask))
+        every = torch.cat(hashes)
+        # identical texts are one document (one row): keep each id's first occurrence
+        distinct, inverse = torch.unique(every, return_inverse=True)
+        first = torch.full((len(distinct),), len(every)).scatter_reduce(0, inverse, torch.arange(len(every)), "amin")
+        keep = first.sort().values
+        return [tokens[i] for i in keep.tolist()], every[keep]
+
     # ---- the loss --------------------------------------------------------------------------
-    def _embed(self, features: dict[str, Any]) -> Tensor:
-        emb = self.model(features)["sentence_embedding"]
+    def _embed(self, features: dict[str, Any], model: nn.Module | None = None) -> Tensor:
+        emb = (model if model is not None else self.model)(features)["sentence_embedding"]
         return F.normalize(emb, dim=-1) if self.normalize else emb
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
-        """``labels`` is unused (pairs need none), as in MNRL."""
+        """(anchor, positive[, negative_1, ...]) text columns, as MNRL takes; ``labels`` is unused."""
         features = list(sentence_features)
-        if len(features) != 2:
+        if len(features) < 2:
             raise ValueError(
-                f"CachedNegativesRankingLoss takes (anchor, positive) pairs, got {len(features)} text columns"
+                "CachedNegativesRankingLoss takes (anchor, positive) or (anchor, positive, negative_1, ...) text "
+                f"columns, got {len(features)}"
             )
-        anchor_features, positive_features = features
+        anchor_features, positive_features, *negative_features = features
         inputs = dict(positive_features)  # the model's forward adds its outputs to the dict it is given
         training = torch.is_grad_enabled() and self._base().training
         if training:
             self._remember_extras(inputs)  # refuse unrebuildable inputs before any forward or cache access
         anchors, positives = self._embed(anchor_features), self._embed(positive_features)
+        negatives = [self._embed(f) for f in negative_features]
         if not training:
             # Evaluation: MNRL's in-batch loss on this rank's batch; the cache is neither read nor written.
-            scores = self.scale * anchors @ positives.t()
-            return F.cross_entropy(scores, torch.arange(scores.shape[0], device=scores.device))
+            return _in_batch_loss(self.scale, anchors, positives, negatives)
         if not self._callback_checked:
             self._ensure_callback()
         handler = self.handler_for(anchors.device)
+        if self._corpus_pending:
+            self.prefill()
         ids, mask = inputs[IDS], inputs["attention_mask"]
         data: dict[str, Any] = {IDS: (_left_align(ids, mask), mask.sum(1))}
         if self.exclude_same_text:
             data[DOC_ID] = token_hash(ids, mask)[:, None]
-        loss = handler.update_cache_and_compute_loss(self._reencode, anchors, positives, data)
+        extra = torch.stack(negatives, dim=1) if negatives else None  # [B, n, d], fresh, with gradient
+        loss = handler.update_cache_and_compute_loss(self._reencode, anchors, positives, data, extra_negatives=extra)
         step = handler.last_step
-        self._accumulate(step.metrics, _in_batch_loss(self.scale, anchors.detach(), positives.detach()))
+        in_batch = _in_batch_loss(self.scale, anchors.detach(), positives.detach(), [n.detach() for n in negatives])
+        self._accumulate(step.metrics, in_batch)
         # The value shown is the cross-entropy estimate -log P (what MNRL reports), reduced like the loss;
         # the gradient is the engine's estimator's. (The estimator's own value is not a cross-entropy.)
         shown = torch.nan_to_num(step.interpretable_loss, nan=0.0).sum() * _reduction_factor(handler, len(anchors))
@@ -260,7 +323,7 @@ class CachedNegativesRankingLoss(nn.Module):
         self._extra = {k: v for k, v in positive_features.items() if not isinstance(v, Tensor)}
         self._with_token_types = "token_type_ids" in positive_features
 
-    def _reencode(self, rows: dict[str, Any]) -> Tensor:
+    def _reencode(self, rows: dict[str, Any], model: nn.Module | None = None) -> Tensor:
         """The current model's embeddings of cached rows, rebuilt from their unpadded token ids."""
         padded, lengths = rows[IDS]
         width = max(int(lengths.max()), 1) if lengths.numel() else 1
@@ -269,7 +332,7 @@ class CachedNegativesRankingLoss(nn.Module):
         features: dict[str, Any] = {IDS: padded, "attention_mask": mask, **self._extra}
         if self._with_token_types:
             features["token_type_ids"] = torch.zeros_like(padded)
-        return self._embed(features)
+        return self._embed(features, model)
 
     # ---- metrics ---------------------------------------------------------------------------
     def _accumulate(self, metrics: dict[str, float], in_batch: Tensor) -> None:
@@ -305,12 +368,27 @@ class CachedNegativesRankingLoss(nn.Module):
         return {
             "scale": self.scale, "similarity_fct": self.similarity_fct.__name__, "cache_size": self.cache_size,
             "num_negatives": self.num_negatives, "in_batch_negatives": self.in_batch_negatives, "seed": self.seed,
+            **({"corpus_size": len(self.corpus)} if self.corpus is not None else {}),
         }
 
 
-def _in_batch_loss(scale: float, anchors: Tensor, positives: Tensor) -> Tensor:
-    """MNRL's cross-entropy of each anchor against this rank's positives (the quantity ``eval_loss`` reports)."""
-    scores = scale * anchors @ positives.t()
+def _corpus_texts(corpus: Iterable[str]) -> list[str]:
+    """The corpus as a list of texts (a list, tuple or dataset column), checked."""
+    if isinstance(corpus, (str, bytes)):
+        raise ValueError("corpus must be a sequence of texts (e.g. a list or a dataset column), got one string")
+    texts = list(corpus)
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise ValueError(f"corpus must hold texts; corpus[{bad}] is {type(texts[bad]).__name__}")
+    if not texts:
+        raise ValueError("corpus is empty")
+    return texts
+
+
+def _in_batch_loss(scale: float, anchors: Tensor, positives: Tensor, negatives: Sequence[Tensor] = ()) -> Tensor:
+    """MNRL's cross-entropy of each anchor against this rank's positives and negative columns (what ``eval_loss``
+    reports)."""
+    scores = scale * anchors @ torch.cat([positives, *negatives]).t()
     return F.cross_entropy(scores, torch.arange(scores.shape[0], device=scores.device))
 
 
@@ -410,6 +488,14 @@ class NegativeCacheCallback(TrainerCallback):
                 f"rank(s), fewer than per_device_train_batch_size={args.per_device_train_batch_size}: a batch must "
                 "fit in a rank's cache shard; raise cache_size"
             )
+        self.loaded_from = self._restore(state, handler)
+        if self.loaded_from is not None:
+            self.loss._corpus_pending = False  # the checkpoint holds the corpus's rows
+        elif self.loss._corpus_pending:
+            self.loss.prefill()
+
+    def _restore(self, state, handler: ShardedCacheLossHandler) -> str | None:
+        """Loads the cache of the checkpoint being resumed; returns its folder (None: nothing to load)."""
         path = self.resume_from
         if path is None and state.global_step > 0:
             path = self.trainer_checkpoint
@@ -421,9 +507,9 @@ class NegativeCacheCallback(TrainerCallback):
                 if self.require_cache_on_resume:
                     raise RuntimeError(problem)
                 logger.warning("%s; starting with an empty cache", problem)
-                return
+                return None
         if path is None:
-            return
+            return None
         cache_dir = path if os.path.basename(os.path.normpath(path)) == CHECKPOINT_DIR else os.path.join(path, CHECKPOINT_DIR)
         if not os.path.isdir(cache_dir):
             if self.require_cache_on_resume:
@@ -432,11 +518,11 @@ class NegativeCacheCallback(TrainerCallback):
                     "require_cache_on_resume=False to NegativeCacheCallback to start with an empty cache"
                 )
             logger.warning("no negative cache in %s: starting with an empty cache", cache_dir)
-            return
+            return None
         # The default block size depends on the rows per rank, so a resume on another world size may see
         # another one; the rows are valid under any block size (only the sampler's stream is keyed by it).
         load({"cache": CacheCheckpoint(handler, allow_block_size_change=True)}, cache_dir)
-        self.loaded_from = cache_dir
+        return cache_dir
 
     def on_save(self, args, state, control, **kwargs):  # noqa: D102
         handler = self.loss.handler_for(args.device)
