@@ -501,3 +501,12 @@ def test_corpus_cache_is_prefilled_when_training_begins_and_restored_not_prefill
     for key in saved:  # the checkpoint's rows exactly: no prefill over them (it would reset ages and embeddings)
         assert torch.equal(saved[key], loaded.rows[key]), key
     assert loss2.handler.steps_done == 3
+
+
+def test_corpus_is_prefilled_by_the_first_training_step_in_a_plain_loop(model):
+    m = copy.deepcopy(model)
+    anchors, positives = pairs(8, seed=7)
+    loss = CachedNegativesRankingLoss(m, cache_size=32, num_negatives=2, corpus=positives + pairs(6, seed=8)[1])
+    loss([features(m, anchors), features(m, positives)], None).backward()
+    assert int(loss.handler.gather_global_rows()["filled"].sum()) == 14 and loss.handler.steps_done == 1
+    assert loss.handler.last_step.metrics["sampled"] == 16  # 8 anchors x 2 draws from the prefilled rows
