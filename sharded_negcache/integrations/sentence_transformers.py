@@ -1,10 +1,11 @@
 """The negative cache as a sentence-transformers loss, for ``SentenceTransformerTrainer`` and ``model.fit``.
 
 :class:`CachedNegativesRankingLoss` is shaped like ``MultipleNegativesRankingLoss(model, scale,
-similarity_fct)`` and trains on (anchor, positive) pairs: each anchor is scored against its positive
-and, through :class:`~sharded_negcache.ShardedCacheLossHandler`, against the whole cache, sharded
-over the ranks of the trainer's process group. The cache keeps each positive's token ids unpadded
-(a jagged field) and re-encodes the sampled rows with the model being trained.
+similarity_fct)`` and trains on (anchor, positive[, negative_1, ...]) columns: each anchor is scored
+against its positive, the negative columns and, through :class:`~sharded_negcache.ShardedCacheLossHandler`,
+the whole cache, sharded over the ranks of the trainer's process group. The cache holds recent positives
+(streaming) or a given corpus (``corpus=``), keeps their token ids unpadded (a jagged field) and
+re-encodes the sampled rows with the model being trained.
 
 :class:`NegativeCacheCallback` adds the cache's metrics to the trainer's logs and saves / restores the
 cache with the trainer's checkpoints (``checkpoint-<step>/negcache``, DCP, loadable on another
