@@ -165,6 +165,7 @@ class CachedNegativesRankingLoss(nn.Module):
         self._feature_keys: tuple[str, ...] | None = None
         self._extra: dict[str, Any] = {}
         self._metric_sums: dict[str, float] = {}
+        self._in_batch_sum: Tensor | None = None
         self._metric_steps = 0
         self.callback: NegativeCacheCallback | None = None  # set by the callback when training begins
         self._callback_checked = False
@@ -340,7 +341,8 @@ class CachedNegativesRankingLoss(nn.Module):
         for name in LOGGED:
             if name in metrics:
                 self._metric_sums[name] = self._metric_sums.get(name, 0.0) + float(metrics[name])
-        self._metric_sums[IN_BATCH] = self._metric_sums.get(IN_BATCH, 0.0) + float(in_batch)
+        # kept on the device until logged: no host sync per step
+        self._in_batch_sum = in_batch.double() if self._in_batch_sum is None else self._in_batch_sum + in_batch
         self._metric_steps += 1
 
     def pop_metrics(self) -> dict[str, float]:
@@ -352,12 +354,13 @@ class CachedNegativesRankingLoss(nn.Module):
         if not self._metric_steps:
             return {}
         sums = dict(self._metric_sums)
-        if self.handler is not None and dist.is_available() and dist.is_initialized():  # the handler's group: WORLD
-            total = torch.tensor([sums[IN_BATCH]], dtype=torch.float64, device=self.handler.device)
+        total = self._in_batch_sum.reshape(1)
+        if dist.is_available() and dist.is_initialized():  # the handler's group: WORLD
             dist.all_reduce(total)
-            sums[IN_BATCH] = float(total) / dist.get_world_size()
+            total = total / dist.get_world_size()
+        sums[IN_BATCH] = float(total)
         out = {LOG_PREFIX + k: round(v / self._metric_steps, 6) for k, v in sums.items()}
-        self._metric_sums, self._metric_steps = {}, 0
+        self._metric_sums, self._metric_steps, self._in_batch_sum = {}, 0, None
         return out
 
     @property
