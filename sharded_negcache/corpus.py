@@ -1,23 +1,24 @@
 """Corpus mode: the cache's rows are the documents of a corpus, addressed by document id.
 
 ``CorpusIndex`` maps a document id to its global row and its exclusion key; it is replicated on every
-rank of a shard group (16 bytes per document: 16 MB for a million). ``place`` decides where prefill
-puts each document, ``owned_batches`` yields the documents a rank encodes, and ``content_keys`` hashes
-what the tower reads, so that exact duplicates share an exclusion key (design §12).
+rank of a shard group (24 bytes per document: 24 MB for a million). ``place`` decides where prefill
+puts each document, ``row_batches`` cuts a rank's documents into encoder batches, and ``content_keys``
+groups exact duplicates under one exclusion key (design §12).
 No collectives here: the handler gathers what the index is rebuilt from.
 """
 from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping
 
 import torch
 
 from .jagged import Jagged, JaggedFieldSpec, to_jagged
+from .keyed_random import _M32, _mix
 from .specs import AnySpec
 
-__all__ = ["CORPUS_KEY", "CorpusIndex", "place", "corpus_columns", "owned_batches", "content_keys", "ids_checksum", "select_rows"]
+__all__ = ["CORPUS_KEY", "CorpusIndex", "place", "corpus_columns", "row_batches", "content_keys", "ids_checksum", "select_rows"]
 
 # The store column holding each row's exclusion key (the doc id, or the duplicate group's key).
 CORPUS_KEY = "corpus_key"
@@ -36,20 +37,23 @@ class CorpusIndex:
         order = torch.argsort(ids)
         return cls(ids[order].contiguous(), rows[order], keys[order])
 
+    def to(self, device: torch.device) -> "CorpusIndex":
+        return CorpusIndex(self.ids.to(device), self.rows.to(device), self.keys.to(device))
+
     def __len__(self) -> int:
         return self.ids.numel()
 
     def lookup(self, doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(global rows, exclusion keys, found) of ``doc_ids`` [B]; rows and keys are 0 where not found."""
-        doc_ids = doc_ids.reshape(-1).to(torch.int64)
-        ids = self.ids.to(doc_ids.device)
+        doc_ids = doc_ids.reshape(-1).to(self.ids.device, torch.int64)
+        ids = self.ids
         if ids.numel() == 0:
             zero = torch.zeros_like(doc_ids)
             return zero, zero, torch.zeros_like(doc_ids, dtype=torch.bool)
         pos = torch.searchsorted(ids, doc_ids).clamp_(max=ids.numel() - 1)
         found = ids[pos] == doc_ids
-        rows = torch.where(found, self.rows.to(doc_ids.device)[pos], 0)
-        keys = torch.where(found, self.keys.to(doc_ids.device)[pos], 0)
+        rows = torch.where(found, self.rows[pos], 0)
+        keys = torch.where(found, self.keys[pos], 0)
         return rows, keys, found
 
 
@@ -103,38 +107,59 @@ def select_rows(column: torch.Tensor | Jagged, index: torch.Tensor) -> torch.Ten
     return column.index_select(0, index)
 
 
-def owned_batches(
-    columns: Mapping[str, torch.Tensor | Jagged], rank: int, world_size: int, batch_size: int
-) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor | Jagged]]]:
-    """(document positions, their fields) of the documents ``place`` gives to ``rank``, ``batch_size`` at a time."""
-    num_docs = next(iter(columns.values()))
-    num_docs = num_docs.lengths.numel() if isinstance(num_docs, Jagged) else num_docs.shape[0]
-    mine = torch.arange(rank, num_docs, world_size, dtype=torch.int64)
-    for start in range(0, mine.numel(), batch_size):
-        index = mine[start : start + batch_size]
-        yield index, {k: select_rows(v, index) for k, v in columns.items()}
+def row_batches(
+    columns: Mapping[str, torch.Tensor | Jagged], num_rows: int, batch_size: int
+) -> Iterator[tuple[int, int, dict[str, torch.Tensor | Jagged]]]:
+    """(start, end, fields of rows [start, end)) for consecutive ranges of ``batch_size`` rows; a jagged
+    field is sliced through its offsets (computed once), so the whole pass is O(rows)."""
+    offsets = {k: torch.cat([v.lengths.new_zeros(1), torch.cumsum(v.lengths, 0)]).tolist()
+               for k, v in columns.items() if isinstance(v, Jagged)}
+    for start in range(0, num_rows, batch_size):
+        end = min(start + batch_size, num_rows)
+        batch = {}
+        for k, v in columns.items():
+            if isinstance(v, Jagged):
+                batch[k] = Jagged(v.lengths[start:end], v.values[offsets[k][start] : offsets[k][end]])
+            else:
+                batch[k] = v[start:end]
+        yield start, end, batch
 
 
 def content_keys(columns: Mapping[str, torch.Tensor | Jagged], doc_ids: torch.Tensor) -> torch.Tensor:
     """Per document, an exclusion key shared by exact duplicates (identical values in every field the tower
-    reads, hence identical embeddings): the smallest doc id of its duplicate group. Compares each row's
-    bytes (field by field, with lengths) on the host: O(total bytes), once per prefill."""
+    reads, hence identical embeddings): the smallest doc id of its duplicate group.
+
+    Each document becomes one row of 64-bit words (every field; a jagged one padded, with its length),
+    hashed to 62 bits column by column (vectorised, O(total bytes)); documents with equal hashes are then
+    compared word for word with their group's first member, and one that differs (a hash collision, about
+    N² / 2^63) keeps its own id: a duplicate can be missed that way, a distinct document never merged.
+    """
     n = doc_ids.numel()
-    fields: list[Sequence[torch.Tensor]] = []
+    parts = []
     for key in sorted(columns):
         c = columns[key]
         if isinstance(c, Jagged):
-            fields.append(torch.split(c.values.cpu(), c.lengths.cpu().tolist()))
+            width = int(c.lengths.max()) if n else 0
+            padded = c.values.new_zeros(n, width)
+            padded[torch.arange(width)[None, :] < c.lengths[:, None]] = c.values
+            parts += [c.lengths.reshape(n, 1).to(torch.int64), padded]
         else:
-            fields.append(list(c.cpu().reshape(n, -1).unbind(0)))
-    ids = doc_ids.cpu().to(torch.int64).tolist()
-    smallest: dict[bytes, int] = {}
-    blobs = []
-    for i in range(n):
-        blob = b"".join(f[i].numel().to_bytes(8, "little") + f[i].numpy().tobytes() for f in fields)
-        blobs.append(blob)
-        smallest[blob] = min(smallest.get(blob, ids[i]), ids[i])
-    return torch.tensor([smallest[b] for b in blobs], dtype=torch.int64)
+            parts.append(c.reshape(n, -1))
+    raw = torch.cat([p.cpu().contiguous().view(torch.uint8).reshape(n, -1) for p in parts], 1)
+    raw = torch.nn.functional.pad(raw, (0, -raw.shape[1] % 8))
+    words = raw.view(torch.int64)
+    low = high = torch.zeros(n, dtype=torch.int64)
+    for j in range(words.shape[1]):
+        w = words[:, j]
+        low = _mix(low ^ _mix(w & _M32))
+        high = _mix(high ^ _mix(((w >> 32) & _M32) ^ 0x5BD1E995))
+    _, group = torch.unique((low << 30) ^ high, return_inverse=True)
+    ids = doc_ids.cpu().to(torch.int64)
+    first = torch.full((n,), n, dtype=torch.int64).scatter_reduce_(0, group, torch.arange(n), reduce="amin")
+    same = (words == words[first[group]]).all(1)
+    smallest = torch.full((n,), torch.iinfo(torch.int64).max, dtype=torch.int64)
+    smallest.scatter_reduce_(0, group[same], ids[same], reduce="amin")
+    return torch.where(same, smallest[group], ids)
 
 
 def ids_checksum(doc_ids: torch.Tensor) -> int:

@@ -20,7 +20,7 @@ from torch.profiler import record_function
 from . import metrics
 from .codecs import EmbeddingCodec, finite_rows, make_codec
 from .combine import merge_partials, pack_partials
-from .corpus import (CORPUS_KEY, CorpusIndex, content_keys, corpus_columns, ids_checksum, owned_batches, place,
+from .corpus import (CORPUS_KEY, CorpusIndex, content_keys, corpus_columns, ids_checksum, place, row_batches,
                      select_rows)
 from .exchange import DEFAULT_TIMEOUT_S, BatchRejected, CollectiveFailed, Comm
 from .groups import ShardGroups
@@ -368,8 +368,11 @@ class ShardedCacheLossHandler(nn.Module):
         self.comm.step = step
         settings = {**self.config(), "step": step, "writes": write, "returns_refreshes": return_refreshes}
         corpus = self._corpus_index() if self.cache_mode == "corpus" else None
-        if extra_negatives is not None:
-            settings["extra_negatives"] = extra_negatives.shape[1] if extra_negatives.dim() == 3 else -1
+        if extra_negatives is not None:  # n must match on every rank (the in-batch gather sizes by it)
+            shaped = isinstance(extra_negatives, torch.Tensor) and extra_negatives.dim() == 3
+            settings["extra_negatives"] = extra_negatives.shape[1] if shaped else -1
+        else:
+            settings["extra_negatives"] = None
         with _stage("agree"):
             sizes, features, positive_ok = self._agree_on_inputs(
                 query_embeddings, document_embeddings, document_data, settings,
@@ -546,6 +549,8 @@ class ShardedCacheLossHandler(nn.Module):
             s = self.store
             check_capacity(s.rows, s.dim, s.feature_specs, s.codec, query_embeddings.device, s.host_keys)
             self.to(query_embeddings.device)
+            if self._corpus is not None:
+                self._corpus = self._corpus.to(self.device)
         self._device_fixed = True
 
     def _agree_on_inputs(
@@ -656,29 +661,30 @@ class ShardedCacheLossHandler(nn.Module):
         rank, group = self.comm.rank, self.layout.world_size
         rows = place(ids.numel(), group, self.layout.rows_per_rank)
         keys = content_keys(columns, ids) if self.exclude_duplicates else ids
-        mine = torch.arange(rank, ids.numel(), group)
+        mine = torch.arange(rank, ids.numel(), group)  # this rank's documents (``place``)
+        own = {k: select_rows(v, mine) for k, v in columns.items()}
         embeddings, failure = [], None
         bar = _progress(progress and self.comm.outer_rank == 0 and ids.numel() >= _PREFILL_BAR_MIN_DOCS,
                         mine.numel(), "negcache prefill (rank 0's share)")
         with torch.inference_mode():
-            for index, batch in owned_batches(columns, rank, group, batch_size):
+            for start, end, batch in row_batches(own, mine.numel(), batch_size):
                 fetched = FetchedRows({k: v.to(self.device) for k, v in batch.items()},
-                                      torch.empty(index.numel(), 0), torch.empty(0))
+                                      torch.empty(end - start, 0), torch.empty(0))
                 out, failure = self._reencode(encode_fn, fetched, torch.empty(0, device=self.device))
                 if failure is None and not bool(self.store.codec.storable(out).all()):
                     failure = (f"encode_fn returned NaN/Inf (or values the {self.store.codec.name!r} codec cannot "
-                               f"store) for documents at positions {index[:4].tolist()}...", None)
+                               f"store) in documents {ids[mine[start:end]][:4].tolist()}...", None)
                 if failure is not None:
                     break
                 embeddings.append(out.float().clone())
-                bar.update(index.numel())
+                bar.update(end - start)
         bar.close()
         failed = self.comm.all_reduce_sum(torch.tensor([float(failure is not None)], device=self.device))
         if float(failed[0]):
             mine_msg, cause = failure if failure is not None else (None, None)
             self.comm.raise_together(mine_msg, DocumentNetworkFailed, "prefill: encode_fn failed on ",
                                      "; cache unchanged", cause)
-        features = {k: select_rows(v, mine).to(self.device) for k, v in columns.items()}
+        features = {k: v.to(self.device) for k, v in own.items()}
         features[self.schema.doc_id_key] = ids[mine].to(self.device)
         features[CORPUS_KEY] = keys[mine].to(self.device)
         self.store.clear()

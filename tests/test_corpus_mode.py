@@ -294,3 +294,58 @@ def test_extra_negatives_loss_and_gradients_match_cross_entropy():
         torch.testing.assert_close(a, b)
     with pytest.raises(BatchRejected, match=r"extra_negatives must have shape \[3, n, 8\]"):
         h.update_cache_and_compute_loss(Tower(), q, pos, data, extra_negatives=extra[:, 0])
+
+
+def test_reencode_none_in_a_streaming_cache_has_the_full_softmax_query_gradient():
+    from test_gradient_unbiased import fresh_cache
+
+    tower = Tower()
+    rows = fresh_cache(tower)
+    h = make_handler(CACHE, score_transform=SCALE, num_negatives=DRAWS, seed=9, reencode_negatives="none")
+    h.load_global_rows(rows)
+    g = torch.Generator().manual_seed(4)
+    q = (torch.randn(3, DIM, generator=g) * 0.8).requires_grad_(True)
+    x_pos = torch.randn(3, FEAT, generator=g)
+    calls = []
+    loss = h.update_cache_and_compute_loss(lambda d: calls.append(1) or tower(d), q, tower({"x": x_pos}), {"x": x_pos})
+    (g_q,) = torch.autograd.grad(loss, [q])
+    cache_emb = tower({"x": rows["x"][rows["filled"]]})
+    logits = torch.cat([SCALE * (q * tower({"x": x_pos})).sum(1, keepdim=True), SCALE * q @ cache_emb.t()], 1)
+    (exact,) = torch.autograd.grad(-torch.log_softmax(logits, 1)[:, 0].mean(), [q])
+    assert calls == [] and rel_err(g_q, exact) < 0.02
+
+
+def test_a_nan_in_the_refresh_budget_raises_before_any_write():
+    from sharded_negcache.handler import NonFiniteRows
+
+    tower, (ids, x) = Tower(), corpus()
+    h = corpus_handler(reencode_negatives="none", refresh_budget=2)
+    h.prefill(ids, {"x": x}, tower)
+    before, steps = snapshot(h), h.steps_done
+    nan_without_grad = lambda d: tower(d) * (1.0 if torch.is_grad_enabled() else float("nan"))  # noqa: E731
+    data = step_data(ids, x, [3])
+    with pytest.raises(NonFiniteRows, match="cache unchanged"):
+        h.update_cache_and_compute_loss(nan_without_grad, torch.randn(1, DIM), tower(data), data)
+    assert same_rows(before, snapshot(h)) and h.steps_done == steps
+
+
+def test_extra_negatives_of_the_wrong_kind_are_rejected_by_name():
+    h = make_handler(16, score_transform=SCALE)
+    q, pos, data = torch.randn(2, DIM), torch.randn(2, DIM), {"x": torch.randn(2, FEAT)}
+    for bad, match in [([1, 2], "extra_negatives must be a floating tensor"),
+                       (torch.full((2, 1, DIM), float("nan")), "extra_negatives contain NaN or Inf"),
+                       (torch.zeros(2, 1, DIM, dtype=torch.int64), "extra_negatives must be a floating tensor")]:
+        with pytest.raises(BatchRejected, match=match):
+            h.update_cache_and_compute_loss(Tower(), q, pos, data, extra_negatives=bad)
+    assert h.steps_done == 0
+
+
+def test_content_keys_group_exact_duplicates_only():
+    from sharded_negcache.corpus import content_keys
+    from sharded_negcache.jagged import Jagged
+
+    toks = [[1, 2], [1, 2, 0], [1, 2], [5], [1, 2, 0], [1, 2]]  # [1, 2] and [1, 2, 0] pad alike; lengths differ
+    x = torch.tensor([[0.5], [0.5], [0.5], [0.5], [0.5], [-0.5]])  # the last [1, 2] differs in another field
+    tok = Jagged(torch.tensor([len(t) for t in toks]), torch.tensor([v for t in toks for v in t]))
+    ids = torch.tensor([30, 31, 12, 40, 9, 7])
+    assert content_keys({"tok": tok, "x": x}, ids).tolist() == [12, 9, 12, 40, 9, 7]
