@@ -259,8 +259,10 @@ def test_model_fit(model):
     data = DataLoader([InputExample(texts=[a, p]) for a, p in zip(anchors, positives)], batch_size=8, shuffle=False)
     loss = CachedNegativesRankingLoss(m, cache_size=16)
     before = grads_free_copy(m)
-    m.fit(train_objectives=[(data, loss)], epochs=1, warmup_steps=0, show_progress_bar=False,
-          optimizer_params={"lr": 1e-3})
+    with pytest.warns(UserWarning, match="one is attached now"):  # model.fit builds a trainer without the callback
+        m.fit(train_objectives=[(data, loss)], epochs=1, warmup_steps=0, show_progress_bar=False,
+              optimizer_params={"lr": 1e-3})
+    assert isinstance(loss.callback, NegativeCacheCallback)
     assert loss.handler.steps_done == 3 and loss.handler.last_step.metrics["fill_fraction"] == 1.0
     assert not torch.equal(before, grads_free_copy(m))
 
