@@ -1,8 +1,9 @@
 """Run under torchrun: SentenceTransformerTrainer (its own DDP) with the negative-cache loss and callback.
 
 argv: out_dir max_steps [resume_step or -] [corpus]. ``corpus``: (anchor, positive, negative) triplets, the cache
-prefilled with every positive and negative, an evaluation every 2 steps. Rank 0 writes ``result-<world>.json`` (log history, losses) and,
-whenever the cache is saved or loaded, ``rows-<event>-<step>-w<world>.pt`` (the whole cache, gathered).
+prefilled with every positive and negative, an evaluation every 2 steps. Rank 0 writes ``result-<world>.json``
+(log history, losses) and, whenever the cache is saved or loaded, ``rows-<event>-<step>-w<world>.pt`` (the
+whole cache, gathered).
 """
 from __future__ import annotations
 

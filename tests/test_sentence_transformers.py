@@ -412,7 +412,8 @@ def test_negative_columns_with_an_empty_cache_equal_mnrl(model):
     reference.backward()
     assert value.item() == pytest.approx(reference.item(), rel=1e-5)
     torch.testing.assert_close(g_ours, grads(m), rtol=1e-4, atol=1e-6)
-    assert ours.handler.steps_done == 1 and int(ours.handler.gather_global_rows()["filled"].sum()) == 8  # no negative cached
+    assert ours.handler.steps_done == 1
+    assert int(ours.handler.gather_global_rows()["filled"].sum()) == 8  # the 8 positives; no negative cached
     m.eval()
     with torch.no_grad():
         assert ours(batch, None).item() == pytest.approx(mnrl(batch, None).item(), rel=1e-5)
@@ -443,7 +444,8 @@ def test_corpus_prefill_and_a_step_in_corpus_mode(model):
     ids = token_hash(f["input_ids"], f["attention_mask"]).tolist()
     where = {int(rows["doc_id"][r, 0]): r for r in rows["filled"].nonzero().flatten().tolist()}
     assert sorted(where) == sorted(ids) and len(where) == 18
-    torch.testing.assert_close(rows["embedding"][[where[i] for i in ids]], _embeddings(m, distinct), rtol=1e-5, atol=1e-6)
+    prefilled = rows["embedding"][[where[i] for i in ids]]
+    torch.testing.assert_close(prefilled, _embeddings(m, distinct), rtol=1e-5, atol=1e-6)
 
     with torch.no_grad():  # the model moves, so every re-encoded row visibly changes
         gen = torch.Generator().manual_seed(0)
