@@ -668,7 +668,7 @@ class ShardedCacheLossHandler(nn.Module):
         except ValueError as exc:
             problem = str(exc)
         status = torch.tensor([1 if problem else 0, ids_checksum(ids), ids.numel()], device=self.device)
-        table = self.comm.agree(status, lambda code: f"prefill: {problem}")
+        table, _ = self.comm.agree(status, lambda code: f"prefill: {problem}")
         if len({tuple(r) for r in table[:, 1:].tolist()}) > 1:
             raise ValueError("prefill: ranks passed different doc_ids (every rank must pass the same whole corpus); "
                              "cache unchanged")
