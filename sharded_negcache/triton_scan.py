@@ -367,25 +367,125 @@ def pick_rows(q: torch.Tensor, rows: StoredRows, bs: int, blocks: torch.Tensor, 
     return torch.where(found, out.view(b, m), torch.full_like(blk, -1))
 
 
-def self_check(codec, dim: int, bs: int, device: torch.device) -> str | None:
-    """Runs the block-LSE kernel once on synthetic rows of ``codec`` (4 blocks, 16 queries, one empty
-    row) against torch; None when it agrees within :func:`score_error_bound`, else what went wrong.
-    The engine calls it once per process, device and codec before trusting the kernel."""
+# Row values of the self-check's exact data, per codec: integers the codec stores exactly, and for fp32 with
+# 12 significant bits (odd, 2049..4095), which TF32's 11 would round. Query values are odd 17..31 (5 bits:
+# exact in bf16/fp16, rounded by fp8's 4), 16 non-zeros per query, so every product and partial sum is an
+# integer below 2^21: exact in fp32 in any order, on CUDA cores or tensor cores.
+_EXACT_ROWS = {"fp32": (2049, 4095), "bf16": (0, 255), "fp16": (0, 255), "int8": (-128, 127), "int4": (-8, 7)}
+CHECK_BLOCKS = 8  # 0-3 one candidate row each, 4 empty, 5-7 several rows (some empty, some excluded)
+CHECK_QUERIES, CHECK_DRAWS = 8, 4  # stage 2: draws of the first queries
+_SINGLE_RTOL = 2.0**-22  # a one-row block's LSE is its score: exact data leaves only the last bits of exp/log
+_LSE_ATOL = 1e-4  # several rows: exp/log/sum rounding of scores within +-8 (~1e-5) with margin
+_CDF_STEP = 2.0**-20  # stage-2 targets this fraction of the block's mass beside a CDF step: above fp32's
+# resolution of u (2^-24), far below what a fault moves a step (>= 1e-4), far above the exact path's 1e-15
+
+
+def _exact_case(codec, dim: int, bs: int, b: int, device: torch.device):
+    """(stored rows, their decoded fp32 values, filled, row ids, queries, query ids) of the exact data."""
     g = torch.Generator().manual_seed(0)
-    n = 4 * bs
-    stored = codec.encode(torch.randn(n, dim, generator=g).to(device))
-    filled = torch.ones(n, dtype=torch.bool, device=device)
-    filled[1] = False
-    q = (3 * torch.randn(16, dim, generator=g)).to(device)
+    n, name = CHECK_BLOCKS * bs, codec.name
+    lo, hi = _EXACT_ROWS[name]
+    if name == "fp32":
+        x = (2 * torch.randint((lo - 1) // 2, (hi + 1) // 2, (n, dim), generator=g) + 1).float()
+        x *= torch.randint(0, 2, (n, dim), generator=g) * 2 - 1.0
+    else:
+        x = torch.randint(lo if lo < 0 else -hi, hi + 1, (n, dim), generator=g).float()
+        if name in ("int8", "int4"):  # each row holds its range's ends: scale 1 and bias lo, so decoding is exact
+            x[:, 0], x[:, -1] = lo, hi
+    stored = codec.encode(x.to(device))
+    decoded = codec.decode(stored, dim).float().cpu()
+    filled = torch.rand(n, generator=g) < 0.7
+    filled[: 4 * bs] = False
+    filled[torch.arange(4) * bs + torch.tensor([0, bs // 2, bs - 1, bs // 3])] = True  # one candidate per block
+    filled[4 * bs : 5 * bs] = False
+    row_ids = torch.randint(0, 6, (n,), generator=g)
+    row_ids[: 4 * bs] = 100  # no query excludes the one-row blocks' candidates
+    nz = torch.rand(b, dim, generator=g).argsort(1)[:, : min(16, dim)]
+    qv = (2 * torch.randint(8, 16, nz.shape, generator=g) + 1).float() * (torch.randint(0, 2, nz.shape, generator=g) * 2 - 1)
+    qi = torch.zeros(b, dim).scatter_(1, nz, qv)
+    top = float((qi.abs() @ decoded.abs().t()).max())
+    q = qi * 2.0 ** -math.ceil(math.log2(max(top, 8.0) / 8.0))  # scores within +-8, still exact
+    qids = torch.randint(0, 6, (b,), generator=g)
+    return stored, decoded, filled, row_ids, q, qids
+
+
+def _crafted_uniforms(a: torch.Tensor, lse: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """For each [P, block] score row: u whose target lies _CDF_STEP of the mass beside a random CDF step (above
+    or below), so a score error that moves that step by more flips the row drawn."""
+    w = (a.double() - lse.double()[:, None]).exp()
+    cdf = w.cumsum(1)
+    total = cdf[:, -1]
+    has = w > 0
+    j = torch.multinomial(has.double() + 1e-300 * (~has.any(1, keepdim=True)), 1, generator=g).squeeze(1)
+    step = cdf.gather(1, j[:, None]).squeeze(1) / total
+    side = torch.randint(0, 2, j.shape, generator=g) * 2 - 1.0
+    return (step + side * _CDF_STEP).clamp(0.0, 1.0).float()
+
+
+def self_check(codec, dim: int, bs: int, device: torch.device) -> str | None:
+    """Runs both kernels, with and without exclusions, on exact data of ``codec`` (integer-valued rows and
+    queries whose products are exact in fp32: the right answer is known to the last bit) against the torch
+    path; None when they agree, else what disagreed. Checked: one-row blocks' LSE to 2 ulp (rejects TF32,
+    fp8-rounded queries, a dropped filled mask, rows read out of order), an empty block -inf, several-row
+    blocks' LSE within 1e-4, stage-1 winners under the same Gumbels, and stage-2 rows drawn with targets
+    2^-20 of the mass beside a CDF step (a score error that moves the step flips the row). A kernel that
+    does not compile or launch is a disagreement too. The engine calls it once per process, device, codec,
+    width and block size before trusting the kernels."""
+    from .scoring import pick_in_block
+
     try:
-        got = block_lse(q, StoredRows.of(stored, codec.name, dim, filled, None), bs, None)
+        for excl in (True, False):
+            problem = _check_once(codec, dim, bs, device, excl, pick_in_block)
+            if problem:
+                return f"{problem} ({'with' if excl else 'without'} exclusions)"
     except Exception as exc:  # noqa: BLE001 - a kernel that does not compile or launch here
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-    rows = codec.decode(stored, dim).float()
-    a = (q @ rows.t()).masked_fill(~filled[None, :], float("-inf"))
-    want = torch.logsumexp(a.view(16, 4, bs), dim=-1)
-    bound = score_error_bound(codec.name, dim) * (q.abs() @ rows.abs().t()).view(16, 4, bs).amax(-1) + 1e-4
-    err = (got - want).abs()
-    if not torch.isfinite(got).all() or bool((err > bound).any()):
-        return f"block LSEs differ from torch by up to {float(err.max()):.3g} (bound {float(bound.min()):.3g})"
+    return None
+
+
+def _check_once(codec, dim: int, bs: int, device: torch.device, excl: bool, pick_in_block) -> str | None:
+    b = tiles(codec.name, dim, bs).block_q + 3  # a full query tile and a ragged one
+    stored, decoded, filled, row_ids, q, qids = _exact_case(codec, dim, bs, b, device)
+    nb = CHECK_BLOCKS
+    a = (q @ decoded.t()).masked_fill(~filled[None, :], float("-inf"))
+    if excl:
+        a = a.masked_fill(row_ids[None, :] == qids[:, None], float("-inf"))
+    want = torch.logsumexp(a.view(b, nb, bs), dim=-1)
+    rows = StoredRows.of(stored, codec.name, dim, filled.to(device), row_ids.to(device) if excl else None)
+    got = block_lse(q.to(device), rows, bs, qids.to(device) if excl else None).cpu()
+    single = (got[:, :4] - want[:, :4]).abs() > _SINGLE_RTOL * want[:, :4].abs()
+    if bool(single.any()) or not bool(torch.isfinite(got[:, :4]).all()):
+        err = float((got[:, :4] - want[:, :4]).abs().nan_to_num(float("inf")).max())
+        return f"block LSEs of one-row blocks differ from torch by up to {err:.3g} (exact data: 2 ulp allowed)"
+    if not bool(torch.isneginf(got[:, 4]).all()):
+        return "the empty block's LSE is not -inf"
+    fin = torch.isfinite(want[:, 5:])
+    err = (got[:, 5:] - want[:, 5:]).abs()
+    if not torch.equal(torch.isfinite(got[:, 5:]), fin) or bool((err[fin] > _LSE_ATOL).any()):
+        return f"block LSEs of several-row blocks differ from torch by up to {float(err.nan_to_num(float('inf')).max()):.3g} (tolerance {_LSE_ATOL:g})"
+    g = torch.Generator().manual_seed(1)
+    gumbel = -torch.log(-torch.log(torch.rand(b, CHECK_DRAWS, nb, generator=g).clamp_min(1e-12)))
+    keys = want[:, None, :] + gumbel
+    top2 = keys.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 2 * _LSE_ATOL
+    if not torch.equal((got[:, None, :] + gumbel).argmax(-1)[clear], keys.argmax(-1)[clear]):
+        return "stage-1 winners differ from torch under the same Gumbels"
+    # stage 2 in the several-row blocks with mass (the one-row blocks draw their row whatever the scores), for
+    # the first CHECK_QUERIES queries
+    b = CHECK_QUERIES
+    q, qids, a, want = q[:b], qids[:b], a[:b], want[:b]
+    blocks = torch.where(torch.isfinite(want[:, 5:]), torch.arange(5, nb), -1)
+    choice = torch.randint(0, 3, (b, CHECK_DRAWS), generator=g)
+    blk = blocks.gather(1, choice)
+    found = blk >= 0
+    blk = torch.where(found, blk, torch.zeros_like(blk))
+    seg = a.view(b, nb, bs)[torch.arange(b)[:, None], blk].reshape(-1, bs)
+    lse = want.gather(1, blk)
+    u = _crafted_uniforms(torch.where(found.reshape(-1, 1), seg, torch.zeros_like(seg)), lse.reshape(-1), g)
+    ref = (blk.reshape(-1) * bs + pick_in_block(seg, lse.reshape(-1), u)).view(b, CHECK_DRAWS)
+    ref = torch.where(found, ref, torch.full_like(ref, -1))
+    out = pick_rows(q.to(device), rows, bs, blk.to(device), lse.to(device), u.view(b, CHECK_DRAWS).to(device),
+                    found.to(device), qids.to(device) if excl else None).cpu()
+    if not torch.equal(out, ref):
+        return f"stage-2 rows differ from torch in {int((out != ref).sum())} of {int(found.sum())} draws"
     return None
