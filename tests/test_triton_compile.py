@@ -210,3 +210,27 @@ def test_quantised_rows_are_loaded_in_vectors(v: Variant):
         return len(re.findall(r"ld\.global(?:\.\w+)*\.[bu]8\b", ptx)) + len(re.findall(r"cp\.async[^;]*\], 0x1\b", ptx))
     aligned, unaligned = byte_loads(b.ptx), byte_loads(build(replace(v, unaligned=True)).ptx)
     assert aligned < unaligned, f"{v}: {aligned} byte loads, {unaligned} when rows are addressed unaligned"
+
+
+def test_the_roofline_of_the_gpu_check_by_hand():
+    """benchmarks/gpu_check_kernel.py's model at the design doc's point (4M x 768 bf16 rows, B = 4096, blocks of
+    256, tiles 64 x 32), each term computed here by hand from the H100 figures it states."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check_kernel.py"
+    spec = importlib.util.spec_from_file_location("gpu_check_kernel", path)
+    K = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(K)
+    r = K.roofline(4096, 4 << 20, 768, "bf16", 256, K.GPUS["h100-sxm"])
+    rows_bytes = 4194304 * 768 * 2  # 6.44 GB
+    q_bytes = (64 * 32) * 64 * 768 * 2  # 64 query tiles x 32 slabs of 512 blocks, each reads its 64 x 768 tile once
+    lse_bytes = 4096 * 16384 * 4
+    assert r["tiles"] == "64x32"
+    assert r["hbm_gb"] == pytest.approx((rows_bytes + q_bytes + lse_bytes) / 1e9)
+    assert r["l2_gb"] == pytest.approx((64 * rows_bytes + q_bytes + lse_bytes) / 1e9)
+    assert r["mma_ms"] == pytest.approx(1e3 * 2 * 4096 * 4194304 * 768 / 989e12)  # 26.7 ms
+    assert r["l2_ms"] == pytest.approx(1e3 * (64 * rows_bytes + q_bytes + lse_bytes) / 7e12)  # 59 ms
+    smem = 64 * (4194304 / 32) * (64 + 2 * 32) * 768 * 2  # per (query tile, row tile): q and rows read, rows written
+    assert r["smem_ms"] == pytest.approx(1e3 * smem / (128 * 132 * 1.83e9))  # 53 ms
+    exp_ms = 1e3 * 4096 * 4194304 / (16 * 132 * 1.83e9)  # 4.4 ms
+    assert r["pred_ms"] == pytest.approx(1e3 * (64 * rows_bytes + q_bytes + lse_bytes) / 7e12 + exp_ms)  # 63 ms

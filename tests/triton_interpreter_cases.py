@@ -261,3 +261,21 @@ def test_a_pick_rows_that_does_not_compile_falls_back_to_the_torch_scan(monkeypa
     assert torch.equal(got.lse, ref.lse) and torch.equal(got.win_row, ref.win_row)
     warnings = [r.getMessage() for r in caplog.records if "failed its self-check" in r.getMessage()]
     assert len(warnings) == 1 and "does not compile" in warnings[0], warnings
+
+
+def test_gpu_check_kernel_judges_a_run():
+    """benchmarks/gpu_check_kernel.py's CPU-side logic on a tiny int8 shard in the interpreter: the self-check
+    trusted the kernel, agreement criteria pass, and the timing criterion fails (the interpreter is ~10^6x slower
+    than the H100 roofline), so the run is not judged a pass."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check_kernel.py"
+    spec = importlib.util.spec_from_file_location("gpu_check_kernel", path)
+    K = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(K)
+    res = K.run("cpu", 512, 32, [6], 1, "h100-sxm", ("int8",), 64)
+    p = res["points"][0]
+    assert p["kernel_trusted"] and p["lse_ok"] and p["rows_ok"], p
+    assert not p["time_ok"] and not res["ok"]
+    assert "kernel_ms" in K.report(res)
