@@ -91,8 +91,8 @@ class Tiles:
 _TILE_TABLE: list[tuple[str, int, Tiles]] = [
     ("fp32", 128, Tiles(32, 32, 4, 2)),
     ("fp32", 1 << 30, Tiles(16, 32, 4, 2)),
-    ("low", 128, Tiles(64, 64, 4, 3)),
-    ("low", 384, Tiles(64, 64, 4, 2)),
+    ("low", 128, Tiles(128, 64, 8, 3)),
+    ("low", 384, Tiles(128, 64, 8, 2)),
     ("low", 768, Tiles(64, 32, 4, 2)),
     ("low", 1 << 30, Tiles(64, 16, 4, 2)),
 ]
