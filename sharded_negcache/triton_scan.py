@@ -167,7 +167,8 @@ def _dot(q, ct, acc, CODEC: tl.constexpr, UPCAST: tl.constexpr):
     return acc
 
 
-@triton.jit
+# sizes are not specialised (divisibility, == 1): the self-check then runs the very binary the engine launches
+@triton.jit(do_not_specialize=["B", "n_blocks", "blocks_per_prog"])
 def _block_lse_kernel(q_ptr, data_ptr, sb_ptr, filled_ptr, rid_ptr, qid_ptr, out_ptr,
                       B, n_blocks, blocks_per_prog, stride_q, stride_row, stride_sb,
                       D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, BS: tl.constexpr,
@@ -241,7 +242,7 @@ def _block_scores(q_ptr, data_ptr, sb_ptr, filled_ptr, rid_ptr, qi, qid, rows, r
     return tl.where(ok, tl.sum(acc, axis=0), float("-inf"))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["m"])
 def _pick_rows_kernel(q_ptr, data_ptr, sb_ptr, filled_ptr, rid_ptr, qid_ptr, blk_ptr, lse_ptr, u_ptr, out_ptr,
                       m, stride_q, stride_row, stride_sb,
                       D: tl.constexpr, BS: tl.constexpr, CODEC: tl.constexpr, HAS_EXCL: tl.constexpr,
