@@ -6,14 +6,15 @@ Each variant is built from the arguments the engine itself passes (``triton_scan
 arguments, warps and stages) and asserted to: compile; spill no register; run bf16/fp16/int8/int4
 products on tensor cores (wgmma on sm_90, mma.sync on sm_80); use no TF32 anywhere (fp32 scores are
 IEEE fp32); take every offset from a kernel argument in int64 (read from the TTGIR: rows x stride bytes
-and B x blocks pass 2^31 on the largest shards the docs allow); load int8/int4 rows in vectors (no
-more byte loads than the bf16 kernel of the same shape, whose byte loads are the ``filled`` flags).
+and B x blocks pass 2^31 on a 4M-row shard); copy int8/int4 rows in 8- / 4-byte pieces (fewer byte loads
+than the same kernel addressing rows unaligned; the byte loads left are the ``filled`` flags).
 
 The default run compiles a covering subset (~40 builds: every tile-table entry x decode path and stage 2
 per codec at the default block size on sm_90, the block-size edge cases, sm_80 at d = 768; the vector
-test at d = 768); compiled results are cached for the process (and by triton on disk). The whole matrix (codec x kernel x exclusions x
-d in {64, 128, 384, 768, 1024} x block sizes {4, 16, 48, 64, 256} x {sm_90, sm_80}, 1000 variants,
-~30 min on one core): ``NEGCACHE_COMPILE_MATRIX=full pytest tests/test_triton_compile.py``.
+test at d = 768); compiled results are cached for the process (and by triton on disk). The whole
+matrix (codec x kernel x exclusions x d in {64, 128, 384, 768, 1024} x block sizes {4, 16, 48, 64,
+256} x {sm_90, sm_80}, 1000 variants, ~30 min on one core):
+``NEGCACHE_COMPILE_MATRIX=full pytest tests/test_triton_compile.py``.
 """
 from __future__ import annotations
 
