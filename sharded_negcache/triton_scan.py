@@ -1,11 +1,13 @@
 """Fused Triton kernels of the scan (GPU): scores never reach memory.
 
-``block_lse``: one program owns a tile of ``BLOCK_Q`` queries and one sampling block of the shard. It
-multiplies the query tile by the block's rows, ``BLOCK_R`` rows at a time, and folds each tile of fp32
-accumulators into a running (max, Σ exp) per query (the online log-sum-exp of Milakov & Gimelshein,
-as in the fused matmul + LSE of Wijmans et al., "Cut Your Losses in Large-Vocabulary Language
-Models", 2024); it writes only the [queries, blocks] LSEs. A block is always reduced by the same
-program in the same order, so its value does not depend on the world size.
+``block_lse``: one program owns a tile of ``BLOCK_Q`` queries and a slab of consecutive sampling blocks. It
+loads the query tile once (in the rows' compute dtype) and keeps it on chip while it streams the slab's
+rows, ``BLOCK_R`` at a time, folding each tile of fp32 products into a running (max, Σ exp) per query
+(the online log-sum-exp of Milakov & Gimelshein, as in the fused matmul + LSE of Wijmans et al., "Cut
+Your Losses in Large-Vocabulary Language Models", 2024); it writes only the [queries, blocks] LSEs. A
+block is always reduced by the same program in the same order, so its value does not depend on the
+world size. Tiles come from a small table per (codec, d) (:func:`tiles`); docs/design.md §9 has the
+roofline with the traffic of this design.
 
 ``pick_rows``: stage 2. One program per (query, draw) re-scores its winning block (a [block, d] · [d]
 product, nothing gathered to memory) and applies the inverse CDF of :func:`scoring.pick_in_block`
@@ -16,6 +18,9 @@ bf16 / fp16 (the queries are rounded to the row dtype; tensor cores, fp32 accumu
 (fbgemm's fused row-wise layouts: dequantised with the row's scale and bias, then rounded to bf16 for
 the tensor cores). The float score scale is folded into the queries by the caller. Empty rows and,
 with a doc-id field, the query's own positive are masked. Top-k mode stays on the torch path.
+
+Before the engine trusts the kernels it runs :func:`self_check` (exact data, both kernels, with and without
+exclusions); tests/test_triton_compile.py compiles every variant for sm_90 and sm_80 without a GPU.
 
 Importing this module imports triton; ``sharded_negcache`` imports it only when the backend is chosen.
 On CPU tensors the kernels run under ``TRITON_INTERPRET=1`` (set before triton is imported): that is
@@ -31,7 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["StoredRows", "block_lse", "pick_rows", "CODECS", "score_error_bound"]
+__all__ = ["StoredRows", "Tiles", "tiles", "block_lse", "pick_rows", "lse_launch", "pick_launch", "self_check",
+           "CODECS", "score_error_bound"]
 
 CODECS = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3, "int4": 4}
 # one rounding to the compute dtype: bf16 2^-8 to nearest; 2^-7 also covers truncation (the interpreter's cast)
