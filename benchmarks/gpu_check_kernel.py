@@ -145,13 +145,14 @@ def run(device: str, rows: int, dim: int, batches: list[int], reps: int, gpu_key
             chunk = h._chunk_rows(b)
             kw = dict(num_draws=2, top_k=None, seed=1, step=0, chunk_rows=chunk)
             with torch.no_grad():
-                res = {be: score_shard(h.store, h.layout, q, h.score_fn, backend=be, **kw) for be in ("torch", "triton")}
+                scan = {be: (lambda be=be: score_shard(h.store, h.layout, q, h.score_fn, backend=be, **kw))
+                        for be in ("torch", "triton")}
+                res = {be: fn() for be, fn in scan.items()}
                 trusted = scoring._TRITON_CHECKED.get((str(q.device), codec, dim, bs), False)
                 qs = h.score_fn.prepare_queries(q)
                 st = triton_scan.StoredRows.of(h.store.embeddings, codec, dim, h.store.filled, None)
                 t_kernel = _best(lambda: triton_scan.block_lse(qs, st, bs, None), device, reps) if b else 0.0
-                t_tri = _best(lambda: score_shard(h.store, h.layout, q, h.score_fn, backend="triton", **kw), device, reps)
-                t_torch = _best(lambda: score_shard(h.store, h.layout, q, h.score_fn, backend="torch", **kw), device, reps)
+                t_tri, t_torch = _best(scan["triton"], device, reps), _best(scan["torch"], device, reps)
                 qb, emb = q.to(torch.bfloat16), h.store.decode(0, min(rows, chunk)).to(torch.bfloat16)
 
                 def bare() -> None:
@@ -192,7 +193,8 @@ def report(result: dict) -> str:
              "exact_err": p["exact_err"], "lse_err": p["lse_max_err"], "lse_bound": p["lse_bound"],
              "same_rows": p["same_rows_frac"], "ok": p["ok"]} for p in result["points"]]
     head = (f"Roofline model: {gpu['name']}, HBM {gpu['hbm_tbs']} TB/s, L2 {gpu['l2_tbs']} TB/s (assumed), bf16 "
-            f"{gpu['bf16_tflops']:g} TFLOP/s dense, {gpu['sms']} SMs at {gpu['clock_ghz']} GHz. Criteria: {result['criteria']}")
+            f"{gpu['bf16_tflops']:g} TFLOP/s dense, {gpu['sms']} SMs at {gpu['clock_ghz']} GHz. "
+            f"Criteria: {result['criteria']}")
     return head + "\n" + table(rows, list(rows[0]), f"fused Triton scan vs torch path vs bare bf16 product on "
                                                     f"{result['device']} (min of reps)")
 
@@ -211,20 +213,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         device, rows, dim, batches, reps, bs = "cpu", 512, 32, [0, 6], 1, 64
     elif torch.cuda.is_available():
-        device, rows, dim, batches, reps, bs = "cuda", args.rows, args.dim, [int(b) for b in args.batches.split(",")], args.reps, 256
+        batches = [int(b) for b in args.batches.split(",")]
+        device, rows, dim, reps, bs = "cuda", args.rows, args.dim, args.reps, 256
     else:
         print("gpu_check_kernel: no CUDA device; pass --dry-run to exercise it on CPU", file=sys.stderr)
         return 2
     result = run(device, rows, dim, batches, reps, args.gpu, codecs, bs)
     print(report(result))
     print("model at full size (no measurement):")
-    print(table([{"codec": c, "B": b, **{k: v for k, v in roofline(b, args.rows, args.dim, c, 256, GPUS[args.gpu]).items()}}
+    print(table([{"codec": c, "B": b, **roofline(b, args.rows, args.dim, c, 256, GPUS[args.gpu])}
                  for c in codecs for b in (512, 4096)],
                 ["codec", "B", "tiles", "hbm_gb", "l2_gb", "smem_gb", "mma_ms", "hbm_ms", "l2_ms", "smem_ms", "alu_ms",
                  "floor_ms", "pred_ms"], f"{args.rows:,} rows x {args.dim}"))
     # the interpreter truncates fp32 -> bf16 (the GPU rounds to nearest): a dry run checks trust and the stated bound
     ok = result["ok"] or args.dry_run and all(p["kernel_trusted"] and p["lse_ok"] for p in result["points"])
-    what = "dry run: timings are the interpreter, only the self-check and the stated bound count" if args.dry_run else device
+    what = "dry run: timings are the interpreter, only the self-check and the stated bound count" \
+        if args.dry_run else device
     print(f"gpu_check_kernel {'PASSED' if ok else 'FAILED'} ({what})")
     return 0 if ok else 1
 

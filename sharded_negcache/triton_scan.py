@@ -408,7 +408,8 @@ def _exact_case(codec, dim: int, bs: int, b: int, device: torch.device):
     row_ids = torch.randint(0, 6, (n,), generator=g)
     row_ids[: 4 * bs] = 100  # no query excludes the one-row blocks' candidates
     nz = torch.rand(b, dim, generator=g).argsort(1)[:, : min(16, dim)]
-    qv = (2 * torch.randint(8, 16, nz.shape, generator=g) + 1).float() * (torch.randint(0, 2, nz.shape, generator=g) * 2 - 1)
+    sign = torch.randint(0, 2, nz.shape, generator=g) * 2 - 1.0
+    qv = (2 * torch.randint(8, 16, nz.shape, generator=g) + 1).float() * sign
     qi = torch.zeros(b, dim).scatter_(1, nz, qv)
     top = float((qi.abs() @ decoded.abs().t()).max())
     q = qi * 2.0 ** -math.ceil(math.log2(max(top, 8.0) / 8.0))  # scores within +-8, still exact
@@ -469,7 +470,8 @@ def _check_once(codec, dim: int, bs: int, device: torch.device, excl: bool, pick
     fin = torch.isfinite(want[:, 5:])
     err = (got[:, 5:] - want[:, 5:]).abs()
     if not torch.equal(torch.isfinite(got[:, 5:]), fin) or bool((err[fin] > _LSE_ATOL).any()):
-        return f"block LSEs of several-row blocks differ from torch by up to {float(err.nan_to_num(float('inf')).max()):.3g} (tolerance {_LSE_ATOL:g})"
+        worst = float(err.nan_to_num(float("inf")).max())
+        return f"block LSEs of several-row blocks differ from torch by up to {worst:.3g} (tolerance {_LSE_ATOL:g})"
     g = torch.Generator().manual_seed(1)
     gumbel = -torch.log(-torch.log(torch.rand(b, CHECK_DRAWS, nb, generator=g).clamp_min(1e-12)))
     keys = want[:, None, :] + gumbel
