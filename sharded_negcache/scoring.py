@@ -391,13 +391,14 @@ def _sample_native(
     return LocalPartials(lse=native_scan.row_lse(lse_all), win_key=draws.best_key, win_row=draws.best_row)
 
 
-_TRITON_CHECKED: dict[tuple[str, str, int], bool] = {}
+_TRITON_CHECKED: dict[tuple[str, str, int, int], bool] = {}
 
 
 def _triton_trusted(store: ShardStore, bs: int, device: torch.device) -> bool:
-    """The kernel's self-check (once per process, device, codec and block size): where it fails to
-    compile or disagrees with torch, one warning and the torch scan from then on."""
-    key = (str(device), store.codec.name, bs)
+    """The kernels' self-check (once per process, device, codec, width and block size: each compiles its own
+    variant): where either kernel fails to compile or disagrees with torch, one warning naming the check that
+    disagreed, and the torch scan from then on."""
+    key = (str(device), store.codec.name, store.dim, bs)
     if key not in _TRITON_CHECKED:
         from . import triton_scan
 

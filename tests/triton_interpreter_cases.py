@@ -185,3 +185,97 @@ def test_a_failing_self_check_falls_back_to_the_torch_scan(monkeypatch, caplog):
     ref = score_shard(h.store, h.layout, q, h.score_fn, backend="torch", **kw)
     assert torch.equal(got.lse, ref.lse) and torch.equal(got.win_row, ref.win_row)  # the torch scan ran
     assert any("failed its self-check" in r.getMessage() for r in caplog.records)
+
+
+def _tf32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 rounded to TF32 (10 explicit mantissa bits, to nearest even), as a TF32 tensor-core product reads it."""
+    i = x.contiguous().view(torch.int32)
+    return ((i + 0x0FFF + ((i >> 13) & 1)) & ~0x1FFF).view(torch.float32)
+
+
+def _fp8(x: torch.Tensor) -> torch.Tensor:
+    """Queries rounded to fp8 e4m3 with a per-tensor scale (as an fp8 kernel would), back in their dtype."""
+    scale = x.float().abs().max().clamp_min(1e-30) / 448.0
+    return ((x.float() / scale).to(torch.float8_e4m3fn).float() * scale).to(x.dtype)
+
+
+class FaultyKernel:
+    """A kernel launched with one fault at its boundary: ``tf32`` (fp32 operands rounded to TF32), ``fp8``
+    (queries rounded to fp8), ``mask`` (the filled flags ignored), ``permute`` (rows read in another order
+    inside each block, flags and ids not), ``raise`` (does not compile)."""
+
+    def __init__(self, real, fault: str) -> None:
+        self.real, self.fault = real, fault
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            if self.fault == "raise":
+                raise RuntimeError("injected: the kernel does not compile")
+            a = dict(zip(self.real.arg_names, args))
+            if self.fault == "tf32":
+                a["q_ptr"], a["data_ptr"] = _tf32(a["q_ptr"]), _tf32(a["data_ptr"])
+                a["sb_ptr"] = a["data_ptr"]
+            elif self.fault == "fp8":
+                a["q_ptr"] = _fp8(a["q_ptr"])
+            elif self.fault == "mask":
+                a["filled_ptr"] = torch.ones_like(a["filled_ptr"])
+            elif self.fault == "permute":
+                data = a["data_ptr"]
+                data = data.view(-1, meta["BS"], data.shape[1]).roll(1, dims=1).reshape(data.shape).contiguous()
+                a["data_ptr"] = data
+                a["sb_ptr"] = data if data.dtype != torch.uint8 else data.view(a["sb_ptr"].dtype)
+            self.real[grid](*[a[n] for n in self.real.arg_names if n in a], **meta)
+        return launch
+
+
+FAULTS = [(c, k, f) for c in ("fp32", "bf16", "fp16", "int8", "int4") for k in ("lse", "pick")
+          for f in ("tf32", "fp8", "mask", "permute") if f != "tf32" or c == "fp32"]  # TF32 only rounds fp32
+
+
+@pytest.mark.parametrize("codec, kernel, fault", FAULTS)
+def test_the_self_check_refuses_an_injected_fault(monkeypatch, codec, kernel, fault):
+    """Each fault, injected into one kernel, is refused, and the refusal names the check that disagreed.
+    (TF32 rounds fp32 operands only: bf16/fp16/int8/int4 operands have at most 11 significant bits.)"""
+    name = "_block_lse_kernel" if kernel == "lse" else "_pick_rows_kernel"
+    monkeypatch.setattr(triton_scan, name, FaultyKernel(getattr(triton_scan, name), fault))
+    problem = triton_scan.self_check(make_codec(codec), 16, 16, torch.device("cpu"))
+    assert problem is not None, f"{fault} in the {kernel} kernel passed the self-check"
+    assert ("block LSEs" in problem) if kernel == "lse" else ("stage-2 rows" in problem), problem
+
+
+def test_a_pick_rows_that_does_not_compile_falls_back_to_the_torch_scan(monkeypatch, caplog):
+    import logging
+
+    from sharded_negcache import scoring
+
+    monkeypatch.setattr(triton_scan, "_pick_rows_kernel", FaultyKernel(triton_scan._pick_rows_kernel, "raise"))
+    monkeypatch.setattr(scoring, "_TRITON_CHECKED", {})
+    tower = Tower()
+    h = make_handler(48, num_negatives=2, block_size=16)
+    h.load_global_rows(global_cache(48, tower))
+    q = global_batch(5, tower)["q"]
+    kw = dict(num_draws=2, top_k=None, seed=3, step=1, chunk_rows=32)
+    with caplog.at_level(logging.WARNING, logger="sharded_negcache"):
+        got = score_shard(h.store, h.layout, q, h.score_fn, backend="triton", **kw)
+    ref = score_shard(h.store, h.layout, q, h.score_fn, backend="torch", **kw)
+    assert torch.equal(got.lse, ref.lse) and torch.equal(got.win_row, ref.win_row)
+    warnings = [r.getMessage() for r in caplog.records if "failed its self-check" in r.getMessage()]
+    assert len(warnings) == 1 and "does not compile" in warnings[0], warnings
+
+
+def test_gpu_check_kernel_judges_a_run():
+    """benchmarks/gpu_check_kernel.py's CPU-side logic on a tiny int8 shard in the interpreter: the self-check
+    trusted the kernel, agreement criteria pass, and the timing criterion fails (the interpreter is ~10^6x slower
+    than the H100 roofline), so the run is not judged a pass."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check_kernel.py"
+    spec = importlib.util.spec_from_file_location("gpu_check_kernel", path)
+    K = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(K)
+    res = K.run("cpu", 512, 32, [6], 1, "h100-sxm", ("int8",), 64)
+    p = res["points"][0]
+    assert p["kernel_trusted"] and p["lse_ok"] and p["rows_ok"], p
+    assert not p["time_ok"] and not res["ok"]
+    assert "kernel_ms" in K.report(res)
