@@ -24,7 +24,7 @@ from .exchange import DEFAULT_TIMEOUT_S, BatchRejected, CollectiveFailed, Comm
 from .groups import ShardGroups
 from .jagged import Jagged, JaggedColumn
 from .layout import ShardLayout
-from .loss import in_batch_mask, nonfinite_queries, query_losses, reduce_loss, spread, zero_rows
+from .loss import in_batch_mask, nonfinite_queries, overflowing, query_losses, reduce_loss, spread, zero_rows
 from .scoring import ScoreFn, make_score_fn, resolve_backend, score_shard
 from .specs import CacheSchema, FieldSpec
 from .store import CacheTooLarge, FetchedRows, ShardStore, check_capacity, first_occurrence
@@ -255,10 +255,11 @@ class ShardedCacheLossHandler(nn.Module):
 
     # ---- whole-cache views (tests and resharding; gathers everything, not for the hot path) ----
     def gather_global_rows(self) -> dict[str, torch.Tensor]:
-        """The whole cache in global row order, on every rank (see :meth:`ShardStore.export_rows`)."""
+        """The whole cache in global row order, on every rank (see :meth:`ShardStore.export_rows`): copies, so a
+        snapshot stays as it was while later steps write (in one process the gather would return the rows' storage)."""
         local = self.store.export_rows()
         sizes = [self.layout.rows_per_rank] * self.comm.world_size
-        return {k: self.comm.gather_rows(v, sizes) for k, v in local.items()}
+        return {k: self.comm.gather_rows(v, sizes).clone() for k, v in local.items()}
 
     def load_global_rows(self, rows: Mapping[str, torch.Tensor]) -> None:
         """Sets this rank's shard from whole-cache tensors in global row order (each rank takes its slice)."""
@@ -380,6 +381,7 @@ class ShardedCacheLossHandler(nn.Module):
                       self.score_fn.on_dots, batch_positives, batch_mask)
             losses = query_losses(*inputs, leave_out=~positive_ok)
             bad = nonfinite_queries(losses, home.lse, positive_ok)
+            bad |= overflowing(losses.training, bad, self.reduction, self.comm.outer_size, self._global_batch) & positive_ok
             if self.nonfinite == "skip" and bool(bad.any()):
                 losses = query_losses(*inputs, leave_out=~positive_ok | bad)
             result = StepResult(
@@ -443,7 +445,7 @@ class ShardedCacheLossHandler(nn.Module):
         if count and self.nonfinite == "raise":
             raise NonFiniteLoss(
                 f"step {step}: the log-partition or loss of {count} {'query' if count == 1 else 'queries'} (all "
-                "ranks) is NaN/Inf: scores overflowed (embeddings too large?) or the score transform returned "
+                "ranks) is NaN/Inf, or a rank's reduced loss of them overflows float32: scores overflowed (embeddings too large?) or the score transform returned "
                 "NaN/Inf; cache unchanged. Use nonfinite='skip' to leave such queries out."
             )
 
