@@ -24,7 +24,9 @@ from .exchange import DEFAULT_TIMEOUT_S, BatchRejected, CollectiveFailed, Comm
 from .groups import ShardGroups
 from .jagged import Jagged, JaggedColumn
 from .layout import ShardLayout
-from .loss import in_batch_mask, nonfinite_queries, overflowing, query_losses, reduce_loss, spread, zero_rows
+from .loss import (
+    in_batch_mask, loss_scale, nonfinite_queries, overflowing, query_losses, reduce_loss, spread, zero_rows,
+)
 from .scoring import ScoreFn, make_score_fn, resolve_backend, score_shard
 from .specs import CacheSchema, FieldSpec
 from .store import CacheTooLarge, FetchedRows, ShardStore, check_capacity, first_occurrence
@@ -76,6 +78,9 @@ class StepResult:
     refreshed_rows: torch.Tensor  # global ids this rank (as owner) rewrote
     inserted_rows: torch.Tensor  # global ids of this rank's new rows
     metrics: dict[str, float] = field(default_factory=dict)
+    # loss = loss_scale x training_loss.sum() (up to rounding): callers that report another per-query value
+    # reduced like the loss (the sentence-transformers adapter's -log P) scale it by this, never recompute it
+    loss_scale: float = 1.0
     # score(return_refreshes=True): (local slots, fresh embeddings) this rank, as owner, would have written
     pending_refresh: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -386,6 +391,7 @@ class ShardedCacheLossHandler(nn.Module):
                 losses = query_losses(*inputs, leave_out=~positive_ok | bad)
             result = StepResult(
                 loss=reduce_loss(losses.training, self.reduction, self.comm.outer_size, self._global_batch),
+                loss_scale=loss_scale(self.reduction, own, self.comm.outer_size, self._global_batch),
                 training_loss=losses.training.detach(), interpretable_loss=losses.interpretable.detach(),
                 prob_positive=losses.prob_positive, lse=home.lse, sampled_rows=home.rows,
                 staleness=losses.staleness, refreshed_rows=home.rows.new_empty(0), inserted_rows=home.rows.new_empty(0),

@@ -11,7 +11,7 @@ import torch
 
 __all__ = [
     "cache_losses", "staleness", "spread", "in_batch_mask", "QueryLosses", "query_losses", "nonfinite_queries",
-    "reduce_loss", "overflowing", "zero_rows",
+    "reduce_loss", "loss_scale", "overflowing", "zero_rows",
 ]
 
 STALENESS_EPS = 1e-12
@@ -164,6 +164,16 @@ def reduce_loss(training: torch.Tensor, reduction: str, world_size: int, global_
     if reduction == "global_mean":
         return total * world_size / max(global_batch, 1)
     return total
+
+
+def loss_scale(reduction: str, batch: int, world_size: int, global_batch: int) -> float:
+    """The factor :func:`reduce_loss` applies to the sum of this rank's ``batch`` per-query losses (W: all ranks,
+    B_g: the global batch), for values reported alongside the loss."""
+    if reduction == "mean":
+        return 1.0 / max(batch, 1)
+    if reduction == "global_mean":
+        return world_size / max(global_batch, 1)
+    return 1.0
 
 
 def overflowing(training: torch.Tensor, bad: torch.Tensor, reduction: str, world_size: int,

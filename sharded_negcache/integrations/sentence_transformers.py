@@ -197,7 +197,7 @@ class CachedNegativesRankingLoss(nn.Module):
         self._accumulate(step.metrics)
         # The value shown is the cross-entropy estimate -log P (what MNRL reports), reduced like the loss;
         # the gradient is the engine's estimator's. (The estimator's own value is not a cross-entropy.)
-        shown = torch.nan_to_num(step.interpretable_loss, nan=0.0).sum() * _reduction_factor(handler, len(anchors))
+        shown = torch.nan_to_num(step.interpretable_loss, nan=0.0).sum() * step.loss_scale
         return loss + (shown - loss.detach())
 
     def _remember_extras(self, positive_features: dict[str, Any]) -> None:
@@ -252,15 +252,6 @@ class CachedNegativesRankingLoss(nn.Module):
             "scale": self.scale, "similarity_fct": self.similarity_fct.__name__, "cache_size": self.cache_size,
             "num_negatives": self.num_negatives, "in_batch_negatives": self.in_batch_negatives, "seed": self.seed,
         }
-
-
-def _reduction_factor(handler: ShardedCacheLossHandler, batch: int) -> float:
-    """loss = factor * sum of per-query losses, for the handler's reduction."""
-    if handler.reduction == "sum":
-        return 1.0
-    if handler.reduction == "global_mean":
-        return handler.comm.world_size / max(handler._global_batch, 1)
-    return 1.0 / max(batch, 1)
 
 
 def _left_align(ids: Tensor, mask: Tensor) -> Tensor:
