@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.profiler import record_function
 
-from . import metrics
+from . import metrics, native_scan
 from .codecs import EmbeddingCodec, finite_rows, make_codec
 from .combine import merge_partials, pack_partials
 from .exchange import DEFAULT_TIMEOUT_S, BatchRejected, CollectiveFailed, Comm
@@ -112,7 +112,9 @@ class ShardedCacheLossHandler(nn.Module):
         CPU, 256 MB on CUDA. The fused CPU scan (float scale) writes no score matrix: there it bounds only
         the decoded rows of non-fp32 codecs (fp32 rows are scanned in place).
       scoring_backend: 'auto' (the fused Triton kernel on CUDA when triton imports, sampling mode and a
-        float score transform; else the torch scan), 'torch' or 'triton'. The choice is logged once.
+        float score transform; the C++ kernel on CPU where it builds; else torch ops), 'torch' (torch ops
+        only), 'native' (the C++ kernel) or 'triton'. ``SHARDED_NEGCACHE_NATIVE=0`` overrides the C++ kernel
+        (``config()`` reports it). The choice is logged once.
       reduction: 'mean' over this rank's queries (the reference), 'global_mean' (scaled so that DDP's
         gradient average equals the mean over the global batch) or 'sum'.
       in_batch_negatives: also use the other positives of the global batch as fresh candidates (design
@@ -161,7 +163,7 @@ class ShardedCacheLossHandler(nn.Module):
         host_features: Sequence[str] = (),
         reencode_on_every_rank: bool = False,
         shard_group_size: int | None = None,
-        scoring_backend: Literal["auto", "torch", "triton"] = "auto",
+        scoring_backend: Literal["auto", "torch", "native", "triton"] = "auto",
     ) -> None:
         super().__init__()
         if not isinstance(num_negatives, int) or num_negatives < 1:
@@ -181,7 +183,7 @@ class ShardedCacheLossHandler(nn.Module):
         self.layout = ShardLayout.build(cache_size, groups.shard, block_size, groups.index, groups.count)
         self.score_fn: ScoreFn = make_score_fn(score_transform)
         if scoring_backend != "auto":  # refuse an impossible request now (the device may come later)
-            resolve_backend(scoring_backend, torch.device("cuda"), self.score_fn, top_k)
+            resolve_backend(scoring_backend, torch.device(device) if device is not None else None, self.score_fn, top_k)
         self.scoring_backend, self._backend = scoring_backend, None
         self.top_k, self.num_negatives, self.use_lru = top_k, num_negatives, use_lru
         self.chunk_bytes, self.reduction = chunk_bytes, reduction
@@ -235,8 +237,15 @@ class ShardedCacheLossHandler(nn.Module):
             "nonfinite": self.nonfinite,
             "reduction": self.reduction,
             "reencode_on_every_rank": self.reencode_on_every_rank,
-            "scoring_backend": self.scoring_backend,
+            "scoring_backend": self._requested_backend(),
         }
+
+    def _requested_backend(self) -> str:
+        """``scoring_backend``, with the environment's override of the C++ kernel where it applies: ranks that
+        disagree on it would score with different exp implementations, so it is part of the configuration."""
+        if self.scoring_backend in ("auto", "native") and not native_scan.enabled():
+            return f"{self.scoring_backend} ({native_scan.ENV_NATIVE} off)"
+        return self.scoring_backend
 
     def named_modules(  # type: ignore[override]
         self, memo: set[nn.Module] | None = None, prefix: str = "", remove_duplicate: bool = True

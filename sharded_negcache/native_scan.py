@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["ENV_NATIVE", "ENV_ARCH", "available", "ChunkMasks", "Stage1", "scan_chunk", "pack_queries", "fused_scan",
+__all__ = ["ENV_NATIVE", "ENV_ARCH", "enabled", "available", "ChunkMasks", "Stage1", "scan_chunk", "pack_queries", "fused_scan",
            "fused_topk", "pick", "draws", "row_lse", "gumbel", "exp_nonpositive", "build_info"]
 
 log = logging.getLogger("sharded_negcache")
@@ -59,7 +59,8 @@ class _Lib:
     path: Path | None = None
 
 
-def _enabled() -> bool:
+def enabled() -> bool:
+    """False where ``SHARDED_NEGCACHE_NATIVE`` turns the kernel off (0, false, off, no): an override of any request."""
     return os.environ.get(ENV_NATIVE, "").strip().lower() not in ("0", "false", "off", "no")
 
 
@@ -143,12 +144,12 @@ def _load() -> ctypes.CDLL | None:
 
 def available(device: torch.device) -> bool:
     """True when the kernel can scan chunks on ``device`` (builds or loads it on first use)."""
-    return device.type == "cpu" and _enabled() and _load() is not None
+    return device.type == "cpu" and enabled() and _load() is not None
 
 
 def build_info() -> dict:
     """What the benchmarks record: whether it loaded, where from, and how long the first load took."""
-    return {"enabled": _enabled(), "loaded": _Lib.lib is not None, "failed": _Lib.failed, "load_s": _Lib.build_s,
+    return {"enabled": enabled(), "loaded": _Lib.lib is not None, "failed": _Lib.failed, "load_s": _Lib.build_s,
             "path": str(_Lib.path) if _Lib.path else None}
 
 

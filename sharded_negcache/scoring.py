@@ -92,22 +92,28 @@ class LocalPartials:
     topk_row: torch.Tensor | None = None  # [B, k] int64, -1 padding
 
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "native", "triton")
 
 
-def resolve_backend(requested: str, device: torch.device, score_fn: ScoreFn, top_k: int | None) -> tuple[str, str]:
-    """(backend, reason) for ``scoring_backend``: 'auto' takes the Triton kernel on CUDA when triton
-    imports, the transform is a float scale and the mode is sampling; otherwise the torch scan."""
+def resolve_backend(requested: str, device: torch.device | None, score_fn: ScoreFn,
+                    top_k: int | None) -> tuple[str, str]:
+    """(backend, reason) for ``scoring_backend``: 'torch' runs torch ops only; 'native' the C++ kernel of
+    :mod:`native_scan` (CPU); 'triton' the fused Triton kernel (CUDA, sampling mode, a float scale); 'auto'
+    takes Triton on CUDA where it can, the C++ kernel on CPU where it builds, else torch ops. Where a requested
+    kernel is impossible: ValueError. ``SHARDED_NEGCACHE_NATIVE=0`` overrides a C++ kernel request (torch ops).
+    ``device`` None (not known yet, at construction): only what does not depend on it is checked."""
     if requested not in BACKENDS:
         raise ValueError(f"scoring_backend must be one of {BACKENDS}, got {requested!r}")
     if requested == "torch":
         return "torch", "requested"
+    if requested == "native" or (requested == "auto" and device is not None and device.type == "cpu"):
+        return _resolve_native(requested, device)
     why_not = None
     if top_k:
         why_not = "top_k mode runs on the torch path"
     elif score_fn.fn is not None:
         why_not = "a callable score_transform runs on the torch path (the kernel folds a float scale into the queries)"
-    elif requested == "auto" and device.type != "cuda":
+    elif requested == "auto" and device is not None and device.type != "cuda":
         why_not = f"device is {device.type}, the kernel is for CUDA"
     else:
         try:
@@ -118,6 +124,21 @@ def resolve_backend(requested: str, device: torch.device, score_fn: ScoreFn, top
         return "triton", "requested" if requested == "triton" else "CUDA device and triton available"
     if requested == "triton":
         raise ValueError(f"scoring_backend='triton' is not possible here: {why_not}")
+    return "torch", why_not
+
+
+def _resolve_native(requested: str, device: torch.device | None) -> tuple[str, str]:
+    """'native' (or 'torch' with the reason) for a request of the C++ kernel ('native', or 'auto' on CPU)."""
+    if not native_scan.enabled():
+        return "torch", f"{native_scan.ENV_NATIVE} turns the C++ kernel off"
+    if device is not None and device.type != "cpu":
+        why_not = f"device is {device.type}, the C++ kernel is for CPU"
+    elif not native_scan.available(torch.device("cpu")):
+        why_not = "the C++ kernel did not build or load (see the warning)"
+    else:
+        return "native", "requested" if requested == "native" else "CPU device and the C++ kernel loaded"
+    if requested == "native":
+        raise ValueError(f"scoring_backend='native' is not possible here: {why_not}")
     return "torch", why_not
 
 
@@ -176,8 +197,8 @@ class _Draws:
     """
 
     def __init__(self, seed: int, step: int, b: int, m: int, layout: ShardLayout, budget_rows: int,
-                 device: torch.device) -> None:
-        if native_scan.available(device):  # one call instead of ~40 int64 tensor ops
+                 device: torch.device, native: bool) -> None:
+        if native:  # one call instead of ~40 int64 tensor ops
             self.keys, self.u = native_scan.draws(keyed_random.stream_base(seed, step, Stream.BLOCK_GUMBEL),
                                                   keyed_random.stream_base(seed, step, Stream.ROW_UNIFORM), b, m)
         else:
@@ -226,19 +247,22 @@ def score_shard(
     chunk_rows: int,
     exclude_key: str | None = None,
     exclude_ids: torch.Tensor | None = None,
-    backend: str = "torch",
+    backend: str | None = None,
 ) -> LocalPartials:
     """Scores ``queries`` [B, d] (global batch order) against every filled local row.
 
-    ``backend``: 'torch' (chunks of ``chunk_rows`` rows) or 'triton' (the fused kernel of
-    :mod:`triton_scan`, no score matrix at all; sampling mode with a float scale only).
+    ``backend`` (as :func:`resolve_backend` resolves it): 'torch' (torch ops, chunks of ``chunk_rows`` rows),
+    'native' (the C++ kernel, CPU) or 'triton' (the fused kernel of :mod:`triton_scan`, no score matrix at all;
+    sampling mode with a float scale only); None: 'native' where the kernel is available, else 'torch'.
     """
     b, device = queries.shape[0], queries.device
+    native = backend in (None, "native") and native_scan.available(device)
     q = score_fn.prepare_queries(queries.detach().float())  # the partials carry no gradient
     bs = layout.block_size
     if top_k:
-        return _scan_topk(store, layout, q, score_fn, top_k, max(bs, chunk_rows // bs * bs), exclude_key, exclude_ids)
-    draws = _Draws(seed, step, b, num_draws, layout, chunk_rows, device)
+        return _scan_topk(store, layout, q, score_fn, top_k, max(bs, chunk_rows // bs * bs), exclude_key, exclude_ids,
+                          native)
+    draws = _Draws(seed, step, b, num_draws, layout, chunk_rows, device, native)
     if b == 0:
         return draws.partials(torch.empty(0, device=device), layout)
     if backend == "triton" and _triton_trusted(store, bs, device):
@@ -248,7 +272,7 @@ def score_shard(
     # chunk's worth) and the inverse CDF runs once, after the scan, on the final winners only; the first
     # chunks replace most of their winners, so resolving at once did ~(1 + ln chunks)x the work. Same
     # inputs per pair, row-wise ops: the same rows either way. Above the budget: resolved per chunk.
-    if num_draws * bs <= chunk_rows and native_scan.available(device):
+    if num_draws * bs <= chunk_rows and native:
         return _sample_native(store, layout, q, score_fn, draws, chunk_rows, exclude_key, exclude_ids)
     return _sample_torch(store, layout, q, score_fn, draws, chunk_rows, exclude_key, exclude_ids)
 
@@ -444,6 +468,7 @@ def _scan_topk(
     chunk_rows: int,
     exclude_key: str | None,
     exclude_ids: torch.Tensor | None,
+    native: bool,
 ) -> LocalPartials:
     """The exact local top-k (value, global row), kept running chunk by chunk (on CPU with a float scale: in the
     fused kernel, which never writes a score chunk)."""
@@ -452,7 +477,7 @@ def _scan_topk(
     best_row = torch.full((b, k), -1, dtype=torch.int64, device=device)
     if b == 0:
         return LocalPartials(topk_val=best_val, topk_row=best_row)
-    if score_fn.fn is None and native_scan.available(device):
+    if score_fn.fn is None and native:
         return _topk_native(store, layout, q, best_val, best_row, chunk_rows, exclude_key, exclude_ids)
     for start, end, filled in _chunks(store, chunk_rows):
         scores = score_fn.on_prepared(q @ store.decode(start, end).t())

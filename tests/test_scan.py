@@ -124,4 +124,61 @@ def test_scoring_backend_option_is_checked_resolved_and_logged_once(caplog):
         for _ in range(2):
             h.update_cache_and_compute_loss(tower, torch.randn(3, 8), tower({"x": x}), {"x": x})
     chosen = [r.getMessage() for r in caplog.records if "scoring backend" in r.getMessage()]
-    assert chosen == ["sharded_negcache: scoring backend torch (device is cpu, the kernel is for CUDA)"]
+    assert chosen == ["sharded_negcache: scoring backend native (CPU device and the C++ kernel loaded)"]
+
+
+class _CountingLib:
+    """The loaded C++ kernel, counting the calls made into it (the real functions run)."""
+
+    def __init__(self, lib) -> None:
+        self.lib, self.calls = lib, 0
+
+    def __getattr__(self, name: str):
+        fn = getattr(self.lib, name)
+
+        def call(*args):
+            self.calls += 1
+            return fn(*args)
+
+        return call
+
+
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_scoring_backend_torch_never_calls_the_cpp_kernel_and_native_does(top_k, monkeypatch):
+    assert native_scan.available(torch.device("cpu")), "the C++ kernel is needed for this test"
+    monkeypatch.delenv(native_scan.ENV_NATIVE, raising=False)
+    counter = _CountingLib(native_scan._Lib.lib)
+    monkeypatch.setattr(native_scan._Lib, "lib", counter)
+    tower, calls, rows = Tower(), {}, {}
+    for backend in ("torch", "native", "auto"):
+        h = make_handler(16, num_negatives=2, top_k=top_k, scoring_backend=backend)
+        h.load_global_rows(global_cache(16, tower))
+        counter.calls, sampled = 0, []
+        for step in range(4):
+            g = torch.Generator().manual_seed(step)
+            x = torch.randn(3, 6, generator=g)
+            with torch.no_grad():
+                h.update_cache_and_compute_loss(tower, torch.randn(3, 8, generator=g), tower({"x": x}), {"x": x})
+            sampled.append(h.last_step.sampled_rows)
+        calls[backend], rows[backend] = counter.calls, torch.stack(sampled)
+        assert h.config()["scoring_backend"] == backend
+    assert calls["torch"] == 0 and calls["native"] > 0 and calls["auto"] == calls["native"], calls
+    assert torch.equal(rows["native"], rows["auto"])
+    assert bool((rows["torch"] >= 0).any())  # the torch ops did sample
+
+
+def test_the_environment_overrides_a_native_request_and_config_reports_it(monkeypatch, caplog):
+    monkeypatch.setenv(native_scan.ENV_NATIVE, "0")
+    h = make_handler(16, scoring_backend="native")
+    assert h.config()["scoring_backend"] == f"native ({native_scan.ENV_NATIVE} off)"
+    assert make_handler(16).config()["scoring_backend"] == f"auto ({native_scan.ENV_NATIVE} off)"
+    assert make_handler(16, scoring_backend="torch").config()["scoring_backend"] == "torch"
+    tower = Tower()
+    x = torch.randn(3, 6)
+    with caplog.at_level(logging.INFO, logger="sharded_negcache"):
+        h.update_cache_and_compute_loss(tower, torch.randn(3, 8), tower({"x": x}), {"x": x})
+    chosen = [r.getMessage() for r in caplog.records if "scoring backend" in r.getMessage()]
+    assert chosen == [f"sharded_negcache: scoring backend torch ({native_scan.ENV_NATIVE} turns the C++ kernel off)"]
+    monkeypatch.delenv(native_scan.ENV_NATIVE)
+    with pytest.raises(ValueError, match="scoring_backend='native' is not possible here: device is meta"):
+        make_handler(16, scoring_backend="native", device="meta")
