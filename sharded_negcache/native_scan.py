@@ -330,7 +330,7 @@ def fused_topk(packed: torch.Tensor, b: int, rows: torch.Tensor, tile: int, best
     """Folds ``rows`` [n, d] (float32, unit column stride) into each query's running top-k ``best_val`` /
     ``best_row`` [b, k] (float32 / int64, -inf / -1 where empty; left in heap order: sort after the last
     chunk), scoring ``tile`` rows at a time for the ``b`` queries of ``packed`` inside the kernel; masks as
-    :func:`fused_scan`; a row enters as ``row0`` + its index, and only strictly above the k-th value."""
+    :func:`fused_scan`; a row enters as ``row0`` + its index; among equal values the lower row wins."""
     assert tile > 0 and best_val.is_contiguous() and best_row.is_contiguous()
     _Lib.lib.negcache_fused_topk(
         *_rows_args(packed, b, rows), tile, *masks.args(), best_val.shape[1], best_val.data_ptr(), best_row.data_ptr(),

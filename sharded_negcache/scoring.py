@@ -34,7 +34,7 @@ from .layout import ShardLayout
 from .store import ShardStore
 
 __all__ = ["ScoreFn", "LocalPartials", "score_shard", "make_score_fn", "block_lse", "pick_in_block", "resolve_backend",
-           "BACKENDS"]
+           "BACKENDS", "top_k_lower_row_wins"]
 
 _NEG_INF = float("-inf")
 KERNEL_RANGE = "negcache/score.kernel"  # profiler range of each native kernel call, inside negcache/score
@@ -482,11 +482,22 @@ def _scan_topk(
     for start, end, filled in _chunks(store, chunk_rows):
         scores = score_fn.on_prepared(q @ store.decode(start, end).t())
         _mask_chunk(scores, store, start, end, filled, exclude_key, exclude_ids)
-        val, idx = scores.topk(min(k, end - start), dim=1)
+        val, idx = scores.sort(dim=1, descending=True, stable=True)  # equal scores: the lower row first
+        val, idx = val[:, :k], idx[:, :k]
         row = torch.where(torch.isfinite(val), idx + (layout.row_offset + start), torch.full_like(idx, -1))
-        val, pick = torch.cat([best_val, val], 1).topk(k, dim=1)
-        best_val, best_row = val, torch.cat([best_row, row], 1).gather(1, pick)
+        best_val, best_row = top_k_lower_row_wins(torch.cat([best_val, val], 1), torch.cat([best_row, row], 1), k)
     return LocalPartials(topk_val=best_val, topk_row=best_row)
+
+
+def top_k_lower_row_wins(vals: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` best of each query's candidates ``vals`` / ``rows`` [B, n] (global rows, -1 for none), best
+    first; among equal values the lower global row wins (and comes first). The one tie rule of top-k mode,
+    shared by the C++ kernel, the torch scan and the merge across ranks: the candidates, hence the samples,
+    do not depend on how the rows are sharded (duplicated rows tie exactly)."""
+    by_row = rows.argsort(dim=1, stable=True)
+    vals, rows = vals.gather(1, by_row), rows.gather(1, by_row)
+    order = vals.argsort(dim=1, descending=True, stable=True)[:, :k]
+    return vals.gather(1, order), rows.gather(1, order)
 
 
 TOPK_TILE_ROWS = 192  # rows the fused top-k scores per (query group, tile): a multiple of every micro-tile
@@ -503,5 +514,5 @@ def _topk_native(store: ShardStore, layout: ShardLayout, q: torch.Tensor, best_v
         with record_function(KERNEL_RANGE):
             native_scan.fused_topk(packed, q.shape[0], store.decode(start, end), TOPK_TILE_ROWS, best_val, best_row,
                                    masks, row0=layout.row_offset + start)
-    best_val, order = best_val.sort(dim=1, descending=True)
-    return LocalPartials(topk_val=best_val, topk_row=best_row.gather(1, order))
+    best_val, best_row = top_k_lower_row_wins(best_val, best_row, best_val.shape[1])  # the heaps, in order
+    return LocalPartials(topk_val=best_val, topk_row=best_row)

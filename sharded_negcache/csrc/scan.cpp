@@ -451,20 +451,25 @@ struct ChunkIndex {
   }
 };
 
-// A binary min-heap of k (value, row) pairs: restores the heap below j.
+// Top-k order: a lower value is worse, and among equal values the higher row (the tie rule of top-k mode,
+// scoring.top_k_lower_row_wins: the lower global row wins, whatever the sharding).
+inline bool worse(float v1, int64_t r1, float v2, int64_t r2) { return v1 < v2 || (v1 == v2 && r1 > r2); }
+
+// A binary heap of k (value, row) pairs with the worst at the root: restores the heap below j.
 inline void heap_sift_down(float* v, int64_t* r, int64_t k, int64_t j) {
   for (;;) {
     int64_t c = 2 * j + 1;
     if (c >= k) return;
-    if (c + 1 < k && v[c + 1] < v[c]) ++c;
-    if (!(v[c] < v[j])) return;
+    if (c + 1 < k && worse(v[c + 1], r[c + 1], v[c], r[c])) ++c;
+    if (!worse(v[c], r[c], v[j], r[j])) return;
     std::swap(v[c], v[j]);
     std::swap(r[c], r[j]);
     j = c;
   }
 }
 
-// (x, row) replaces the heap's smallest value when strictly greater (an equal value: the earlier row stays).
+// (x, row) replaces the heap's worst pair when its value is strictly greater. Rows are offered in increasing
+// order, so an equal value is of a higher row than every row held, and loses the tie.
 inline void heap_offer(float* v, int64_t* r, int64_t k, float x, int64_t row) {
   if (!(x > v[0])) return;
   v[0] = x;
@@ -494,7 +499,8 @@ struct WorkSplit {
 
 // The running top-k of one thread's query groups [g0, g1): per real lane a binary min-heap of k (value, row)
 // whose root, the k-th best value, is the lane's threshold (kept lane-major in `floor` for one vector compare
-// per row). A score enters only when strictly above it: on equal values the earlier row stays. NaN never
+// per row). A score enters only when strictly above it: rows come in increasing order, so an equal score
+// is of a higher row, which loses the tie (see worse). NaN never
 // enters (no finite score compares below it; the handler refuses non-finite queries before scoring).
 struct GroupTopK {
   int64_t g0, g1, b, k;
