@@ -56,7 +56,8 @@ class NonFiniteRows(FloatingPointError):
 
 
 class NonFiniteLoss(FloatingPointError):
-    """Some query's log-partition or loss is NaN/Inf (policy 'raise'); raised on every rank, nothing written."""
+    """Some query's log-partition or loss is NaN/Inf, or a rank's reduced loss overflows (policy 'raise'); raised
+    on every rank, nothing written."""
 
 
 class DocumentNetworkFailed(ValueError):
