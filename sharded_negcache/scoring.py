@@ -482,11 +482,33 @@ def _scan_topk(
     for start, end, filled in _chunks(store, chunk_rows):
         scores = score_fn.on_prepared(q @ store.decode(start, end).t())
         _mask_chunk(scores, store, start, end, filled, exclude_key, exclude_ids)
-        val, idx = scores.sort(dim=1, descending=True, stable=True)  # equal scores: the lower row first
-        val, idx = val[:, :k], idx[:, :k]
+        val, idx = _chunk_top_k(scores, min(k, end - start))
         row = torch.where(torch.isfinite(val), idx + (layout.row_offset + start), torch.full_like(idx, -1))
         best_val, best_row = top_k_lower_row_wins(torch.cat([best_val, val], 1), torch.cat([best_row, row], 1), k)
     return LocalPartials(topk_val=best_val, topk_row=best_row)
+
+
+def _chunk_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of each row of ``scores`` [B, n] (values, indices; unordered), equal values at the k-th
+    going to the lower index. ``torch.topk`` picks among ties at the k-th value arbitrarily: it runs for
+    k + 1, and only rows whose (k+1)-th value equals the k-th (duplicated rows: rare otherwise) are
+    redone, their tied places given to the lowest indices (a stable sort of the chunk would cost ~40x the
+    top-k). A -inf k-th value (the rest are rows without a candidate, -1) or a NaN: topk's choice stands."""
+    val, idx = scores.topk(min(k + 1, scores.shape[1]), dim=1)
+    if val.shape[1] == k:
+        return val, idx
+    kth = val[:, k - 1 : k]
+    fix = (val[:, k] == kth[:, 0]) & torch.isfinite(kth[:, 0]) & ~val.isnan().any(1)
+    val, idx = val[:, :k], idx[:, :k]
+    if not bool(fix.any()):
+        return val, idx
+    rows = fix.nonzero().squeeze(1)
+    part, th = scores[rows], kth[rows]
+    tied = part == th
+    places = (val[rows] == th).sum(1, keepdim=True)
+    keep = (part > th) | (tied & (tied.cumsum(1) <= places))  # k per row, in ascending index order below
+    idx = idx.index_copy(0, rows, keep.nonzero()[:, 1].view(-1, k))
+    return scores.gather(1, idx), idx
 
 
 def top_k_lower_row_wins(vals: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
