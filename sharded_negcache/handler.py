@@ -184,7 +184,8 @@ class ShardedCacheLossHandler(nn.Module):
         self.layout = ShardLayout.build(cache_size, groups.shard, block_size, groups.index, groups.count)
         self.score_fn: ScoreFn = make_score_fn(score_transform)
         if scoring_backend != "auto":  # refuse an impossible request now (the device may come later)
-            resolve_backend(scoring_backend, torch.device(device) if device is not None else None, self.score_fn, top_k)
+            known = torch.device(device) if device is not None else None
+            resolve_backend(scoring_backend, known, self.score_fn, top_k)
         self.scoring_backend, self._backend = scoring_backend, None
         self.top_k, self.num_negatives, self.use_lru = top_k, num_negatives, use_lru
         self.chunk_bytes, self.reduction = chunk_bytes, reduction
@@ -396,12 +397,12 @@ class ShardedCacheLossHandler(nn.Module):
                       self.score_fn.on_dots, batch_positives, batch_mask)
             losses = query_losses(*inputs, leave_out=~positive_ok)
             bad = nonfinite_queries(losses, home.lse, positive_ok)
-            bad |= overflowing(losses.training, bad, self.reduction, self.comm.outer_size, self._global_batch) & positive_ok
+            reduced = (self.reduction, self.comm.outer_size, self._global_batch)
+            bad |= overflowing(losses.training, bad, *reduced) & positive_ok
             if self.nonfinite == "skip" and bool(bad.any()):
                 losses = query_losses(*inputs, leave_out=~positive_ok | bad)
             result = StepResult(
-                loss=reduce_loss(losses.training, self.reduction, self.comm.outer_size, self._global_batch),
-                loss_scale=loss_scale(self.reduction, own, self.comm.outer_size, self._global_batch),
+                loss=reduce_loss(losses.training, *reduced), loss_scale=loss_scale(*reduced, own),
                 training_loss=losses.training.detach(), interpretable_loss=losses.interpretable.detach(),
                 prob_positive=losses.prob_positive, lse=home.lse, sampled_rows=home.rows,
                 staleness=losses.staleness, refreshed_rows=home.rows.new_empty(0), inserted_rows=home.rows.new_empty(0),
@@ -461,8 +462,9 @@ class ShardedCacheLossHandler(nn.Module):
         if count and self.nonfinite == "raise":
             raise NonFiniteLoss(
                 f"step {step}: the log-partition or loss of {count} {'query' if count == 1 else 'queries'} (all "
-                "ranks) is NaN/Inf, or a rank's reduced loss of them overflows float32: scores overflowed (embeddings too large?) or the score transform returned "
-                "NaN/Inf; cache unchanged. Use nonfinite='skip' to leave such queries out."
+                "ranks) is NaN/Inf, or a rank's reduced loss of them overflows float32: scores overflowed "
+                "(embeddings too large?) or the score transform returned NaN/Inf; cache unchanged. Use "
+                "nonfinite='skip' to leave such queries out."
             )
 
     # ---- steps of the protocol -------------------------------------------------------------

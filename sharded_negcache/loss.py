@@ -166,7 +166,7 @@ def reduce_loss(training: torch.Tensor, reduction: str, world_size: int, global_
     return total
 
 
-def loss_scale(reduction: str, batch: int, world_size: int, global_batch: int) -> float:
+def loss_scale(reduction: str, world_size: int, global_batch: int, batch: int) -> float:
     """The factor :func:`reduce_loss` applies to the sum of this rank's ``batch`` per-query losses (W: all ranks,
     B_g: the global batch), for values reported alongside the loss."""
     if reduction == "mean":
