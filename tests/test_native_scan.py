@@ -263,14 +263,24 @@ def _foreign_library(tmp_path: Path) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def built_cache(tmp_path_factory) -> Path:
+    """A cache directory holding this machine's default build (built once for the tests below)."""
+    cache = tmp_path_factory.mktemp("built")
+    assert "available True" in _probe({"SHARDED_NEGCACHE_CACHE_DIR": str(cache)})
+    return cache
+
+
 @pytest.mark.parametrize("damage", ["truncated", "foreign", "foreign_with_its_digest"])
-def test_a_damaged_library_in_the_cache_is_rebuilt_not_loaded(damage, tmp_path):
+def test_a_damaged_library_in_the_cache_is_rebuilt_not_loaded(damage, built_cache, tmp_path):
     """A library cut short (a crash before it reached the disk: loading it raised SIGBUS) or another ELF under
     the kernel's name (AttributeError at the first call), even one with a matching digest beside it: the
     next process warns once, rebuilds it and loads the rebuilt kernel."""
+    import shutil
+
     cache = tmp_path / "cache"
+    shutil.copytree(built_cache, cache)
     env = {"SHARDED_NEGCACHE_CACHE_DIR": str(cache)}
-    assert "available True" in _probe(env)
     lib = _built(cache)
     whole = lib.read_bytes()
     if damage == "truncated":
@@ -318,7 +328,7 @@ print("bits", p.win_row.tolist(), p.lse.tolist(), p.win_key.tolist(), t.topk_val
 
 
 @pytest.mark.parametrize("compiler", ["simulated g++ 11", "g++-11"])
-def test_an_older_gcc_builds_the_kernel_with_the_same_bits(compiler, tmp_path):
+def test_an_older_gcc_builds_the_kernel_with_the_same_bits(compiler, built_cache, tmp_path):
     """GCC < 12 has no __builtin_shufflevector: the kernel's lane permutations take __builtin_shuffle there,
     with the same bits. A wrapper reporting version 11 builds that path with this machine's compiler (and
     makes __builtin_shufflevector an unknown name), and a real g++-11 where one is installed."""
@@ -335,7 +345,7 @@ def test_an_older_gcc_builds_the_kernel_with_the_same_bits(compiler, tmp_path):
         cxx = str(script)
     env = {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
     old = _probe({**env, "CXX": cxx, "SHARDED_NEGCACHE_CACHE_DIR": str(tmp_path / "old")}, _BITS)
-    new = _probe({**env, "SHARDED_NEGCACHE_CACHE_DIR": str(tmp_path / "new")}, _BITS)
+    new = _probe({**env, "SHARDED_NEGCACHE_CACHE_DIR": str(built_cache)}, _BITS)
     assert "available True" in old and "WARNING" not in old, old
     pick = lambda out: next(line for line in out.splitlines() if line.startswith("bits"))  # noqa: E731
     assert pick(old) == pick(new)
