@@ -414,29 +414,36 @@ class CacheCheckpoint:
         first = self.handler.layout.row_offset
         want = _to_local(state_dict["row_hash"])
         bad = (row_hashes([local[k] for k in order], first) + _record_salt(meta)) % _P != want
-        self._agree_rows(bad, first)
+        self._agree_rows(bad, first, meta, int(saved["step"]))
         _write_rows(self.handler.store, local)
         # The counters go through the module's own load path, whose post-hook updates the host mirrors.
         self.handler.load_state_dict(
             {"step_count": torch.tensor(int(saved["step"])), "seed": torch.tensor(int(saved["seed"]))}, strict=False
         )
 
-    def _agree_rows(self, bad: torch.Tensor, first: int) -> None:
-        """All ranks learn how many rows failed their hash (and the first one): raise everywhere or nowhere."""
+    def _agree_rows(self, bad: torch.Tensor, first: int, meta: str, saved_step: int) -> None:
+        """All ranks learn how many rows failed their hash (and the first one), and whether all read the same
+        cache record (one per checkpoint: ranks that read different checkpoints differ in it): raise
+        everywhere or nowhere."""
         comm = self.handler.comm  # over the whole job: every group's ranks raise together
-        table = torch.zeros(comm.outer_size, 3, dtype=torch.int64, device=self.handler.device)
+        table = torch.zeros(comm.outer_size, 5, dtype=torch.int64, device=self.handler.device)
         count = int(bad.sum())
         table[comm.outer_rank, 0] = count
         table[comm.outer_rank, 1] = first + int(bad.nonzero()[0, 0]) if count else -1
         table[comm.outer_rank, 2] = bad.numel()
+        table[comm.outer_rank, 3] = _record_salt(meta)
+        table[comm.outer_rank, 4] = saved_step
         if comm.outer_size > 1:
             _collective("verify rows", self.handler.steps_done, comm.outer_group,
                         lambda: dist.all_reduce(table, group=comm.outer_group))
+        if len(set(table[:, 3].tolist())) > 1:
+            raise CheckpointError("ranks read different checkpoints (their cache records differ), nothing was "
+                                  "loaded: " + "; ".join(f"rank {r}: step {s}" for r, s in enumerate(table[:, 4].tolist())))
         if int(table[:, 0].sum()):
             where = ", ".join(
-                f"rank {r}: {c} rows from global row {j}" for r, (c, j, _) in enumerate(table.tolist()) if c
+                f"rank {r}: {c} rows from global row {j}" for r, (c, j, *_) in enumerate(table[:, :3].tolist()) if c
             )
-            every = all(c == n for c, _, n in table.tolist() if n)
+            every = all(c == n for c, _, n in table[:, :3].tolist() if n)
             hint = (" (every row fails: the cache record was edited, or the data files come from another "
                     "checkpoint)") if every else ""
             raise CheckpointError(
@@ -492,15 +499,32 @@ def _collective(name: str, step: int | None, group: dist.ProcessGroup | None, fn
         ) from exc
 
 
+def _gather_objects(obj: Any, group: dist.ProcessGroup | None, step: int | None, name: str) -> list[Any]:
+    """Every rank's ``obj``, by rank (``[obj]`` without torch.distributed)."""
+    if not _distributed():
+        return [obj]
+    entries: list[Any] = [None] * dist.get_world_size(group)
+    _collective(name, step, group, lambda: dist.all_gather_object(entries, obj, group=group))
+    return entries
+
+
+def _agree_on_checkpoint(path: str, manifest: Mapping[str, Any], group: dist.ProcessGroup | None,
+                         step: int | None) -> None:
+    """Every rank must have found the same checkpoint (id and step) before any rank reads a row: ranks that
+    read different ones (a "latest checkpoint" lookup racing a save, nodes with different views of a
+    filesystem) would each verify and load a consistent slice of a different cache."""
+    views = _gather_objects((path, manifest["checkpoint_id"], manifest["step"]), group, step, f"load {path}: agree")
+    if len({(ckpt, at) for _, ckpt, at in views}) > 1:
+        raise CheckpointError("ranks read different checkpoints, nothing was loaded: " + "; ".join(
+            f"rank {r}: {p} (checkpoint {ckpt}, step {at})" for r, (p, ckpt, at) in enumerate(views)))
+
+
 def _agree(
     problem: str | None, group: dist.ProcessGroup | None, step: int | None, name: str, payload: Any = None
 ) -> Any:
     """Raises CheckpointError on every rank if any rank has a problem (message per distinct problem);
     otherwise returns rank 0's ``payload`` on every rank."""
-    entries = [(problem, payload)]
-    if _distributed():
-        entries = [None] * dist.get_world_size(group)
-        _collective(name, step, group, lambda: dist.all_gather_object(entries, (problem, payload), group=group))
+    entries = _gather_objects((problem, payload), group, step, name)
     found = [(r, p) for r, (p, _) in enumerate(entries) if p]
     if found:
         seen: dict[str, list[int]] = {}
@@ -783,6 +807,7 @@ def load(
         problems = _file_problems(Path(path), manifest, True, _share(process_group))
     _agree(f"refusing checkpoint {path}: " + "; ".join(problems) if problems else None, process_group, step,
            f"load {path}: verify files")
+    _agree_on_checkpoint(path, manifest, process_group, step)
     for key, cache in caches.items():
         meta = _read_meta(path, key, process_group, step)
         _agree(_record_problem(path, key, meta, manifest, cache), process_group, step, f"load {path}: check record")

@@ -135,7 +135,9 @@ class RowwiseInt8Codec(EmbeddingCodec):
     def decode(self, stored: torch.Tensor, dim: int) -> torch.Tensor:
         if stored.shape[0] and _use_fbgemm(stored):
             return torch.ops.fbgemm.Fused8BitRowwiseQuantizedToFloat(stored.contiguous())
-        sb = stored[:, dim:].contiguous().view(torch.float32)
+        # a fresh copy of the 8 bytes per row: a slice's own offset and row stride need not be multiples of
+        # 4 (any width d, any first row, an empty slice), which a view as fp32 requires
+        sb = stored[:, dim:].clone(memory_format=torch.contiguous_format).view(torch.float32)
         return stored[:, :dim].float() * sb[:, :1] + sb[:, 1:]
 
 

@@ -3,8 +3,9 @@
 * ``LSE_i = logsumexp_r LSE_{i,r}``;
 * each draw's global winner is the best of the W local winners (ties: lowest rank, i.e. lowest
   global block id), which is exact because the argmax of a union is the best of the argmaxes;
-* with top_k, the global top-k is the top-k of the W*k local candidates (exact); the LSE and a
-  Gumbel-max draw per (query, global row, draw) then use those k.
+* with top_k, the global top-k is the top-k of the W*k local candidates (exact; equal values: the lower
+  global row wins, the rule of every rank's local top-k, so the k rows do not depend on W); the LSE and
+  a Gumbel-max draw per (query, global row, draw) then use those k.
 
 Partials travel as one float64 matrix per rank (ids < 2**53 are exact in float64).
 """
@@ -16,7 +17,7 @@ import torch
 
 from . import keyed_random
 from .keyed_random import Stream
-from .scoring import LocalPartials
+from .scoring import LocalPartials, top_k_lower_row_wins
 
 __all__ = ["HomePartials", "pack_partials", "merge_partials"]
 
@@ -54,8 +55,7 @@ def _merge_topk(
     w, b = recv.shape[0], recv.shape[1]
     vals = recv[:, :, :k].permute(1, 0, 2).reshape(b, w * k)
     rows = recv[:, :, k:].permute(1, 0, 2).reshape(b, w * k)
-    vals, pick = vals.topk(min(k, w * k), dim=1)
-    rows = rows.gather(1, pick).to(torch.int64)
+    vals, rows = top_k_lower_row_wins(vals, rows.to(torch.int64), k)
     lse = torch.logsumexp(vals, dim=1)
     keys = keyed_random.draw_keys(seed, step, Stream.TOPK_GUMBEL, query_pos, m)
     # one Gumbel per (query, draw, candidate row), keyed by the global row id

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.profiler import record_function
 
-from . import metrics
+from . import metrics, native_scan
 from .codecs import EmbeddingCodec, finite_rows, make_codec
 from .combine import merge_partials, pack_partials
 from .corpus import (CORPUS_KEY, CorpusIndex, content_keys, corpus_columns, ids_checksum, place, row_batches,
@@ -27,7 +27,10 @@ from .groups import ShardGroups
 from .jagged import Jagged, JaggedColumn
 from .keyed_random import Stream, draw_keys, uniform
 from .layout import ShardLayout
-from .loss import in_batch_mask, nonfinite_queries, query_losses, reduce_loss, scale_gradient, spread, zero_rows
+from .loss import (
+    in_batch_mask, loss_scale, nonfinite_queries, overflowing, query_losses, reduce_loss, scale_gradient, spread,
+    zero_rows,
+)
 from .scoring import ScoreFn, make_score_fn, resolve_backend, score_shard
 from .specs import CacheSchema, FieldSpec
 from .store import CacheTooLarge, FetchedRows, ShardStore, check_capacity, first_occurrence
@@ -59,7 +62,8 @@ class NonFiniteRows(FloatingPointError):
 
 
 class NonFiniteLoss(FloatingPointError):
-    """Some query's log-partition or loss is NaN/Inf (policy 'raise'); raised on every rank, nothing written."""
+    """Some query's log-partition or loss is NaN/Inf, or a rank's reduced loss overflows (policy 'raise'); raised
+    on every rank, nothing written."""
 
 
 class DocumentNetworkFailed(ValueError):
@@ -81,6 +85,9 @@ class StepResult:
     refreshed_rows: torch.Tensor  # global ids this rank (as owner) rewrote
     inserted_rows: torch.Tensor  # global ids of this rank's new rows
     metrics: dict[str, float] = field(default_factory=dict)
+    # loss = loss_scale x training_loss.sum() (up to rounding): callers that report another per-query value
+    # reduced like the loss (the sentence-transformers adapter's -log P) scale it by this, never recompute it
+    loss_scale: float = 1.0
     # score(return_refreshes=True): (local slots, fresh embeddings) this rank, as owner, would have written
     pending_refresh: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -112,7 +119,9 @@ class ShardedCacheLossHandler(nn.Module):
         CPU, 256 MB on CUDA. The fused CPU scan (float scale) writes no score matrix: there it bounds only
         the decoded rows of non-fp32 codecs (fp32 rows are scanned in place).
       scoring_backend: 'auto' (the fused Triton kernel on CUDA when triton imports, sampling mode and a
-        float score transform; else the torch scan), 'torch' or 'triton'. The choice is logged once.
+        float score transform; the C++ kernel on CPU where it builds; else torch ops), 'torch' (torch ops
+        only), 'native' (the C++ kernel) or 'triton'. ``SHARDED_NEGCACHE_NATIVE=0`` overrides the C++ kernel
+        (``config()`` reports it). The choice is logged once.
       reduction: 'mean' over this rank's queries (the reference), 'global_mean' (scaled so that DDP's
         gradient average equals the mean over the global batch) or 'sum'.
       in_batch_negatives: also use the other positives of the global batch as fresh candidates (design
@@ -172,7 +181,7 @@ class ShardedCacheLossHandler(nn.Module):
         host_features: Sequence[str] = (),
         reencode_on_every_rank: bool = False,
         shard_group_size: int | None = None,
-        scoring_backend: Literal["auto", "torch", "triton"] = "auto",
+        scoring_backend: Literal["auto", "torch", "native", "triton"] = "auto",
         cache_mode: CacheMode = "stream",
         reencode_negatives: Literal["all", "none"] | float = "all",
         refresh_budget: int = 0,
@@ -197,7 +206,8 @@ class ShardedCacheLossHandler(nn.Module):
         self.layout = ShardLayout.build(cache_size, groups.shard, block_size, groups.index, groups.count)
         self.score_fn: ScoreFn = make_score_fn(score_transform)
         if scoring_backend != "auto":  # refuse an impossible request now (the device may come later)
-            resolve_backend(scoring_backend, torch.device("cuda"), self.score_fn, top_k)
+            known = torch.device(device) if device is not None else None
+            resolve_backend(scoring_backend, known, self.score_fn, top_k)
         self.scoring_backend, self._backend = scoring_backend, None
         self.top_k, self.num_negatives, self.use_lru = top_k, num_negatives, use_lru
         self.chunk_bytes, self.reduction = chunk_bytes, reduction
@@ -256,12 +266,19 @@ class ShardedCacheLossHandler(nn.Module):
             "nonfinite": self.nonfinite,
             "reduction": self.reduction,
             "reencode_on_every_rank": self.reencode_on_every_rank,
-            "scoring_backend": self.scoring_backend,
+            "scoring_backend": self._requested_backend(),
             "cache_mode": self.cache_mode,
             "reencode_negatives": self.reencode_negatives,
             "refresh_budget": self.refresh_budget,
             "exclude_duplicates": self.exclude_duplicates,
         }
+
+    def _requested_backend(self) -> str:
+        """``scoring_backend``, with the environment's override of the C++ kernel where it applies: ranks that
+        disagree on it would score with different exp implementations, so it is part of the configuration."""
+        if self.scoring_backend in ("auto", "native") and not native_scan.enabled():
+            return f"{self.scoring_backend} ({native_scan.ENV_NATIVE} off)"
+        return self.scoring_backend
 
     def named_modules(  # type: ignore[override]
         self, memo: set[nn.Module] | None = None, prefix: str = "", remove_duplicate: bool = True
@@ -285,10 +302,11 @@ class ShardedCacheLossHandler(nn.Module):
 
     # ---- whole-cache views (tests and resharding; gathers everything, not for the hot path) ----
     def gather_global_rows(self) -> dict[str, torch.Tensor]:
-        """The whole cache in global row order, on every rank (see :meth:`ShardStore.export_rows`)."""
+        """The whole cache in global row order, on every rank (see :meth:`ShardStore.export_rows`): copies, so a
+        snapshot stays as it was while later steps write (in one process the gather would return the rows' storage)."""
         local = self.store.export_rows()
         sizes = [self.layout.rows_per_rank] * self.comm.world_size
-        return {k: self.comm.gather_rows(v, sizes, tag="gather_cache") for k, v in local.items()}
+        return {k: self.comm.gather_rows(v, sizes, tag="gather_cache").clone() for k, v in local.items()}
 
     def load_global_rows(self, rows: Mapping[str, torch.Tensor]) -> None:
         """Sets this rank's shard from whole-cache tensors in global row order (each rank takes its slice)."""
@@ -459,12 +477,14 @@ class ShardedCacheLossHandler(nn.Module):
                       self.score_fn.on_dots, batch_positives, batch_mask)
             losses = query_losses(*inputs, leave_out=~positive_ok, own_negatives=own_negatives)
             bad = nonfinite_queries(losses, home.lse, positive_ok)
+            reduced = (self.reduction, self.comm.outer_size, self._global_batch)
+            bad |= overflowing(losses.training, bad, *reduced) & positive_ok
             if self.nonfinite == "skip" and bool(bad.any()):
                 losses = query_losses(*inputs, leave_out=~positive_ok | bad, own_negatives=own_negatives)
             if chosen is not None:  # staleness is known for re-encoded draws only
                 losses.staleness = torch.where(chosen_draws, losses.staleness, float("nan"))
             result = StepResult(
-                loss=reduce_loss(losses.training, self.reduction, self.comm.outer_size, self._global_batch),
+                loss=reduce_loss(losses.training, *reduced), loss_scale=loss_scale(*reduced, own),
                 training_loss=losses.training.detach(), interpretable_loss=losses.interpretable.detach(),
                 prob_positive=losses.prob_positive, lse=home.lse, sampled_rows=home.rows,
                 staleness=losses.staleness, refreshed_rows=home.rows.new_empty(0), inserted_rows=home.rows.new_empty(0),
@@ -541,8 +561,9 @@ class ShardedCacheLossHandler(nn.Module):
         if count and self.nonfinite == "raise":
             raise NonFiniteLoss(
                 f"step {step}: the log-partition or loss of {count} {'query' if count == 1 else 'queries'} (all "
-                "ranks) is NaN/Inf: scores overflowed (embeddings too large?) or the score transform returned "
-                "NaN/Inf; cache unchanged. Use nonfinite='skip' to leave such queries out."
+                "ranks) is NaN/Inf, or a rank's reduced loss of them overflows float32: scores overflowed "
+                "(embeddings too large?) or the score transform returned NaN/Inf; cache unchanged. Use "
+                "nonfinite='skip' to leave such queries out."
             )
 
     # ---- steps of the protocol -------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 
 __all__ = [
     "cache_losses", "staleness", "spread", "in_batch_mask", "QueryLosses", "query_losses", "nonfinite_queries",
-    "reduce_loss", "zero_rows", "scale_gradient",
+    "reduce_loss", "loss_scale", "overflowing", "zero_rows", "scale_gradient",
 ]
 
 STALENESS_EPS = 1e-12
@@ -182,3 +182,22 @@ def reduce_loss(training: torch.Tensor, reduction: str, world_size: int, global_
     if reduction == "global_mean":
         return total * world_size / max(global_batch, 1)
     return total
+
+
+def loss_scale(reduction: str, world_size: int, global_batch: int, batch: int) -> float:
+    """The factor :func:`reduce_loss` applies to the sum of this rank's ``batch`` per-query losses (W: all ranks,
+    B_g: the global batch), for values reported alongside the loss."""
+    if reduction == "mean":
+        return 1.0 / max(batch, 1)
+    if reduction == "global_mean":
+        return world_size / max(global_batch, 1)
+    return 1.0
+
+
+def overflowing(training: torch.Tensor, bad: torch.Tensor, reduction: str, world_size: int,
+                global_batch: int) -> torch.Tensor:
+    """[B]: True for every query when the reduction of this rank's finite per-query losses (those not ``bad``)
+    is not finite (each below float32's maximum, their sum above it), else False. Such a rank's queries count
+    as non-finite together: no one of them is to blame, and a +inf loss must not pass silently."""
+    total = reduce_loss(torch.where(bad, 0.0, training.detach()), reduction, world_size, global_batch)
+    return (~torch.isfinite(total)).expand(training.shape[0])

@@ -10,7 +10,10 @@ score with the block maxima, and the Gumbel noise of stage 1 (a hash and two log
 draw) moves out of a dozen int64 tensor ops per chunk into the same loop.
 
 Built once per machine and source (``g++ -O3 -march=native -fopenmp``, ~1.3 s) into a cache directory
-(``$SHARDED_NEGCACHE_CACHE_DIR``, else ``$XDG_CACHE_HOME/sharded_negcache`` or ``~/.cache/...``),
+(``$SHARDED_NEGCACHE_CACHE_DIR``, else ``$XDG_CACHE_HOME/sharded_negcache`` or ``~/.cache/...``; where that
+is not writable, ``$TMPDIR/sharded_negcache-<uid>``) under a file lock, with its SHA-256 beside it. A library
+is loaded only when its bytes match that digest (a truncated file would SIGBUS at load) and, once loaded, only
+when it reports this build's id (a foreign or stale library); otherwise it is rebuilt. Then it is
 loaded with ctypes (the call releases the GIL; it runs on ``torch.get_num_threads()`` threads). Where no
 compiler works, one warning and the torch ops run instead. ``SHARDED_NEGCACHE_NATIVE=0`` disables it;
 ``SHARDED_NEGCACHE_NATIVE_ARCH`` replaces ``native`` in ``-march=`` (a cluster of mixed CPUs that must
@@ -19,6 +22,7 @@ produce the same bits on every rank can build for their common subset, e.g. ``x8
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import hashlib
 import logging
 import os
@@ -30,9 +34,10 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+import _ctypes
 import torch
 
-__all__ = ["ENV_NATIVE", "ENV_ARCH", "available", "ChunkMasks", "Stage1", "scan_chunk", "pack_queries", "fused_scan",
+__all__ = ["ENV_NATIVE", "ENV_ARCH", "enabled", "available", "ChunkMasks", "Stage1", "scan_chunk", "pack_queries", "fused_scan",
            "fused_topk", "pick", "draws", "row_lse", "gumbel", "exp_nonpositive", "build_info"]
 
 log = logging.getLogger("sharded_negcache")
@@ -59,7 +64,8 @@ class _Lib:
     path: Path | None = None
 
 
-def _enabled() -> bool:
+def enabled() -> bool:
+    """False where ``SHARDED_NEGCACHE_NATIVE`` turns the kernel off (0, false, off, no): an override of any request."""
     return os.environ.get(ENV_NATIVE, "").strip().lower() not in ("0", "false", "off", "no")
 
 
@@ -80,29 +86,105 @@ def _cpu_flags() -> str:
         return platform.processor()
 
 
-def _build(compiler: str) -> Path:
-    """Compiles the kernel (or finds it already built) and returns the shared library's path."""
+def _build_id(compiler: str) -> tuple[str, int]:
+    """(file key, build id) of the kernel this process needs: a digest of the source, the flags, the compiler's
+    version and the CPU. The id is compiled into the library (``negcache_build_id``) and checked after loading."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    flags = _flags()
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(flags), version, _cpu_flags(),
-                                     platform.machine()]).encode()).hexdigest()[:20]
-    out_dir = _cache_dir()
+    digest = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(_flags()), version, _cpu_flags(),
+                                        platform.machine()]).encode()).hexdigest()
+    return digest[:20], int(digest[:15], 16)
+
+
+def _digest_file(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _intact(path: Path) -> bool:
+    """The library is complete: its bytes hash to the digest written beside it once it was in place (a file
+    truncated by a crash, or anything else under the kernel's name, is not; loading one could SIGBUS)."""
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        return _digest_file(path).read_text().strip() == hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError:
-        out_dir = Path(tempfile.gettempdir()) / f"sharded_negcache-{os.getuid()}"
-        out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / f"scan-{key}.so"
-    if not target.exists():
-        # build under a private name, then rename: ranks building at once never load a partial file
-        tmp = out_dir / f".scan-{key}-{os.getpid()}.so"
-        proc = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True,
-                              timeout=300)
+        return False
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _compile(compiler: str, build_id: int, target: Path) -> None:
+    """Compiles the kernel into ``target``, then its digest beside it, each written under a private name,
+    flushed to disk and renamed into place: after a crash or power loss a reader finds the whole library and
+    its digest, or a library without a matching digest, which is rebuilt."""
+    tmp, tmp_digest = (target.with_name(f".{target.name}-{os.getpid()}{ext}") for ext in (".build", ".sha256"))
+    try:
+        proc = subprocess.run([compiler, *_flags(), f"-DNEGCACHE_BUILD_ID={build_id}ULL", str(SOURCE), "-o", str(tmp)],
+                              capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
-            tmp.unlink(missing_ok=True)
-            raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[-400:]}")
+            version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+            errors = [line for line in proc.stderr.splitlines() if "error" in line] or proc.stderr.splitlines()[-1:]
+            raise RuntimeError(f"{compiler} ({version}) failed: {errors[0].strip() if errors else proc.returncode} "
+                               "(the kernel needs a C++17 compiler with OpenMP and GCC vector extensions: g++ or clang)")
+        _fsync(tmp)
+        tmp_digest.write_text(hashlib.sha256(tmp.read_bytes()).hexdigest())
+        _fsync(tmp_digest)
         os.replace(tmp, target)
-    return target
+        os.replace(tmp_digest, _digest_file(target))
+        _fsync(target.parent)  # the renames themselves reach the disk
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp_digest.unlink(missing_ok=True)
+
+
+def _cache_dirs() -> list[Path]:
+    """Where the built kernel is kept: the cache directory, then (unwritable there) a private temp directory."""
+    return [_cache_dir(), Path(tempfile.gettempdir()) / f"sharded_negcache-{os.getuid()}"]
+
+
+def _build(compiler: str, key: str, build_id: int, *, rebuild: bool = False) -> Path:
+    """The path of a complete library of this build, compiled here if no directory holds one (or ``rebuild``).
+
+    The build runs under a file lock: ranks of a node starting together wait for one compile. A directory
+    where the lock file cannot be created (not creatable, read-only, not writable) is skipped: this is what
+    finds an unwritable directory, for root as well (which ignores permission bits but not a read-only mount)."""
+    problems = []
+    for out_dir in _cache_dirs():
+        target = out_dir / f"scan-{key}.so"
+        if not rebuild and _intact(target):
+            return target
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            lock = open(out_dir / f"scan-{key}.lock", "a")
+        except OSError as exc:
+            problems.append(f"{out_dir}: {exc.strerror or exc}")
+            log.info("sharded_negcache: cannot build the kernel in %s (%s); trying the next directory", out_dir, exc)
+            continue
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if rebuild or not _intact(target):  # another process may have built it while this one waited
+                if target.exists():
+                    log.warning("sharded_negcache: %s is damaged or not this build of the kernel; rebuilding it",
+                                target)
+                _compile(compiler, build_id, target)
+            return target
+    raise RuntimeError("no writable directory for the built kernel (" + "; ".join(problems) + ")")
+
+
+def _open(path: Path, build_id: int) -> ctypes.CDLL | None:
+    """The library at ``path`` loaded, or None (unloaded again) when it is not this build (no or another id)."""
+    lib = ctypes.CDLL(str(path))
+    try:
+        lib.negcache_build_id.restype = ctypes.c_uint64
+        if lib.negcache_build_id() == build_id:
+            return lib
+    except AttributeError:
+        pass
+    _ctypes.dlclose(lib._handle)
+    return None
 
 
 def _load() -> ctypes.CDLL | None:
@@ -113,8 +195,14 @@ def _load() -> ctypes.CDLL | None:
         compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
         if compiler is None:
             raise RuntimeError("no C++ compiler (g++ or $CXX) on PATH")
-        path = _build(compiler)
-        lib = ctypes.CDLL(str(path))
+        key, build_id = _build_id(compiler)
+        path = _build(compiler, key, build_id)
+        lib = _open(path, build_id)
+        if lib is None:  # complete, but stale or foreign (its digest written with it): replace it
+            path = _build(compiler, key, build_id, rebuild=True)
+            lib = _open(path, build_id)
+        if lib is None:
+            raise RuntimeError(f"{path} does not hold this build of the kernel even after a rebuild")
     except Exception as exc:  # noqa: BLE001 - any build or load failure means: the torch ops
         _Lib.failed = True
         log.warning("sharded_negcache: the native CPU scan kernel is unavailable (%s); scoring runs the torch ops "
@@ -143,12 +231,12 @@ def _load() -> ctypes.CDLL | None:
 
 def available(device: torch.device) -> bool:
     """True when the kernel can scan chunks on ``device`` (builds or loads it on first use)."""
-    return device.type == "cpu" and _enabled() and _load() is not None
+    return device.type == "cpu" and enabled() and _load() is not None
 
 
 def build_info() -> dict:
     """What the benchmarks record: whether it loaded, where from, and how long the first load took."""
-    return {"enabled": _enabled(), "loaded": _Lib.lib is not None, "failed": _Lib.failed, "load_s": _Lib.build_s,
+    return {"enabled": enabled(), "loaded": _Lib.lib is not None, "failed": _Lib.failed, "load_s": _Lib.build_s,
             "path": str(_Lib.path) if _Lib.path else None}
 
 
@@ -242,7 +330,7 @@ def fused_topk(packed: torch.Tensor, b: int, rows: torch.Tensor, tile: int, best
     """Folds ``rows`` [n, d] (float32, unit column stride) into each query's running top-k ``best_val`` /
     ``best_row`` [b, k] (float32 / int64, -inf / -1 where empty; left in heap order: sort after the last
     chunk), scoring ``tile`` rows at a time for the ``b`` queries of ``packed`` inside the kernel; masks as
-    :func:`fused_scan`; a row enters as ``row0`` + its index, and only strictly above the k-th value."""
+    :func:`fused_scan`; a row enters as ``row0`` + its index; among equal values the lower row wins."""
     assert tile > 0 and best_val.is_contiguous() and best_row.is_contiguous()
     _Lib.lib.negcache_fused_topk(
         *_rows_args(packed, b, rows), tile, *masks.args(), best_val.shape[1], best_val.data_ptr(), best_row.data_ptr(),

@@ -34,7 +34,7 @@ from .layout import ShardLayout
 from .store import ShardStore
 
 __all__ = ["ScoreFn", "LocalPartials", "score_shard", "make_score_fn", "block_lse", "pick_in_block", "resolve_backend",
-           "BACKENDS"]
+           "BACKENDS", "top_k_lower_row_wins"]
 
 _NEG_INF = float("-inf")
 KERNEL_RANGE = "negcache/score.kernel"  # profiler range of each native kernel call, inside negcache/score
@@ -92,24 +92,29 @@ class LocalPartials:
     topk_row: torch.Tensor | None = None  # [B, k] int64, -1 padding
 
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "native", "triton")
 
 
-def resolve_backend(requested: str, device: torch.device, score_fn: ScoreFn, top_k: int | None) -> tuple[str, str]:
-    """(backend, reason) for ``scoring_backend``: 'auto' takes the Triton kernel on CUDA when triton
-    imports, the transform is a float scale and the mode is sampling; otherwise the torch scan."""
+def resolve_backend(requested: str, device: torch.device | None, score_fn: ScoreFn,
+                    top_k: int | None) -> tuple[str, str]:
+    """(backend, reason) for ``scoring_backend``: 'torch' runs torch ops only; 'native' the C++ kernel of
+    :mod:`native_scan` (CPU); 'triton' the fused Triton kernel (CUDA, sampling mode, a float scale); 'auto'
+    takes Triton on CUDA where it can, the C++ kernel on CPU where it builds, else torch ops. Where a requested
+    kernel is impossible: ValueError. ``SHARDED_NEGCACHE_NATIVE=0`` overrides a C++ kernel request (torch ops).
+    ``device`` None (not known yet, at construction): only what does not depend on it is checked."""
     if requested not in BACKENDS:
         raise ValueError(f"scoring_backend must be one of {BACKENDS}, got {requested!r}")
     if requested == "torch":
         return "torch", "requested"
+    if requested == "native" or (requested == "auto" and device is not None and device.type == "cpu"):
+        return _resolve_native(requested, device)
     why_not = None
     if top_k:
         why_not = "top_k mode runs on the torch path"
     elif score_fn.fn is not None:
         why_not = "a callable score_transform runs on the torch path (the kernel folds a float scale into the queries)"
-    elif requested == "auto" and device.type != "cuda":
-        why_not = (f"device is {device.type}: the native CPU scan kernel, built on first use, or torch ops where "
-                   "no compiler works; the Triton kernel is for CUDA")
+    elif requested == "auto" and device is not None and device.type != "cuda":
+        why_not = f"device is {device.type}, the kernel is for CUDA"
     else:
         try:
             import triton  # noqa: F401
@@ -119,6 +124,21 @@ def resolve_backend(requested: str, device: torch.device, score_fn: ScoreFn, top
         return "triton", "requested" if requested == "triton" else "CUDA device and triton available"
     if requested == "triton":
         raise ValueError(f"scoring_backend='triton' is not possible here: {why_not}")
+    return "torch", why_not
+
+
+def _resolve_native(requested: str, device: torch.device | None) -> tuple[str, str]:
+    """'native' (or 'torch' with the reason) for a request of the C++ kernel ('native', or 'auto' on CPU)."""
+    if not native_scan.enabled():
+        return "torch", f"{native_scan.ENV_NATIVE} turns the C++ kernel off"
+    if device is not None and device.type != "cpu":
+        why_not = f"device is {device.type}, the C++ kernel is for CPU"
+    elif not native_scan.available(torch.device("cpu")):
+        why_not = "the C++ kernel did not build or load (see the warning)"
+    else:
+        return "native", "requested" if requested == "native" else "CPU device and the C++ kernel loaded"
+    if requested == "native":
+        raise ValueError(f"scoring_backend='native' is not possible here: {why_not}")
     return "torch", why_not
 
 
@@ -177,8 +197,8 @@ class _Draws:
     """
 
     def __init__(self, seed: int, step: int, b: int, m: int, layout: ShardLayout, budget_rows: int,
-                 device: torch.device) -> None:
-        if native_scan.available(device):  # one call instead of ~40 int64 tensor ops
+                 device: torch.device, native: bool) -> None:
+        if native:  # one call instead of ~40 int64 tensor ops
             self.keys, self.u = native_scan.draws(keyed_random.stream_base(seed, step, Stream.BLOCK_GUMBEL),
                                                   keyed_random.stream_base(seed, step, Stream.ROW_UNIFORM), b, m)
         else:
@@ -227,19 +247,22 @@ def score_shard(
     chunk_rows: int,
     exclude_key: str | None = None,
     exclude_ids: torch.Tensor | None = None,
-    backend: str = "torch",
+    backend: str | None = None,
 ) -> LocalPartials:
     """Scores ``queries`` [B, d] (global batch order) against every filled local row.
 
-    ``backend``: 'torch' (chunks of ``chunk_rows`` rows) or 'triton' (the fused kernel of
-    :mod:`triton_scan`, no score matrix at all; sampling mode with a float scale only).
+    ``backend`` (as :func:`resolve_backend` resolves it): 'torch' (torch ops, chunks of ``chunk_rows`` rows),
+    'native' (the C++ kernel, CPU) or 'triton' (the fused kernel of :mod:`triton_scan`, no score matrix at all;
+    sampling mode with a float scale only); None: 'native' where the kernel is available, else 'torch'.
     """
     b, device = queries.shape[0], queries.device
+    native = backend in (None, "native") and native_scan.available(device)
     q = score_fn.prepare_queries(queries.detach().float())  # the partials carry no gradient
     bs = layout.block_size
     if top_k:
-        return _scan_topk(store, layout, q, score_fn, top_k, max(bs, chunk_rows // bs * bs), exclude_key, exclude_ids)
-    draws = _Draws(seed, step, b, num_draws, layout, chunk_rows, device)
+        return _scan_topk(store, layout, q, score_fn, top_k, max(bs, chunk_rows // bs * bs), exclude_key, exclude_ids,
+                          native)
+    draws = _Draws(seed, step, b, num_draws, layout, chunk_rows, device, native)
     if b == 0:
         return draws.partials(torch.empty(0, device=device), layout)
     if backend == "triton" and _triton_trusted(store, bs, device):
@@ -249,7 +272,7 @@ def score_shard(
     # chunk's worth) and the inverse CDF runs once, after the scan, on the final winners only; the first
     # chunks replace most of their winners, so resolving at once did ~(1 + ln chunks)x the work. Same
     # inputs per pair, row-wise ops: the same rows either way. Above the budget: resolved per chunk.
-    if num_draws * bs <= chunk_rows and native_scan.available(device):
+    if num_draws * bs <= chunk_rows and native:
         return _sample_native(store, layout, q, score_fn, draws, chunk_rows, exclude_key, exclude_ids)
     return _sample_torch(store, layout, q, score_fn, draws, chunk_rows, exclude_key, exclude_ids)
 
@@ -446,6 +469,7 @@ def _scan_topk(
     chunk_rows: int,
     exclude_key: str | None,
     exclude_ids: torch.Tensor | None,
+    native: bool,
 ) -> LocalPartials:
     """The exact local top-k (value, global row), kept running chunk by chunk (on CPU with a float scale: in the
     fused kernel, which never writes a score chunk)."""
@@ -454,16 +478,49 @@ def _scan_topk(
     best_row = torch.full((b, k), -1, dtype=torch.int64, device=device)
     if b == 0:
         return LocalPartials(topk_val=best_val, topk_row=best_row)
-    if score_fn.fn is None and native_scan.available(device):
+    if score_fn.fn is None and native:
         return _topk_native(store, layout, q, best_val, best_row, chunk_rows, exclude_key, exclude_ids)
     for start, end, filled in _chunks(store, chunk_rows):
         scores = score_fn.on_prepared(q @ store.decode(start, end).t())
         _mask_chunk(scores, store, start, end, filled, exclude_key, exclude_ids)
-        val, idx = scores.topk(min(k, end - start), dim=1)
+        val, idx = _chunk_top_k(scores, min(k, end - start))
         row = torch.where(torch.isfinite(val), idx + (layout.row_offset + start), torch.full_like(idx, -1))
-        val, pick = torch.cat([best_val, val], 1).topk(k, dim=1)
-        best_val, best_row = val, torch.cat([best_row, row], 1).gather(1, pick)
+        best_val, best_row = top_k_lower_row_wins(torch.cat([best_val, val], 1), torch.cat([best_row, row], 1), k)
     return LocalPartials(topk_val=best_val, topk_row=best_row)
+
+
+def _chunk_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of each row of ``scores`` [B, n] (values, indices; unordered), equal values at the k-th
+    going to the lower index. ``torch.topk`` picks among ties at the k-th value arbitrarily: it runs for
+    k + 1, and only rows whose (k+1)-th value equals the k-th (duplicated rows: rare otherwise) are
+    redone, their tied places given to the lowest indices (a stable sort of the chunk would cost ~40x the
+    top-k). A -inf k-th value (the rest are rows without a candidate, -1) or a NaN: topk's choice stands."""
+    val, idx = scores.topk(min(k + 1, scores.shape[1]), dim=1)
+    if val.shape[1] == k:
+        return val, idx
+    kth = val[:, k - 1 : k]
+    fix = (val[:, k] == kth[:, 0]) & torch.isfinite(kth[:, 0]) & ~val.isnan().any(1)
+    val, idx = val[:, :k], idx[:, :k]
+    if not bool(fix.any()):
+        return val, idx
+    rows = fix.nonzero().squeeze(1)
+    part, th = scores[rows], kth[rows]
+    tied = part == th
+    places = (val[rows] == th).sum(1, keepdim=True)
+    keep = (part > th) | (tied & (tied.cumsum(1) <= places))  # k per row, in ascending index order below
+    idx = idx.index_copy(0, rows, keep.nonzero()[:, 1].view(-1, k))
+    return scores.gather(1, idx), idx
+
+
+def top_k_lower_row_wins(vals: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` best of each query's candidates ``vals`` / ``rows`` [B, n] (global rows, -1 for none), best
+    first; among equal values the lower global row wins (and comes first). The one tie rule of top-k mode,
+    shared by the C++ kernel, the torch scan and the merge across ranks: the candidates, hence the samples,
+    do not depend on how the rows are sharded (duplicated rows tie exactly)."""
+    by_row = rows.argsort(dim=1, stable=True)
+    vals, rows = vals.gather(1, by_row), rows.gather(1, by_row)
+    order = vals.argsort(dim=1, descending=True, stable=True)[:, :k]
+    return vals.gather(1, order), rows.gather(1, order)
 
 
 TOPK_TILE_ROWS = 192  # rows the fused top-k scores per (query group, tile): a multiple of every micro-tile
@@ -480,5 +537,5 @@ def _topk_native(store: ShardStore, layout: ShardLayout, q: torch.Tensor, best_v
         with record_function(KERNEL_RANGE):
             native_scan.fused_topk(packed, q.shape[0], store.decode(start, end), TOPK_TILE_ROWS, best_val, best_row,
                                    masks, row0=layout.row_offset + start)
-    best_val, order = best_val.sort(dim=1, descending=True)
-    return LocalPartials(topk_val=best_val, topk_row=best_row.gather(1, order))
+    best_val, best_row = top_k_lower_row_wins(best_val, best_row, best_val.shape[1])  # the heaps, in order
+    return LocalPartials(topk_val=best_val, topk_row=best_row)

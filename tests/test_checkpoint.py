@@ -479,3 +479,54 @@ def test_row_hashes_see_every_byte_and_ignore_the_sharding():
                 altered[index] = changed.view(f.dtype).reshape(f.shape)
                 h = row_hashes(altered, 0)
                 assert h[7] != whole[7] and torch.equal(h[:7], whole[:7]) and torch.equal(h[8:], whole[8:])
+
+
+def mixed_checkpoints_worker(rank: int, world: int, root: str) -> dict:
+    """Two runs (A, B) save at step 1, A again at step 2; then each rank of a fresh handler loads another one:
+    A and B at the same step, A at steps 1 and 2 (with :func:`load` and with a bare ``dcp.load``)."""
+    tower = Tower()
+    paths = {}
+    for run, seed in (("A", 5), ("B", 6)):
+        handler = new_handler(seed=seed)
+        handler.load_global_rows(global_cache(CACHE, tower, seed=seed, empty_every=2, with_ids=True))
+        step_on(handler, tower, first_batch(tower), world, rank)
+        paths[run] = os.path.join(root, run)
+        save({"cache": CacheCheckpoint(handler)}, paths[run])
+        if run == "A":
+            step_on(handler, tower, next_batch(tower), world, rank)
+            paths["A2"] = os.path.join(root, "A2")
+            save({"cache": CacheCheckpoint(handler)}, paths["A2"])
+    out = {}
+    for case, (mine, bare) in {"run": (("A", "B"), False), "step": (("A", "A2"), False),
+                               "bare_step": (("A", "A2"), True)}.items():
+        handler = new_handler(seed=99)
+        handler.load_global_rows(global_cache(CACHE, tower, seed=3, with_ids=True))
+        before = {k: v.clone() for k, v in handler.state_dict().items()}
+        state, path = {"cache": CacheCheckpoint(handler)}, paths[mine[rank]]
+        try:
+            dcp.load(state, checkpoint_id=path) if bare else load(state, path)
+            error = None
+        except CheckpointError as exc:
+            error = str(exc)
+        except CheckpointException as exc:  # DCP wraps what load_state_dict raises
+            error = " ".join(str(e) for e in getattr(exc, "_failures", {}).values()) or str(exc)
+        after = handler.state_dict()
+        out[case] = {"error": error, "unchanged": all(torch.equal(after[k], v) for k, v in before.items()),
+                     "steps": handler.steps_done}
+    return out
+
+
+def test_ranks_loading_different_checkpoints_are_refused_together(tmp_path):
+    """A rank whose "latest checkpoint" lookup raced a save, or a node with another view of the filesystem,
+    reads another checkpoint than its peers: every rank refuses with the same error, nothing is written."""
+    got = run_ranks(2, mixed_checkpoints_worker, str(tmp_path), timeout=240)
+    for case in ("run", "step", "bare_step"):
+        errors = [r[case]["error"] for r in got]
+        assert errors[0] is not None and all(r[case]["unchanged"] and r[case]["steps"] == 0 for r in got), (case, got)
+        if case != "bare_step":
+            assert errors[0] == errors[1], errors
+            assert "ranks read different checkpoints" in errors[0] and "nothing was loaded" in errors[0], errors[0]
+            assert "rank 0" in errors[0] and "rank 1" in errors[0]
+        else:
+            assert all("ranks read different checkpoints" in e for e in errors), errors
+    assert "step 1" in got[0]["step"]["error"] and "step 2" in got[0]["step"]["error"]

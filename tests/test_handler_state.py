@@ -78,3 +78,49 @@ def test_writer_logs_the_reference_tags(tmp_path):
     assert events[1].value == pytest.approx(h.last_step.interpretable_loss.mean().item(), rel=1e-5)
     fill = acc.Scalars("cache/fill_fraction")[-1].value
     assert fill == pytest.approx(h.store.filled.float().mean().item())
+
+
+def test_gathered_rows_are_a_snapshot_that_later_steps_leave_alone():
+    """gather_global_rows() returns copies: the rows a step rewrites (refreshed embeddings, inserted rows, ages)
+    change in the cache but not in a snapshot taken before it."""
+    tower = Tower(seed=3)  # a tower unlike the cached rows' one: every refreshed row changes
+    h = make_handler(24, num_negatives=3)
+    h.load_global_rows(global_cache(24, tower))
+    snap = h.gather_global_rows()
+    kept = {k: v.clone() for k, v in snap.items()}
+    step(h, Tower(), 1)
+    after = h.gather_global_rows()
+    assert not torch.equal(after["embedding"], kept["embedding"])  # the step did rewrite rows
+    for k, v in kept.items():
+        assert torch.equal(snap[k], v), f"{k}: the snapshot changed with the cache"
+
+
+def _huge_step(nonfinite: str):
+    """8 queries scaled so that each per-query loss is finite (about 1e38) but their float32 sum is not."""
+    tower = Tower()
+    h = make_handler(16, num_negatives=2, nonfinite=nonfinite)
+    h.load_global_rows(global_cache(16, tower))
+    before = {k: v.clone() for k, v in h.store.export_rows().items()}
+    q, data = batch(0, n=8)
+    q = (q.sign() * 7e36).requires_grad_(True)
+    return h, tower, q, data, before
+
+
+def test_finite_losses_whose_reduction_overflows_raise_nonfinite_loss():
+    from sharded_negcache import NonFiniteLoss
+
+    h, tower, q, data, before = _huge_step("raise")
+    with pytest.raises(NonFiniteLoss, match=r"step 0: .*8 queries .*cache unchanged"):
+        h.update_cache_and_compute_loss(tower, q, tower(data), data)
+    assert h.steps_done == 0
+    for k, v in h.store.export_rows().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_finite_losses_whose_reduction_overflows_are_skipped_and_counted():
+    h, tower, q, data, _ = _huge_step("skip")
+    loss = h.update_cache_and_compute_loss(tower, q, tower(data), data)
+    per_query = h.last_step.training_loss
+    assert torch.isfinite(loss) and loss.item() == 0.0  # every query of the overflowing rank is left out
+    assert h.last_step.metrics["nonfinite_queries"] == 8.0 and h.steps_done == 1
+    assert torch.equal(per_query, torch.zeros(8))

@@ -250,6 +250,118 @@ print("lse", p.lse.tolist())
     torch.testing.assert_close(lse[0], lse[1], rtol=0, atol=LSE_ABS)
 
 
+def _built(directory: Path) -> Path:
+    (lib,) = directory.glob("scan-*.so")
+    return lib
+
+
+def _foreign_library(tmp_path: Path) -> Path:
+    src = tmp_path / "foreign.c"
+    src.write_text("int negcache_something_else(void) { return 1; }\n")
+    out = tmp_path / "foreign.so"
+    subprocess.run(["g++", "-shared", "-fPIC", "-x", "c", str(src), "-o", str(out)], check=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def built_cache(tmp_path_factory) -> Path:
+    """A cache directory holding this machine's default build (built once for the tests below)."""
+    cache = tmp_path_factory.mktemp("built")
+    assert "available True" in _probe({"SHARDED_NEGCACHE_CACHE_DIR": str(cache)})
+    return cache
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign", "foreign_with_its_digest"])
+def test_a_damaged_library_in_the_cache_is_rebuilt_not_loaded(damage, built_cache, tmp_path):
+    """A library cut short (a crash before it reached the disk: loading it raised SIGBUS) or another ELF under
+    the kernel's name (AttributeError at the first call), even one with a matching digest beside it: the
+    next process warns once, rebuilds it and loads the rebuilt kernel."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(built_cache, cache)
+    env = {"SHARDED_NEGCACHE_CACHE_DIR": str(cache)}
+    lib = _built(cache)
+    whole = lib.read_bytes()
+    if damage == "truncated":
+        lib.write_bytes(whole[: len(whole) // 2])
+    else:
+        foreign = _foreign_library(tmp_path).read_bytes()
+        lib.write_bytes(foreign)
+        if damage == "foreign_with_its_digest":
+            lib.with_name(lib.name + ".sha256").write_text(__import__("hashlib").sha256(foreign).hexdigest())
+    out = _probe(env, _PROBE + "print('group', native_scan.pack_queries(torch.ones(3, 2)).numel())\n")
+    assert "available True" in out and out.count("WARNING") == 1, out
+    assert "is damaged or not this build of the kernel; rebuilding it" in out
+    assert "group " in out and _built(cache).stat().st_size == len(whole)  # the rebuilt kernel was called
+    stamp = _built(cache).stat().st_mtime_ns
+    again = _probe(env)
+    assert "available True" in again and "WARNING" not in again and _built(cache).stat().st_mtime_ns == stamp
+
+
+def test_an_unwritable_cache_directory_falls_back_to_the_temp_directory(tmp_path):
+    """An existing directory where no file can be created, even by root (/proc): the kernel is built in
+    $TMPDIR/sharded_negcache-<uid> instead of being given up."""
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs /proc (a directory that is read-only for root too)")
+    out = _probe({"SHARDED_NEGCACHE_CACHE_DIR": "/proc", "TMPDIR": str(tmp_path)})
+    assert "available True" in out and "WARNING" not in out, out
+    assert _built(tmp_path / f"sharded_negcache-{os.getuid()}").is_file()
+
+
+_OLD_GCC = """#!/bin/sh
+# g++ as GCC 11 sees scan.cpp: __builtin_shufflevector is unknown to it
+if [ "$1" = "--version" ]; then echo "g++ (Simulated) 11.4.0"; exit 0; fi
+exec g++ {portable} -D__builtin_shufflevector=__builtin_shufflevector_needs_gcc_12 "$@"
+"""
+
+_BITS = _PROBE + """
+from engine_cases import Tower, global_cache, make_handler
+tower = Tower()
+h = make_handler(48, num_negatives=3)
+h.load_global_rows(global_cache(48, tower))
+q = torch.randn(7, 8, generator=torch.Generator().manual_seed(5))
+p = score_shard(h.store, h.layout, q, h.score_fn, num_draws=3, top_k=None, seed=4, step=2, chunk_rows=16)
+t = score_shard(h.store, h.layout, q, h.score_fn, num_draws=3, top_k=5, seed=4, step=2, chunk_rows=16)
+print("bits", p.win_row.tolist(), p.lse.tolist(), p.win_key.tolist(), t.topk_val.tolist(), t.topk_row.tolist())
+"""
+
+
+@pytest.mark.parametrize("compiler", ["simulated g++ 11", "g++-11"])
+def test_an_older_gcc_builds_the_kernel_with_the_same_bits(compiler, built_cache, tmp_path):
+    """GCC < 12 has no __builtin_shufflevector: the kernel's lane permutations take __builtin_shuffle there,
+    with the same bits. A wrapper reporting version 11 builds that path with this machine's compiler (and
+    makes __builtin_shufflevector an unknown name), and a real g++-11 where one is installed."""
+    if compiler == "g++-11":
+        import shutil
+
+        if shutil.which("g++-11") is None:
+            pytest.skip("no g++-11 on PATH")
+        cxx = "g++-11"
+    else:
+        script = tmp_path / "g++-11"
+        script.write_text(_OLD_GCC.format(portable="-DNEGCACHE_PORTABLE_SHUFFLE"))
+        script.chmod(0o755)
+        cxx = str(script)
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    old = _probe({**env, "CXX": cxx, "SHARDED_NEGCACHE_CACHE_DIR": str(tmp_path / "old")}, _BITS)
+    new = _probe({**env, "SHARDED_NEGCACHE_CACHE_DIR": str(built_cache)}, _BITS)
+    assert "available True" in old and "WARNING" not in old, old
+    pick = lambda out: next(line for line in out.splitlines() if line.startswith("bits"))  # noqa: E731
+    assert pick(old) == pick(new)
+
+
+def test_a_failing_compiler_is_named_with_its_version_and_first_error(tmp_path):
+    script = tmp_path / "g++-old"
+    script.write_text(_OLD_GCC.format(portable=""))  # the GCC >= 12 path on a compiler without the builtin
+    script.chmod(0o755)
+    out = _probe({"CXX": str(script), "SHARDED_NEGCACHE_CACHE_DIR": str(tmp_path)})
+    assert "available False" in out and out.count("WARNING") == 1, out
+    warning = next(line for line in out.splitlines() if line.startswith("WARNING"))
+    assert "(g++ (Simulated) 11.4.0) failed: " in warning and "error: " in warning, warning
+    assert "__builtin_shufflevector_needs_gcc_12" in warning, warning
+
+
 @pytest.mark.parametrize("bs", [1, 4, 17, 256])
 def test_stage_two_pick_against_the_inverse_cdf_of_the_torch_path(bs):
     from sharded_negcache.scoring import pick_in_block
@@ -292,7 +404,8 @@ def test_narrower_builds_pass_the_same_checks(arch, tmp_path):
            "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-         "not narrower and not built_once and not building_at_once and not without_a_compiler"],
+         "not narrower and not built_once and not building_at_once and not without_a_compiler and not damaged "
+         "and not unwritable and not older_gcc and not failing_compiler"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert len(list(tmp_path.glob("scan-*.so"))) == 1  # that build, not the machine's default one

@@ -124,5 +124,103 @@ def test_scoring_backend_option_is_checked_resolved_and_logged_once(caplog):
         for _ in range(2):
             h.update_cache_and_compute_loss(tower, torch.randn(3, 8), tower({"x": x}), {"x": x})
     chosen = [r.getMessage() for r in caplog.records if "scoring backend" in r.getMessage()]
-    assert chosen == ["sharded_negcache: scoring backend torch (device is cpu: the native CPU scan kernel, built on "
-                      "first use, or torch ops where no compiler works; the Triton kernel is for CUDA)"]
+    assert chosen == ["sharded_negcache: scoring backend native (CPU device and the C++ kernel loaded)"]
+
+
+class _CountingLib:
+    """The loaded C++ kernel, counting the calls made into it (the real functions run)."""
+
+    def __init__(self, lib) -> None:
+        self.lib, self.calls = lib, 0
+
+    def __getattr__(self, name: str):
+        fn = getattr(self.lib, name)
+
+        def call(*args):
+            self.calls += 1
+            return fn(*args)
+
+        return call
+
+
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_scoring_backend_torch_never_calls_the_cpp_kernel_and_native_does(top_k, monkeypatch):
+    assert native_scan.available(torch.device("cpu")), "the C++ kernel is needed for this test"
+    monkeypatch.delenv(native_scan.ENV_NATIVE, raising=False)
+    counter = _CountingLib(native_scan._Lib.lib)
+    monkeypatch.setattr(native_scan._Lib, "lib", counter)
+    tower, calls, rows = Tower(), {}, {}
+    for backend in ("torch", "native", "auto"):
+        h = make_handler(16, num_negatives=2, top_k=top_k, scoring_backend=backend)
+        h.load_global_rows(global_cache(16, tower))
+        counter.calls, sampled = 0, []
+        for step in range(4):
+            g = torch.Generator().manual_seed(step)
+            x = torch.randn(3, 6, generator=g)
+            with torch.no_grad():
+                h.update_cache_and_compute_loss(tower, torch.randn(3, 8, generator=g), tower({"x": x}), {"x": x})
+            sampled.append(h.last_step.sampled_rows)
+        calls[backend], rows[backend] = counter.calls, torch.stack(sampled)
+        assert h.config()["scoring_backend"] == backend
+    assert calls["torch"] == 0 and calls["native"] > 0 and calls["auto"] == calls["native"], calls
+    assert torch.equal(rows["native"], rows["auto"])
+    assert bool((rows["torch"] >= 0).any())  # the torch ops did sample
+
+
+def test_the_environment_overrides_a_native_request_and_config_reports_it(monkeypatch, caplog):
+    monkeypatch.setenv(native_scan.ENV_NATIVE, "0")
+    h = make_handler(16, scoring_backend="native")
+    assert h.config()["scoring_backend"] == f"native ({native_scan.ENV_NATIVE} off)"
+    assert make_handler(16).config()["scoring_backend"] == f"auto ({native_scan.ENV_NATIVE} off)"
+    assert make_handler(16, scoring_backend="torch").config()["scoring_backend"] == "torch"
+    tower = Tower()
+    x = torch.randn(3, 6)
+    with caplog.at_level(logging.INFO, logger="sharded_negcache"):
+        h.update_cache_and_compute_loss(tower, torch.randn(3, 8), tower({"x": x}), {"x": x})
+    chosen = [r.getMessage() for r in caplog.records if "scoring backend" in r.getMessage()]
+    assert chosen == [f"sharded_negcache: scoring backend torch ({native_scan.ENV_NATIVE} turns the C++ kernel off)"]
+    monkeypatch.delenv(native_scan.ENV_NATIVE)
+    with pytest.raises(ValueError, match="scoring_backend='native' is not possible here: device is meta"):
+        make_handler(16, scoring_backend="native", device="meta")
+
+
+# ---- top-k mode: one tie rule -------------------------------------------------------------------------
+def _tied_cache(n: int = 48, seed: int = 0) -> tuple[dict, torch.Tensor]:
+    """A cache whose rows are 4 distinct integer embeddings, each repeated (exact ties: integer products),
+    some rows empty; and 6 integer queries."""
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randint(-3, 4, (4, 8), generator=g).float()
+    rows = global_cache(n, Tower())
+    rows["embedding"] = table[torch.randint(0, 4, (n,), generator=g)]
+    return rows, torch.randint(-2, 3, (6, 8), generator=g).float()
+
+
+def _lower_row_wins(rows: dict, q: torch.Tensor, scale: float, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: each query's filled rows by (score descending, row ascending), the first k."""
+    scores = (q.double() * scale) @ rows["embedding"].double().t()
+    vals, out = [], []
+    for i in range(q.shape[0]):
+        ranked = sorted((-float(scores[i, j]), j) for j in range(scores.shape[1]) if rows["filled"][j])[:k]
+        vals.append([-v for v, _ in ranked])
+        out.append([j for _, j in ranked])
+    return torch.tensor(vals), torch.tensor(out)
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("chunk_rows", [8, 48])
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_topk_ties_keep_the_lower_global_row(backend, chunk_rows, k):
+    """Equal scores: the lower global row is in the top-k, in the C++ kernel and in the torch scan alike (a
+    heap that evicts an arbitrary one of the tied rows breaks this when a better row arrives later)."""
+    if backend == "native" and not native_scan.available(torch.device("cpu")):
+        pytest.skip("no C++ compiler")
+    rows, q = _tied_cache()
+    h = make_handler(48, top_k=k)
+    h.load_global_rows(rows)
+    got = score_shard(h.store, h.layout, q, h.score_fn, num_draws=1, top_k=k, seed=0, step=0, chunk_rows=chunk_rows,
+                      backend=backend)
+    want_val, want_row = _lower_row_wins(rows, q, 3.0, k)
+    assert torch.equal(got.topk_row, want_row)
+    assert torch.equal(got.topk_val.double(), want_val)
+    ranked, _ = _lower_row_wins(rows, q, 3.0, k + 1)
+    assert (ranked[:, k - 1] == ranked[:, k]).any(), "no tie at the k-th value: the test would be vacuous"

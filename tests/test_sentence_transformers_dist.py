@@ -140,3 +140,28 @@ def test_corpus_triplets_under_torchrun_two_ranks_then_resume_on_one(tmp_path):
     for key in saved:
         assert torch.equal(saved[key], loaded[key]), f"{key} differs after resuming 2 -> 1 ranks"
     assert json.loads((tmp_path / "result-w1.json").read_text())["steps_done"] == 6
+
+
+def _two_level_worker(rank: int, world: int, directory: str) -> dict:
+    """One training step at W = 2 with shard_group_size = 1 and reduction='global_mean': the value shown and
+    what it must be, -log P of this rank's queries summed and scaled by W / B_g (as the loss)."""
+    from sharded_negcache.integrations.sentence_transformers import CachedNegativesRankingLoss
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    model = tiny_model(os.path.join(directory, f"rank{rank}"))
+    loss = CachedNegativesRankingLoss(model, cache_size=16, in_batch_negatives=True, handler_kwargs={
+        "block_size": 16, "reduction": "global_mean", "shard_group_size": 1})
+    anchors, positives = pairs(GLOBAL_BATCH, seed=3)
+    per = GLOBAL_BATCH // world
+    lo = rank * per
+    shown = loss([dict(model.preprocess(t[lo : lo + per])) for t in (anchors, positives)], None)
+    want = loss.handler.last_step.interpretable_loss.double().sum().item() * world / GLOBAL_BATCH
+    return {"shown": shown.item(), "want": want}
+
+
+def test_shown_loss_under_global_mean_with_shard_groups_is_scaled_by_all_ranks(tmp_path):
+    """With shard_group_size G < W the loss's reduction divides by the global batch of all W ranks: the logged
+    value follows it (W / B_g, not G / B_g)."""
+    for r in run_ranks(2, _two_level_worker, str(tmp_path), timeout=240):
+        assert r["want"] > 0
+        assert r["shown"] == pytest.approx(r["want"], rel=1e-5), r

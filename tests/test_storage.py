@@ -232,3 +232,46 @@ def test_eviction_order_is_empty_rows_first_then_oldest_then_lowest_slot():
         key = (~store.filled).to(torch.int64) * (1 << 62) + (store.age + 1) * rows + (rows - 1 - slot)
         for n in {0, 1, rows // 2, rows}:
             assert torch.equal(store.oldest_slots(n), torch.topk(key, n, sorted=True).indices), (trial, n)
+
+
+@pytest.mark.parametrize("d", [17, 18, 50])
+def test_int8_rows_of_any_width_decode_from_any_row_and_empty_slices(d):
+    """The int8 layout [d bytes | scale | bias] puts a row's fp32 scale at byte d of the row: decoding must
+    not depend on the slice's offset being a multiple of 4 (one row at an odd offset, no rows at all)."""
+    c, x = make_codec("int8"), rows(n=8, d=d)
+    stored = c.encode(x)
+    want = c.decode(stored, d)
+    assert torch.all((want - x).abs() <= (x.amax(1) - x.amin(1)).unsqueeze(1) / 510 + 1e-6)
+    for lo, hi in [(1, 2), (3, 6), (5, 5), (0, 0), (8, 8)]:
+        assert torch.equal(c.decode(stored[lo:hi], d), want[lo:hi]), (lo, hi)
+
+
+def unaligned_int8_run(rank: int, world_size: int) -> dict:
+    """W = 2, width 17, int8: a step where rank 1 has no queries (empty cache: nothing to decode), then steps
+    on a full cache, rank 1 again with an empty batch and then with queries."""
+    specs = {"x": FieldSpec((3,), torch.float32), "embedding": FieldSpec((17,), torch.float32)}
+    h = ShardedCacheLossHandler(specs, 8, "embedding", ("x",), score_transform=2.0, num_negatives=2,
+                                embedding_codec="int8", block_size=2)
+    tower = torch.nn.Linear(3, 17)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(tower.weight)
+    net = lambda data: tower(data["x"])  # noqa: E731
+    out = []
+    for step, n in enumerate([(3, 0), (4, 4), (3, 0), (2, 3)]):
+        g = torch.Generator().manual_seed(10 * step + rank)
+        b = n[rank]
+        q, x = torch.randn(b, 17, generator=g), torch.randn(b, 3, generator=g)
+        with torch.no_grad():
+            loss = h.update_cache_and_compute_loss(net, q, net({"x": x}), {"x": x})
+        out.append((loss.item(), int((h.last_step.sampled_rows >= 0).sum()), h.last_step.metrics["fill_fraction"]))
+    return {"steps": out, "filled": int(h.store.filled.sum())}
+
+
+def test_int8_with_a_width_not_divisible_by_4_trains_with_empty_batches_at_two_ranks():
+    got = run_ranks(2, unaligned_int8_run, timeout=120)
+    for r in got:
+        assert r["filled"] == 4 and len(r["steps"]) == 4
+        assert all(torch.isfinite(torch.tensor(loss)) for loss, _, _ in r["steps"])
+        assert r["steps"][1][2] == 1.0 and r["steps"][2][2] == 1.0  # the cache is full from step 1 on
+    assert got[0]["steps"][1][1] == 4 * 2 and got[1]["steps"][1][1] == 4 * 2  # every draw found a row
+    assert got[1]["steps"][2][1] == 0 and got[1]["steps"][2][0] == 0.0  # the empty rank: no draws, loss 0

@@ -51,27 +51,36 @@ __attribute__((always_inline)) inline vf load_tail(const float* p, int64_t count
 }
 __attribute__((always_inline)) inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 
+// A lane permutation of v. __builtin_shufflevector needs GCC >= 12 (or clang); older GCC (and a build with
+// NEGCACHE_PORTABLE_SHUFFLE, which the tests use to build this path with a new compiler) take
+// __builtin_shuffle with the same lane indices: the same permutation, hence the same bits.
+#if !defined(NEGCACHE_PORTABLE_SHUFFLE) && (defined(__clang__) || __GNUC__ >= 12)
+#define SHUFFLE(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
+#else
+#define SHUFFLE(v, ...) __builtin_shuffle(v, vi{__VA_ARGS__})
+#endif
+
 // Horizontal reductions by halving (a fixed order for a given lane count).
 __attribute__((always_inline)) inline vf fold(vf v, bool is_max) {
   vf a;
 #if LANES == 16
-  a = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  a = SHUFFLE(v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
   v = is_max ? vmax(v, a) : v + a;
-  a = __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  a = SHUFFLE(v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
   v = is_max ? vmax(v, a) : v + a;
-  a = __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  a = SHUFFLE(v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
   v = is_max ? vmax(v, a) : v + a;
-  a = __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  a = SHUFFLE(v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
 #elif LANES == 8
-  a = __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+  a = SHUFFLE(v, 4, 5, 6, 7, 0, 1, 2, 3);
   v = is_max ? vmax(v, a) : v + a;
-  a = __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
+  a = SHUFFLE(v, 2, 3, 0, 1, 6, 7, 4, 5);
   v = is_max ? vmax(v, a) : v + a;
-  a = __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
+  a = SHUFFLE(v, 1, 0, 3, 2, 5, 4, 7, 6);
 #else
-  a = __builtin_shufflevector(v, v, 2, 3, 0, 1);
+  a = SHUFFLE(v, 2, 3, 0, 1);
   v = is_max ? vmax(v, a) : v + a;
-  a = __builtin_shufflevector(v, v, 1, 0, 3, 2);
+  a = SHUFFLE(v, 1, 0, 3, 2);
 #endif
   return is_max ? vmax(v, a) : v + a;
 }
@@ -442,20 +451,25 @@ struct ChunkIndex {
   }
 };
 
-// A binary min-heap of k (value, row) pairs: restores the heap below j.
+// Top-k order: a lower value is worse, and among equal values the higher row (the tie rule of top-k mode,
+// scoring.top_k_lower_row_wins: the lower global row wins, whatever the sharding).
+inline bool worse(float v1, int64_t r1, float v2, int64_t r2) { return v1 < v2 || (v1 == v2 && r1 > r2); }
+
+// A binary heap of k (value, row) pairs with the worst at the root: restores the heap below j.
 inline void heap_sift_down(float* v, int64_t* r, int64_t k, int64_t j) {
   for (;;) {
     int64_t c = 2 * j + 1;
     if (c >= k) return;
-    if (c + 1 < k && v[c + 1] < v[c]) ++c;
-    if (!(v[c] < v[j])) return;
+    if (c + 1 < k && worse(v[c + 1], r[c + 1], v[c], r[c])) ++c;
+    if (!worse(v[c], r[c], v[j], r[j])) return;
     std::swap(v[c], v[j]);
     std::swap(r[c], r[j]);
     j = c;
   }
 }
 
-// (x, row) replaces the heap's smallest value when strictly greater (an equal value: the earlier row stays).
+// (x, row) replaces the heap's worst pair when its value is strictly greater. Rows are offered in increasing
+// order, so an equal value is of a higher row than every row held, and loses the tie.
 inline void heap_offer(float* v, int64_t* r, int64_t k, float x, int64_t row) {
   if (!(x > v[0])) return;
   v[0] = x;
@@ -485,7 +499,8 @@ struct WorkSplit {
 
 // The running top-k of one thread's query groups [g0, g1): per real lane a binary min-heap of k (value, row)
 // whose root, the k-th best value, is the lane's threshold (kept lane-major in `floor` for one vector compare
-// per row). A score enters only when strictly above it: on equal values the earlier row stays. NaN never
+// per row). A score enters only when strictly above it: rows come in increasing order, so an equal score
+// is of a higher row, which loses the tie (see worse). NaN never
 // enters (no finite score compares below it; the handler refuses non-finite queries before scoring).
 struct GroupTopK {
   int64_t g0, g1, b, k;
@@ -791,6 +806,10 @@ int64_t negcache_pack_queries(const float* q, int64_t b, int64_t d, float* out) 
 
 // Queries per group of the packed layout.
 int64_t negcache_query_group() { return QW; }
+
+// The build's identity (native_scan.py passes -DNEGCACHE_BUILD_ID, a digest of the source, flags, compiler
+// and CPU): checked after loading, so a stale or foreign library under the kernel's name is never called.
+uint64_t negcache_build_id() { return NEGCACHE_BUILD_ID; }
 
 // Stage 2 for the final winners: for each pair p whose best_key is finite, the row inside its block drawn
 // with probability exp(a_j - lse) by inverse CDF at u[p] (scoring.pick_in_block), added with row_offset

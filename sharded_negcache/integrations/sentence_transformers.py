@@ -285,7 +285,7 @@ class CachedNegativesRankingLoss(nn.Module):
         self._accumulate(step.metrics, in_batch)
         # The value shown is the cross-entropy estimate -log P (what MNRL reports), reduced like the loss;
         # the gradient is the engine's estimator's. (The estimator's own value is not a cross-entropy.)
-        shown = torch.nan_to_num(step.interpretable_loss, nan=0.0).sum() * _reduction_factor(handler, len(anchors))
+        shown = torch.nan_to_num(step.interpretable_loss, nan=0.0).sum() * step.loss_scale
         return loss + (shown - loss.detach())
 
     def _ensure_callback(self) -> None:
@@ -411,15 +411,6 @@ def _calling_trainer(loss: nn.Module) -> Any:
                 return owner
         frame = frame.f_back
     return None
-
-
-def _reduction_factor(handler: ShardedCacheLossHandler, batch: int) -> float:
-    """loss = factor * sum of per-query losses, for the handler's reduction."""
-    if handler.reduction == "sum":
-        return 1.0
-    if handler.reduction == "global_mean":
-        return handler.comm.world_size / max(handler._global_batch, 1)
-    return 1.0 / max(batch, 1)
 
 
 def _left_align(ids: Tensor, mask: Tensor) -> Tensor:
