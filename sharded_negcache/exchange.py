@@ -227,6 +227,17 @@ class Comm:
         got = self.all_to_all(fresh, route.send_counts, route.recv_counts, "write_back")
         return route.served_slots, got
 
+    def send_to_owners(
+        self, owners: torch.Tensor, local_slots: torch.Tensor, rows: torch.Tensor, tag: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sends ``rows`` [k, ...] to the ranks ``owners`` [k] that hold their ``local_slots``; returns the
+        (local slots, rows) this rank received, in rank order (the corpus positives' refresh)."""
+        order = torch.argsort(owners, stable=True)
+        send_counts = torch.bincount(owners, minlength=self.world_size).tolist()
+        recv_counts = self.exchange_counts(send_counts, local_slots.device)
+        slots = self.all_to_all(local_slots[order], send_counts, recv_counts, f"{tag}_ids")
+        return slots, self.all_to_all(rows[order], send_counts, recv_counts, tag)
+
     # ---- statistics ------------------------------------------------------------------------
     def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over the outer group: statistics are global, and every rank learns of every rank's faults."""

@@ -20,11 +20,14 @@ from torch.profiler import record_function
 from . import metrics
 from .codecs import EmbeddingCodec, finite_rows, make_codec
 from .combine import merge_partials, pack_partials
+from .corpus import (CORPUS_KEY, CorpusIndex, content_keys, corpus_columns, ids_checksum, owned_batches, place,
+                     select_rows)
 from .exchange import DEFAULT_TIMEOUT_S, BatchRejected, CollectiveFailed, Comm
 from .groups import ShardGroups
 from .jagged import Jagged, JaggedColumn
+from .keyed_random import Stream, draw_keys, uniform
 from .layout import ShardLayout
-from .loss import in_batch_mask, nonfinite_queries, query_losses, reduce_loss, spread, zero_rows
+from .loss import in_batch_mask, nonfinite_queries, query_losses, reduce_loss, scale_gradient, spread, zero_rows
 from .scoring import ScoreFn, make_score_fn, resolve_backend, score_shard
 from .specs import CacheSchema, FieldSpec
 from .store import CacheTooLarge, FetchedRows, ShardStore, check_capacity, first_occurrence
@@ -45,8 +48,10 @@ STAGE_PREFIX = "negcache/"
 STAGES = ("agree", "gather", "score", "partials", "fetch", "reencode", "losses", "stats", "write_back", "insert")
 
 Reduction = Literal["mean", "global_mean", "sum"]
+CacheMode = Literal["stream", "corpus"]
 
 _ERR_INPUT, _ERR_QUERY_NONFINITE, _ERR_DOC_NONFINITE, _ERR_DOC_UNSTORABLE = 1, 2, 4, 8
+_PREFILL_BAR_MIN_DOCS = 4096  # a smaller corpus encodes in moments: no progress bar
 
 
 class NonFiniteRows(FloatingPointError):
@@ -129,6 +134,17 @@ class ShardedCacheLossHandler(nn.Module):
         rank) fed by its own positives, and a query is scored only in its group, so the per-rank step
         does not grow with W. In-batch negatives come from the group; group g samples with seed
         ``layout.stream_seed(seed)``; agreement and statistics span all W ranks. Default W (flat).
+      cache_mode: 'stream' (default: a FIFO/LRU cache fed by each step's positives) or 'corpus' (docs/design.md
+        §12): the rows are the documents of a corpus, filled by :meth:`prefill` and addressed by ``doc_id_key``;
+        a step's positives refresh their own rows instead of being inserted.
+      reencode_negatives: 'all' (default): every sampled row is re-encoded with gradient; 'none': negatives are
+        scored from their cached embeddings (gradient through the query only, no tower call for them); a float
+        f in (0, 1]: each draw is re-encoded with probability f (keyed randomness), its tower gradient weighted
+        1 / f, the others scored from the cache.
+      refresh_budget: corpus mode: each rank also re-encodes (no gradient) its K rows longest since encoded,
+        every step, and writes them in place.
+      exclude_duplicates: corpus mode: rows whose document is an exact duplicate (same values in every
+        ``data_keys`` field) of a query's positive are excluded too, not only the positive's own row.
     """
 
     def __init__(
@@ -157,8 +173,13 @@ class ShardedCacheLossHandler(nn.Module):
         reencode_on_every_rank: bool = False,
         shard_group_size: int | None = None,
         scoring_backend: Literal["auto", "torch", "triton"] = "auto",
+        cache_mode: CacheMode = "stream",
+        reencode_negatives: Literal["all", "none"] | float = "all",
+        refresh_budget: int = 0,
+        exclude_duplicates: bool = False,
     ) -> None:
         super().__init__()
+        _check_corpus_options(cache_mode, doc_id_key, reencode_negatives, refresh_budget, exclude_duplicates, specs)
         if not isinstance(num_negatives, int) or num_negatives < 1:
             raise ValueError(f"num_negatives must be an int >= 1, got {num_negatives!r}")
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
@@ -189,6 +210,11 @@ class ShardedCacheLossHandler(nn.Module):
         if doc_id_key is not None and doc_id_key in host_features:
             raise ValueError(f"host_features must not hold the doc_id_key {doc_id_key!r}: scoring reads it on the device")
         specs = self.schema.feature_specs()
+        self.cache_mode, self.reencode_negatives = cache_mode, reencode_negatives
+        self.refresh_budget, self.exclude_duplicates = refresh_budget, bool(exclude_duplicates)
+        self._corpus: CorpusIndex | None = None  # corpus mode: rebuilt from the rows when None (after a load)
+        if cache_mode == "corpus":
+            specs[CORPUS_KEY] = FieldSpec((1,), torch.int64)  # each row's exclusion key (design §12)
         check_capacity(self.layout.rows_per_rank, self.schema.dim, specs, codec, device, host_features)
         self.store = ShardStore(self.layout.rows_per_rank, self.schema.dim, specs, codec, device, host_features)
         self.register_buffer("step_count", torch.zeros((), dtype=torch.int64, device=device))
@@ -231,6 +257,10 @@ class ShardedCacheLossHandler(nn.Module):
             "reduction": self.reduction,
             "reencode_on_every_rank": self.reencode_on_every_rank,
             "scoring_backend": self.scoring_backend,
+            "cache_mode": self.cache_mode,
+            "reencode_negatives": self.reencode_negatives,
+            "refresh_budget": self.refresh_budget,
+            "exclude_duplicates": self.exclude_duplicates,
         }
 
     def named_modules(  # type: ignore[override]
@@ -267,6 +297,7 @@ class ShardedCacheLossHandler(nn.Module):
             if t.shape[0] != self.layout.cache_size:
                 raise ValueError(f"rows[{key!r}] has {t.shape[0]} rows, the cache has {self.layout.cache_size}")
         self.store.import_rows({k: v[lo:hi].to(self.device) for k, v in rows.items()})
+        self._corpus = None
 
     # ---- the step --------------------------------------------------------------------------
     def update_cache_and_compute_loss(
@@ -276,6 +307,8 @@ class ShardedCacheLossHandler(nn.Module):
         document_embeddings: torch.Tensor,
         document_data: Mapping[str, torch.Tensor],
         writer: Any = None,
+        *,
+        extra_negatives: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Loss of this rank's queries against positives plus the whole sharded cache; updates the cache.
 
@@ -283,10 +316,13 @@ class ShardedCacheLossHandler(nn.Module):
         Every rank must call this together (it runs collectives), with any batch size, zero included.
         In eval mode (``handler.eval()``) or under ``torch.inference_mode()`` it writes nothing, as
         :meth:`score`; under ``torch.no_grad()`` in train mode it writes (the module's mode decides).
+        ``extra_negatives`` [B, n, d] (with gradient): fresh embeddings of hard negatives given with the batch,
+        extra candidates of their own query (and, with ``in_batch_negatives``, of every query of the group);
+        every rank passes the same n. They are never written into the cache.
         """
         write = self.training and not torch.is_inference_mode_enabled()
         return self._run_step(document_network, query_embeddings, document_embeddings, document_data, writer,
-                              write=write).loss
+                              write=write, extra_negatives=extra_negatives).loss
 
     forward = update_cache_and_compute_loss
 
@@ -300,6 +336,7 @@ class ShardedCacheLossHandler(nn.Module):
         *,
         step: int | None = None,
         return_refreshes: bool = False,
+        extra_negatives: torch.Tensor | None = None,
     ) -> StepResult:
         """One step's loss (with gradient), samples and metrics, writing nothing: no refresh, no insert, the
         step counter stays. The tower is still called on the sampled rows. Every rank must call it together.
@@ -309,7 +346,8 @@ class ShardedCacheLossHandler(nn.Module):
         would write): for callers that own the rows themselves (``compat``).
         """
         return self._run_step(document_network, query_embeddings, document_embeddings, document_data, writer,
-                              write=False, step=step, return_refreshes=return_refreshes)
+                              write=False, step=step, return_refreshes=return_refreshes,
+                              extra_negatives=extra_negatives)
 
     def _run_step(
         self,
@@ -322,15 +360,20 @@ class ShardedCacheLossHandler(nn.Module):
         write: bool,
         step: int | None = None,
         return_refreshes: bool = False,
+        extra_negatives: torch.Tensor | None = None,
     ) -> StepResult:
         """The protocol of design §3, top to bottom; writes only when ``write``."""
         self._follow_device(query_embeddings)
         step = self._step if step is None else int(step)
         self.comm.step = step
         settings = {**self.config(), "step": step, "writes": write, "returns_refreshes": return_refreshes}
+        corpus = self._corpus_index() if self.cache_mode == "corpus" else None
+        if extra_negatives is not None:
+            settings["extra_negatives"] = extra_negatives.shape[1] if extra_negatives.dim() == 3 else -1
         with _stage("agree"):
-            sizes, features, positive_ok = self._agree_on_inputs(query_embeddings, document_embeddings, document_data,
-                                                                 settings)
+            sizes, features, positive_ok = self._agree_on_inputs(
+                query_embeddings, document_embeddings, document_data, settings,
+                lambda: self._check_step_extras(document_data, query_embeddings, extra_negatives, corpus))
         rank, m = self.comm.rank, self.num_negatives
         own, first = sizes[rank], sum(sizes[:rank])
         query_pos = torch.arange(first, first + own, device=self.device)
@@ -339,14 +382,15 @@ class ShardedCacheLossHandler(nn.Module):
             # 1. gather every rank's queries (and their positives' ids).
             with _stage("gather"):
                 queries = self.comm.gather_rows(query_embeddings.detach().float(), sizes)
-                exclude = self._gather_positive_ids(document_data, sizes)
+                exclude = self._gather_positive_ids(document_data, sizes, corpus)
             # 2. score them against the local rows, chunk by chunk.
             with _stage("score"):
                 partials = score_shard(
                     self.store, self.layout, queries, self.score_fn,
                     num_draws=m, top_k=self.top_k, seed=self.layout.stream_seed(self._seed), step=step,
                     chunk_rows=self._chunk_rows(sum(sizes)),
-                    exclude_key=self.schema.doc_id_key, exclude_ids=exclude, backend=self._scoring_backend(),
+                    exclude_key=CORPUS_KEY if corpus is not None else self.schema.doc_id_key, exclude_ids=exclude,
+                    backend=self._scoring_backend(),
                 )
             # 3. send each query's partials to its home rank and combine them there.
             with _stage("partials"):
@@ -366,7 +410,20 @@ class ShardedCacheLossHandler(nn.Module):
             )
             fetched = self.store.unpack(packed, jagged)
         with _stage("reencode"):
-            fresh, failure = self._reencode(document_network, fetched, query_embeddings)
+            chosen_draws = chosen = None  # which draws, and which fetched rows, are re-encoded (None: all)
+            if self.reencode_negatives != "all":
+                chosen_draws, chosen = self._chosen_draws(home.rows, which, query_pos, step,
+                                                          fetched.embeddings.shape[0])
+            subset = fetched if chosen is None else fetched.select(chosen)
+            fresh, failure = self._reencode(document_network, subset, query_embeddings)
+            budget_slots = budget_rows = budget_ok = None
+            if corpus is not None and self.refresh_budget and write:  # K stalest rows, no gradient
+                with torch.no_grad():
+                    budget_slots = self.store.stalest_slots(self.refresh_budget)
+                    budget_rows, budget_failure = self._reencode(document_network, self.store.read(budget_slots),
+                                                                 query_embeddings)
+                budget_ok = self.store.codec.storable(budget_rows)
+                failure = failure or budget_failure
         # 5. the losses (rows the tower made non-finite are left out; optionally in-batch negatives).
         with _stage("losses"), _engine_precision(self.device):
             fresh_ok = self.store.codec.storable(fresh)  # finite, and representable by the storage codec
@@ -375,13 +432,29 @@ class ShardedCacheLossHandler(nn.Module):
             if self.in_batch_negatives:
                 batch_positives = self.comm.gather_rows_with_grad(positives, sizes)
                 batch_mask = in_batch_mask(first, own, sum(sizes), exclude, self.device)
-            inputs = (query_embeddings, positives, home.lse, home.rows, which,
-                      zero_rows(fresh.float(), fresh_ok), fresh_ok, fetched.embeddings,
+            own_negatives = None
+            if extra_negatives is not None:
+                if self.in_batch_negatives:  # the group's extra negatives are candidates of every query
+                    n = extra_negatives.shape[1]
+                    extra = self.comm.gather_rows_with_grad(extra_negatives.float().reshape(-1, self.schema.dim),
+                                                            [b * n for b in sizes])
+                    batch_positives = torch.cat([batch_positives, extra])
+                    batch_mask = torch.cat([batch_mask, batch_mask.new_ones(own, extra.shape[0])], 1)
+                else:
+                    own_negatives = extra_negatives
+            table, table_ok, table_which, stale = fresh.float(), fresh_ok, which, fetched.embeddings
+            if chosen is not None:  # chosen draws score re-encoded rows, the others their cached embeddings
+                table, table_ok, table_which, stale = self._mixed_table(
+                    fresh, fresh_ok, fetched.embeddings, chosen_draws[home.rows >= 0], chosen, which)
+            inputs = (query_embeddings, positives, home.lse, home.rows, table_which,
+                      zero_rows(table, table_ok), table_ok, stale,
                       self.score_fn.on_dots, batch_positives, batch_mask)
-            losses = query_losses(*inputs, leave_out=~positive_ok)
+            losses = query_losses(*inputs, leave_out=~positive_ok, own_negatives=own_negatives)
             bad = nonfinite_queries(losses, home.lse, positive_ok)
             if self.nonfinite == "skip" and bool(bad.any()):
-                losses = query_losses(*inputs, leave_out=~positive_ok | bad)
+                losses = query_losses(*inputs, leave_out=~positive_ok | bad, own_negatives=own_negatives)
+            if chosen is not None:  # staleness is known for re-encoded draws only
+                losses.staleness = torch.where(chosen_draws, losses.staleness, float("nan"))
             result = StepResult(
                 loss=reduce_loss(losses.training, self.reduction, self.comm.outer_size, self._global_batch),
                 training_loss=losses.training.detach(), interpretable_loss=losses.interpretable.detach(),
@@ -391,7 +464,9 @@ class ShardedCacheLossHandler(nn.Module):
         # 6. global statistics; every rank learns of a failed tower or non-finite rows or losses before any write.
         with _stage("stats"):
             rejected = (~fresh_ok).sum() + (~positive_ok).sum()
-            inserting = positive_ok.sum() * write
+            if budget_ok is not None:
+                rejected = rejected + (~budget_ok).sum()
+            inserting = positive_ok.sum() * write * (corpus is None)
             result.metrics, failed_ranks = self._global_metrics(
                 result, fetched, which, rejected, inserting, failure is not None, bad.sum()
             )
@@ -399,16 +474,31 @@ class ShardedCacheLossHandler(nn.Module):
         # 7. fresh embeddings back to the owners, written in place; 8. insert the positives.
         if write or return_refreshes:
             with _stage("write_back"):
-                slots, rows = self.comm.write_back(route, fresh.detach().float())
+                back = fresh.detach().float()
+                if chosen is not None:  # every fetched row travels back; only re-encoded ones are written
+                    back = fresh.new_zeros(fetched.embeddings.shape[0], self.schema.dim + 1, dtype=torch.float32)
+                    back[chosen] = torch.cat([fresh.detach().float(), fresh.new_ones(fresh.shape[0], 1)], 1)
+                slots, rows = self.comm.write_back(route, back)
+                if chosen is not None:
+                    written = rows[:, -1] > 0
+                    slots, rows = slots[written], rows[written, :-1]
                 if self.nonfinite == "skip":
                     ok = self.store.codec.storable(rows)
                     slots, rows = slots[ok], rows[ok]
                 if write:
-                    result.refreshed_rows = self.layout.to_global(self.store.refresh(slots, rows, self.use_lru))
+                    lru = self.use_lru or corpus is not None  # a corpus row's age: steps since last encoded
+                    result.refreshed_rows = self.layout.to_global(self.store.refresh(slots, rows, lru))
                 else:
                     slots, first_row = first_occurrence(slots)
                     result.pending_refresh = (slots, rows[first_row])
-        if write:
+        if write and corpus is not None:
+            with _stage("insert"):
+                result.refreshed_rows = torch.unique(torch.cat([
+                    result.refreshed_rows, self._refresh_corpus_rows(corpus, document_data, document_embeddings,
+                                                                     positive_ok, budget_slots, budget_rows, budget_ok)]))
+                self.store.tick()
+            self._advance_step()
+        elif write:
             with _stage("insert"):
                 new_emb = document_embeddings.detach().float()
                 if self.nonfinite == "skip":
@@ -464,6 +554,7 @@ class ShardedCacheLossHandler(nn.Module):
         document_embeddings: torch.Tensor,
         document_data: Mapping[str, torch.Tensor],
         settings: Mapping[str, Any],
+        extra_check: Callable[[], str | None] | None = None,
     ) -> tuple[list[int], dict[str, Any], torch.Tensor | None]:
         """Validates locally, then one all-gather makes every rank raise together or go on; ``settings``
         (the configuration, the step and the mode) must be the same on every rank.
@@ -474,6 +565,8 @@ class ShardedCacheLossHandler(nn.Module):
         problem, features = self.schema.check_batch(
             query_embeddings, document_embeddings, document_data, self.device, self.layout.rows_per_rank
         )
+        if problem is None and extra_check is not None:
+            problem = extra_check()
         batch = query_embeddings.shape[0] if problem is None else 0
         config_crc = zlib.crc32(repr(sorted(settings.items())).encode())
         status = torch.tensor([_ERR_INPUT if problem else 0, batch, config_crc], device=self.device)
@@ -514,12 +607,173 @@ class ShardedCacheLossHandler(nn.Module):
         ]
         raise BatchRejected("ranks disagree on the cache configuration, cache unchanged; " + "; ".join(diffs))
 
-    def _gather_positive_ids(self, document_data: Mapping[str, torch.Tensor], sizes: list[int]) -> torch.Tensor | None:
+    def _gather_positive_ids(
+        self, document_data: Mapping[str, torch.Tensor], sizes: list[int], corpus: CorpusIndex | None = None
+    ) -> torch.Tensor | None:
+        """Every rank's positives' exclusion ids: their doc ids, or in corpus mode their rows' exclusion keys."""
         key = self.schema.doc_id_key
         if key is None:
             return None
+        if corpus is not None:
+            return self.comm.gather_rows(corpus.lookup(document_data[key])[1], sizes)
         own = document_data[key].reshape(-1).to(self.store.feature(key).dtype)
         return self.comm.gather_rows(own, sizes)
+
+    # ---- corpus mode and the re-encoding choice (design §12) ---------------------------------
+    @torch.no_grad()
+    def prefill(
+        self,
+        doc_ids: torch.Tensor,
+        document_data: Mapping[str, Any],
+        encode_fn: Callable[[dict[str, Any]], torch.Tensor],
+        *,
+        batch_size: int = 256,
+        progress: bool = True,
+    ) -> None:
+        """Fills a corpus-mode cache with the documents ``doc_ids`` [N] (their ``data_keys`` fields in
+        ``document_data``: [N, ...] tensors, or for a jagged field any jagged form or a list of sequences).
+
+        Every rank passes the same whole corpus and encodes only the documents it owns (``corpus.place``),
+        ``batch_size`` at a time under ``inference_mode``, with a progress bar on rank 0. Every rank must
+        call it together. The previous rows are discarded; ages start at 0. Bad input (N > cache_size,
+        repeated ids, a missing or mis-shaped field, ranks with different ids) raises ValueError on every
+        rank, and a failing ``encode_fn`` DocumentNetworkFailed, before anything is written.
+        """
+        if self.cache_mode != "corpus":
+            raise ValueError("prefill needs cache_mode='corpus' (a streaming cache fills from its positives)")
+        problem, columns, ids = None, {}, torch.empty(0, dtype=torch.int64)
+        try:
+            ids = _corpus_ids(doc_ids, self.layout.cache_size, batch_size)
+            data_specs = {k: self.schema.specs[k] for k in self.schema.data_keys}
+            columns = corpus_columns(document_data, data_specs, ids.numel())
+        except ValueError as exc:
+            problem = str(exc)
+        status = torch.tensor([1 if problem else 0, ids_checksum(ids), ids.numel()], device=self.device)
+        table = self.comm.agree(status, lambda code: f"prefill: {problem}")
+        if len({tuple(r) for r in table[:, 1:].tolist()}) > 1:
+            raise ValueError("prefill: ranks passed different doc_ids (every rank must pass the same whole corpus); "
+                             "cache unchanged")
+        rank, group = self.comm.rank, self.layout.world_size
+        rows = place(ids.numel(), group, self.layout.rows_per_rank)
+        keys = content_keys(columns, ids) if self.exclude_duplicates else ids
+        mine = torch.arange(rank, ids.numel(), group)
+        embeddings, failure = [], None
+        bar = _progress(progress and self.comm.outer_rank == 0 and ids.numel() >= _PREFILL_BAR_MIN_DOCS,
+                        mine.numel(), "negcache prefill (rank 0's share)")
+        with torch.inference_mode():
+            for index, batch in owned_batches(columns, rank, group, batch_size):
+                fetched = FetchedRows({k: v.to(self.device) for k, v in batch.items()},
+                                      torch.empty(index.numel(), 0), torch.empty(0))
+                out, failure = self._reencode(encode_fn, fetched, torch.empty(0, device=self.device))
+                if failure is None and not bool(self.store.codec.storable(out).all()):
+                    failure = (f"encode_fn returned NaN/Inf (or values the {self.store.codec.name!r} codec cannot "
+                               f"store) for documents at positions {index[:4].tolist()}...", None)
+                if failure is not None:
+                    break
+                embeddings.append(out.float().clone())
+                bar.update(index.numel())
+        bar.close()
+        failed = self.comm.all_reduce_sum(torch.tensor([float(failure is not None)], device=self.device))
+        if float(failed[0]):
+            mine_msg, cause = failure if failure is not None else (None, None)
+            self.comm.raise_together(mine_msg, DocumentNetworkFailed, "prefill: encode_fn failed on ",
+                                     "; cache unchanged", cause)
+        features = {k: select_rows(v, mine).to(self.device) for k, v in columns.items()}
+        features[self.schema.doc_id_key] = ids[mine].to(self.device)
+        features[CORPUS_KEY] = keys[mine].to(self.device)
+        self.store.clear()
+        slots = self.layout.to_local(rows[mine].to(self.device))
+        emb = torch.cat(embeddings) if embeddings else torch.empty(0, self.schema.dim, device=self.device)
+        self.store.write(slots, emb, features, age=0)
+        self._corpus = CorpusIndex.build(ids.to(self.device), rows.to(self.device), keys.to(self.device))
+
+    def _corpus_index(self) -> CorpusIndex:
+        """The id -> row index; after a load (or before any prefill) rebuilt from the rows' doc id and key
+        columns: one all-gather of 24 bytes per row over the shard group."""
+        if self._corpus is None:
+            local = torch.stack([self.store.feature(self.schema.doc_id_key).reshape(-1).to(torch.int64),
+                                 self.store.feature(CORPUS_KEY).reshape(-1), self.store.filled.to(torch.int64)], 1)
+            every = self.comm.gather_rows(local, [self.layout.rows_per_rank] * self.comm.world_size, "corpus_index")
+            filled = every[:, 2] > 0
+            rows = torch.arange(every.shape[0], device=self.device)[filled]
+            self._corpus = CorpusIndex.build(every[filled, 0], rows, every[filled, 1])
+        return self._corpus
+
+    def _check_step_extras(
+        self,
+        document_data: Mapping[str, torch.Tensor],
+        query_embeddings: torch.Tensor,
+        extra_negatives: torch.Tensor | None,
+        corpus: CorpusIndex | None,
+    ) -> str | None:
+        """This rank's problem with the corpus ids or the extra negatives (checked at the agreement), or None."""
+        if corpus is not None:
+            ids = document_data[self.schema.doc_id_key].reshape(-1)
+            found = corpus.lookup(ids)[2]
+            if not bool(found.all()):
+                missing = ids[~found][:4].tolist()
+                return (f"document_data[{self.schema.doc_id_key!r}] holds {int((~found).sum())} id(s) not in the "
+                        f"corpus (e.g. {missing}; the corpus has {len(corpus)} documents: call prefill first, "
+                        "with every document a positive can name)")
+        if extra_negatives is None:
+            return None
+        want = f"[{query_embeddings.shape[0]}, n, {self.schema.dim}]"
+        if not isinstance(extra_negatives, torch.Tensor) or not extra_negatives.is_floating_point():
+            return f"extra_negatives must be a floating tensor {want}, got {type(extra_negatives).__name__}"
+        if (extra_negatives.dim() != 3 or extra_negatives.shape[0] != query_embeddings.shape[0]
+                or extra_negatives.shape[2] != self.schema.dim):
+            return f"extra_negatives must have shape {want}, got {list(extra_negatives.shape)}"
+        if extra_negatives.device != self.device:
+            return f"extra_negatives is on {extra_negatives.device} but the cache is on {self.device}"
+        if not bool(torch.isfinite(extra_negatives).all()):
+            return "extra_negatives contain NaN or Inf"
+        return None
+
+    def _chosen_draws(
+        self, rows: torch.Tensor, which: torch.Tensor, query_pos: torch.Tensor, step: int, num_fetched: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(draws [B, m], fetched rows [U]) re-encoded: none, or each draw with probability f, keyed by (seed,
+        step, global query, draw) so that every world size chooses the same."""
+        sampled = rows >= 0
+        if self.reencode_negatives == "none":
+            draws = torch.zeros_like(sampled)
+        else:
+            keys = draw_keys(self.layout.stream_seed(self._seed), step, Stream.REENCODE, query_pos, rows.shape[1])
+            draws = sampled & (uniform(keys) < float(self.reencode_negatives))
+        per_row = torch.zeros(num_fetched, dtype=torch.bool, device=rows.device)
+        per_row[which[draws[sampled]]] = True
+        return draws, per_row
+
+    def _mixed_table(
+        self, fresh: torch.Tensor, fresh_ok: torch.Tensor, cached: torch.Tensor, drawn_chosen: torch.Tensor,
+        chosen: torch.Tensor, which: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The rows the draws are scored with: the F re-encoded rows (tower gradient × 1 / f) then the U cached
+        ones; each drawn entry's index into it; and the cached embedding of each (for staleness)."""
+        weight = 1.0 / float(self.reencode_negatives) if self.reencode_negatives != "none" else 1.0
+        position = torch.cumsum(chosen.to(torch.int64), 0) - 1  # a chosen row's place among the re-encoded
+        index = torch.where(drawn_chosen, position[which], fresh.shape[0] + which)
+        table = torch.cat([scale_gradient(fresh.float(), weight), cached.float()])
+        ok = torch.cat([fresh_ok, torch.ones(cached.shape[0], dtype=torch.bool, device=cached.device)])
+        return table, ok, index, torch.cat([cached[chosen], cached])
+
+    def _refresh_corpus_rows(
+        self, corpus: CorpusIndex, document_data: Mapping[str, torch.Tensor], document_embeddings: torch.Tensor,
+        positive_ok: torch.Tensor, budget_slots: torch.Tensor | None, budget_rows: torch.Tensor | None,
+        budget_ok: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Writes the refresh budget's rows, then each positive into its own row at its owner (last: a
+        positive is this step's encoding of its document). Returns the global rows this rank rewrote."""
+        written = []
+        if budget_slots is not None:
+            keep = budget_ok if self.nonfinite == "skip" else torch.ones_like(budget_ok)
+            written.append(self.store.refresh(budget_slots[keep], budget_rows.detach().float()[keep], True))
+        rows = corpus.lookup(document_data[self.schema.doc_id_key])[0][positive_ok]
+        owners = self.layout.owner_of(rows)
+        slots, emb = self.comm.send_to_owners(owners, rows - owners * self.layout.rows_per_rank,
+                                              document_embeddings.detach().float()[positive_ok], "write_positives")
+        written.append(self.store.refresh(slots, emb, True))
+        return self.layout.to_global(torch.unique(torch.cat(written)))
 
     def _scoring_backend(self) -> str:
         """The scan's backend, resolved on the first step on a device (known then); logged once per device."""
@@ -659,3 +913,60 @@ def _sync_host_counters(module: nn.Module, incompatible_keys: Any) -> None:
     if isinstance(module, ShardedCacheLossHandler):
         module._step = int(module.step_count)
         module._seed = int(module.seed)
+        module._corpus = None  # corpus mode: the id -> row index is rebuilt from the loaded rows
+
+
+def _check_corpus_options(cache_mode: str, doc_id_key: str | None, reencode_negatives: Any, refresh_budget: Any,
+                          exclude_duplicates: Any, specs: Mapping[str, Any]) -> None:
+    """The corpus-mode and re-encoding arguments, refused by name before anything is built."""
+    if cache_mode not in ("stream", "corpus"):
+        raise ValueError(f"cache_mode must be 'stream' or 'corpus', got {cache_mode!r}")
+    if cache_mode == "corpus" and doc_id_key is None:
+        raise ValueError("cache_mode='corpus' needs doc_id_key: the rows are addressed by document id")
+    if cache_mode == "corpus" and CORPUS_KEY in specs:
+        raise ValueError(f"cache_mode='corpus' stores a field {CORPUS_KEY!r}: rename the spec of that name")
+    fraction = isinstance(reencode_negatives, float) and 0.0 < reencode_negatives <= 1.0
+    if reencode_negatives not in ("all", "none") and not fraction:
+        raise ValueError(f"reencode_negatives must be 'all', 'none' or a float in (0, 1], got {reencode_negatives!r}")
+    if not isinstance(refresh_budget, int) or isinstance(refresh_budget, bool) or refresh_budget < 0:
+        raise ValueError(f"refresh_budget must be an int >= 0, got {refresh_budget!r}")
+    if cache_mode != "corpus" and (refresh_budget or exclude_duplicates):
+        raise ValueError("refresh_budget and exclude_duplicates need cache_mode='corpus' (a streaming cache has "
+                         "no fixed set of documents to refresh or to group)")
+
+
+def _corpus_ids(doc_ids: Any, cache_size: int, batch_size: Any) -> torch.Tensor:
+    """``doc_ids`` as a 1-D int64 CPU tensor of distinct ids fitting the cache, else ValueError naming it."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if not isinstance(doc_ids, torch.Tensor) or doc_ids.dim() != 1 or doc_ids.dtype not in (torch.int32, torch.int64):
+        got = f"{list(doc_ids.shape)} {doc_ids.dtype}" if isinstance(doc_ids, torch.Tensor) else type(doc_ids).__name__
+        raise ValueError(f"doc_ids must be a 1-D int64 (or int32) tensor, got {got}")
+    if doc_ids.numel() > cache_size:
+        raise ValueError(f"the corpus has {doc_ids.numel()} documents but cache_size is {cache_size}: corpus mode "
+                         "holds every document in its own row (raise cache_size, or use cache_mode='stream')")
+    ids = doc_ids.cpu().to(torch.int64)
+    uniq, counts = torch.unique(ids, return_counts=True)
+    if uniq.numel() != ids.numel():
+        raise ValueError(f"doc_ids must be distinct: {int((counts > 1).sum())} id(s) repeat, e.g. "
+                         f"{uniq[counts > 1][:4].tolist()} (each document has one row and one id)")
+    return ids
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(show: bool, total: int, desc: str) -> Any:
+    """A tqdm bar when ``show`` and tqdm is installed, else one that does nothing."""
+    if show:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            return _NoBar()
+        return tqdm(total=total, desc=desc, unit="doc")
+    return _NoBar()

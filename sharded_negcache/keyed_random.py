@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["Stream", "stream_base", "draw_keys", "uniform", "gumbel", "unit_interval"]
+__all__ = ["Stream", "stream_base", "draw_keys", "uniform", "gumbel", "unit_interval", "mix32"]
 
 _M32 = 0xFFFFFFFF
 # The largest float32 below 1. The top hash level (2^24 - 1) + 0.5 rounds to 2^24 in float32, i.e. a
@@ -22,6 +22,7 @@ class Stream:
     BLOCK_GUMBEL = 1  # stage 1: a Gumbel per (query, block, draw)
     ROW_UNIFORM = 2  # stage 2: one uniform per (query, draw) for the inverse CDF inside a block
     TOPK_GUMBEL = 3  # top_k mode: a Gumbel per (query, global row, draw)
+    REENCODE = 4  # reencode_negatives=f: one uniform per (query, draw), re-encoded when below f
 
 
 def _mix_int(x: int) -> int:
@@ -41,6 +42,12 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     x = x ^ (x >> 15)
     x = (x * 0x846CA68B) & _M32
     return x ^ (x >> 16)
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """The engine's integer hash (lowbias32) of the low 32 bits of each int64: the same on every rank and
+    run, for ids that adapters derive from data (Python's ``hash`` is salted per process)."""
+    return _mix(x)
 
 
 def stream_base(seed: int, step: int, stream: int) -> int:

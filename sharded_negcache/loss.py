@@ -11,7 +11,7 @@ import torch
 
 __all__ = [
     "cache_losses", "staleness", "spread", "in_batch_mask", "QueryLosses", "query_losses", "nonfinite_queries",
-    "reduce_loss", "zero_rows",
+    "reduce_loss", "zero_rows", "scale_gradient",
 ]
 
 STALENESS_EPS = 1e-12
@@ -110,6 +110,7 @@ def query_losses(
     batch_positives: torch.Tensor | None = None,
     batch_mask: torch.Tensor | None = None,
     leave_out: torch.Tensor | None = None,
+    own_negatives: torch.Tensor | None = None,
 ) -> QueryLosses:
     """Assembles the scores of design §2 for this rank's queries and applies :func:`cache_losses`.
 
@@ -119,7 +120,9 @@ def query_losses(
     tower made finite) whose stored embeddings are ``stale`` [U, d]. With in-batch negatives,
     ``batch_positives`` [B_g, d] (with gradient) where ``batch_mask`` [B, B_g]. ``transform`` is T on
     dot products. ``leave_out`` [B] marks queries whose terms leave the loss (0, no gradient): their
-    inputs are zeroed before the products, so no NaN or Inf can reach the gradient.
+    inputs are zeroed before the products, so no NaN or Inf can reach the gradient. ``own_negatives``
+    [B, n, d] (with gradient) are fresh candidates of their own query only (extra hard negatives); they
+    enter the formula as in-batch candidates do.
     """
     q = queries.float()
     if leave_out is not None:
@@ -141,6 +144,13 @@ def query_losses(
         batch_scores = transform(q @ batch_positives.float().t())
         if leave_out is not None:
             batch_mask = batch_mask & ~leave_out.unsqueeze(1)
+    if own_negatives is not None:
+        own_scores = transform(torch.einsum("bd,bnd->bn", q, own_negatives.float()))
+        own_mask = torch.ones(own_scores.shape, dtype=torch.bool, device=q.device)
+        if leave_out is not None:
+            own_mask &= ~leave_out.unsqueeze(1)
+        batch_scores = own_scores if batch_scores is None else torch.cat([batch_scores, own_scores], 1)
+        batch_mask = own_mask if batch_mask is None else torch.cat([batch_mask, own_mask], 1)
     training, interpretable, prob = cache_losses(pos_scores, lse, neg_scores, counted, batch_scores, batch_mask)
     if leave_out is not None:
         training = torch.where(leave_out, 0.0, training)
@@ -153,6 +163,14 @@ def nonfinite_queries(losses: QueryLosses, lse: torch.Tensor, counted: torch.Ten
     bad = torch.isnan(lse) | (lse == float("inf"))
     bad |= ~torch.isfinite(losses.training.detach()) | ~torch.isfinite(losses.interpretable)
     return bad & counted
+
+
+def scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x`` in value, ``factor`` times its gradient: re-encoding a fraction f of the draws with weight 1 / f
+    keeps the document tower's expected gradient (importance weighting of the draws chosen)."""
+    if factor == 1.0:
+        return x
+    return x.detach() + (x - x.detach()) * factor
 
 
 def reduce_loss(training: torch.Tensor, reduction: str, world_size: int, global_batch: int) -> torch.Tensor:

@@ -108,7 +108,8 @@ def resolve_backend(requested: str, device: torch.device, score_fn: ScoreFn, top
     elif score_fn.fn is not None:
         why_not = "a callable score_transform runs on the torch path (the kernel folds a float scale into the queries)"
     elif requested == "auto" and device.type != "cuda":
-        why_not = f"device is {device.type}, the kernel is for CUDA"
+        why_not = (f"device is {device.type}: the native CPU scan kernel, built on first use, or torch ops where "
+                   "no compiler works; the Triton kernel is for CUDA")
     else:
         try:
             import triton  # noqa: F401

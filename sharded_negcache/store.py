@@ -103,6 +103,11 @@ class FetchedRows:
         self.embeddings = embeddings
         self.ages = ages
 
+    def select(self, keep: torch.Tensor) -> "FetchedRows":
+        """The rows where ``keep`` [n] is True."""
+        return FetchedRows({k: v.select(keep) if isinstance(v, Jagged) else v[keep] for k, v in self.features.items()},
+                           self.embeddings[keep], self.ages[keep])
+
 
 class _HostResident(nn.Module):
     """Holds feature buffers in host memory (pinned when CUDA is present); ``.to()`` does not move them."""
@@ -323,6 +328,12 @@ class ShardStore(nn.Module):
         Returns the slots written.
         """
         slots = self.oldest_slots(embeddings.shape[0])
+        self.write(slots, embeddings, features, age=-1)
+        return slots
+
+    @torch.no_grad()
+    def write(self, slots: torch.Tensor, embeddings: torch.Tensor, features: Mapping[str, Any], age: int) -> None:
+        """Writes whole rows (embedding, every feature field) at distinct ``slots``, marks them filled, sets their age."""
         self.embeddings.index_copy_(0, slots, self.codec.encode(embeddings))
         for key, spec in self.feature_specs.items():
             f, where = self.feature(key), self._on(key, slots)
@@ -331,8 +342,22 @@ class ShardStore(nn.Module):
             else:
                 f.index_copy_(0, where, features[key].reshape(-1, *spec.shape).to(f.device, f.dtype))
         self.filled[slots] = True
-        self.age[slots] = -1
-        return slots
+        self.age[slots] = age
+
+    @torch.no_grad()
+    def clear(self) -> None:
+        """Every row empty (age 0): the state before a corpus prefill."""
+        self.filled.zero_()
+        self.age.zero_()
+
+    def stalest_slots(self, n: int) -> torch.Tensor:
+        """Up to n filled rows with the highest age (the longest since last encoded), ties to the lowest slot."""
+        n = min(n, int(self.filled.sum()))
+        if n <= 0:
+            return torch.empty(0, dtype=torch.int64, device=self.device)
+        key = torch.where(self.filled, self.age, -1)
+        order = torch.sort(key, descending=True, stable=True).indices
+        return order[:n]
 
     def tick(self) -> None:
         """End of an update call: every row is one call older."""

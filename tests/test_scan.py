@@ -124,4 +124,5 @@ def test_scoring_backend_option_is_checked_resolved_and_logged_once(caplog):
         for _ in range(2):
             h.update_cache_and_compute_loss(tower, torch.randn(3, 8), tower({"x": x}), {"x": x})
     chosen = [r.getMessage() for r in caplog.records if "scoring backend" in r.getMessage()]
-    assert chosen == ["sharded_negcache: scoring backend torch (device is cpu, the kernel is for CUDA)"]
+    assert chosen == ["sharded_negcache: scoring backend torch (device is cpu: the native CPU scan kernel, built on "
+                      "first use, or torch ops where no compiler works; the Triton kernel is for CUDA)"]

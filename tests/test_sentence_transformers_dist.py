@@ -7,8 +7,8 @@
   empty cache: each rank inserts into its own shard, so the global rows hold the same items in another
   order; the engine's world-size tests compare equal cache contents.)
 - ``SentenceTransformerTrainer`` under ``torchrun`` (2 ranks, the trainer's own DDP): logs the cache
-  metrics, checkpoints the cache; a 1-rank ``torchrun`` resumes from that checkpoint (2 -> 1) with the
-  cache row for row as saved, and trains on.
+  metrics, checkpoints the cache; a 1-rank ``torchrun`` resumes from that checkpoint (2 -> 1, the default
+  block size 16 -> 32 rows) with the cache row for row as saved, and trains on.
 """
 from __future__ import annotations
 
@@ -116,4 +116,27 @@ def test_trainer_under_torchrun_two_ranks_then_resume_on_one(tmp_path):
     for key in saved:
         assert torch.equal(saved[key], loaded[key]), f"{key} differs after resuming 2 -> 1 ranks"
     again = json.loads((tmp_path / "result-w1.json").read_text())
+    assert (result["block_size"], again["block_size"]) == (16, 32)  # the default block size changed with W
     assert again["steps_done"] == 6 and [h["step"] for h in again["log_history"] if "loss" in h][-2:] == [4, 6]
+
+
+def test_corpus_triplets_under_torchrun_two_ranks_then_resume_on_one(tmp_path):
+    """Corpus mode with a negative column and evaluation every 2 steps under the trainer's DDP: each rank
+    prefills its rows with the unwrapped model, evaluation leaves the cache's step alone, and the corpus cache
+    resumes on 1 rank row for row."""
+    run = _torchrun(2, str(tmp_path), "4", "-", "corpus")
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = json.loads((tmp_path / "result-w2.json").read_text())
+    assert result["steps_done"] == 4 and len({*result["param_checksums"]}) == 1
+    assert len([h for h in result["log_history"] if "eval_loss" in h]) == 2
+    logs = [h for h in result["log_history"] if "loss" in h]
+    assert logs[0]["negcache/fill_fraction"] == pytest.approx(result["distinct"] / 256)  # prefilled, nothing inserted
+    assert all(h["negcache/in_batch_loss"] > 0 for h in logs)
+
+    resumed = _torchrun(1, str(tmp_path), "6", "2", "corpus")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    saved, loaded = torch.load(tmp_path / "rows-saved-2-w2.pt"), torch.load(tmp_path / "rows-loaded-2-w1.pt")
+    assert set(saved) == set(loaded)
+    for key in saved:
+        assert torch.equal(saved[key], loaded[key]), f"{key} differs after resuming 2 -> 1 ranks"
+    assert json.loads((tmp_path / "result-w1.json").read_text())["steps_done"] == 6

@@ -1,10 +1,11 @@
 """The negative cache as a sentence-transformers loss, for ``SentenceTransformerTrainer`` and ``model.fit``.
 
 :class:`CachedNegativesRankingLoss` is shaped like ``MultipleNegativesRankingLoss(model, scale,
-similarity_fct)`` and trains on (anchor, positive) pairs: each anchor is scored against its positive
-and, through :class:`~sharded_negcache.ShardedCacheLossHandler`, against the whole cache, sharded
-over the ranks of the trainer's process group. The cache keeps each positive's token ids unpadded
-(a jagged field) and re-encodes the sampled rows with the model being trained.
+similarity_fct)`` and trains on (anchor, positive[, negative_1, ...]) columns: each anchor is scored
+against its positive, the negative columns and, through :class:`~sharded_negcache.ShardedCacheLossHandler`,
+the whole cache, sharded over the ranks of the trainer's process group. The cache holds recent positives
+(streaming) or a given corpus (``corpus=``), keeps their token ids unpadded (a jagged field) and
+re-encodes the sampled rows with the model being trained.
 
 :class:`NegativeCacheCallback` adds the cache's metrics to the trainer's logs and saves / restores the
 cache with the trainer's checkpoints (``checkpoint-<step>/negcache``, DCP, loadable on another
@@ -12,9 +13,13 @@ world size).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
-from typing import Any, Callable, Iterable
+import sys
+import warnings
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -24,12 +29,13 @@ from torch import Tensor, nn
 from ..checkpoint import CacheCheckpoint, load, save
 from ..handler import ShardedCacheLossHandler
 from ..jagged import JaggedFieldSpec
-from ..keyed_random import _mix
+from ..keyed_random import mix32
 from ..specs import FieldSpec
 
 try:  # sentence-transformers is an optional dependency: `pip install sharded_negcache[sentence-transformers]`
     from sentence_transformers.util import cos_sim, dot_score
-    from transformers import TrainerCallback
+    from transformers import Trainer, TrainerCallback
+    from transformers.trainer_utils import get_last_checkpoint
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "sharded_negcache.integrations.sentence_transformers needs sentence-transformers: "
@@ -44,6 +50,7 @@ IDS, DOC_ID, EMBEDDING = "input_ids", "doc_id", "embedding"
 CHECKPOINT_DIR = "negcache"  # inside the trainer's checkpoint-<step> folder
 LOG_PREFIX = "negcache/"
 LOGGED = ("interpretable_loss", "staleness", "fill_fraction", "sampled_age", "sampled")
+IN_BATCH = "in_batch_loss"  # MNRL's loss on the rank's batch: what ``eval_loss`` measures
 
 
 def token_hash(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -55,8 +62,8 @@ def token_hash(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     ids = _left_align(input_ids, attention_mask)  # the same text hashes the same however it was padded
     pos = torch.arange(ids.shape[1], device=ids.device, dtype=torch.int64).expand_as(ids)
     keep = pos < attention_mask.sum(1, keepdim=True)
-    hi = torch.where(keep, _mix(_mix(ids ^ 0x5BD1E995) ^ (pos + 0x27D4EB2F)), 0).sum(1) & 0x7FFFFFFF
-    lo = torch.where(keep, _mix(_mix(ids + 0x165667B1) ^ (pos * 0x9E3779B1)), 0).sum(1) & 0x7FFFFFFF
+    hi = torch.where(keep, mix32(mix32(ids ^ 0x5BD1E995) ^ (pos + 0x27D4EB2F)), 0).sum(1) & 0x7FFFFFFF
+    lo = torch.where(keep, mix32(mix32(ids + 0x165667B1) ^ (pos * 0x9E3779B1)), 0).sum(1) & 0x7FFFFFFF
     return (hi << 31) | lo
 
 
@@ -75,19 +82,36 @@ class CachedNegativesRankingLoss(nn.Module):
       scale: multiplies the similarity (1 / temperature), as in MNRL.
       similarity_fct: ``cos_sim`` (embeddings are L2-normalised before they are scored and cached) or
         ``dot_score``; other similarities are not dot products and are refused.
-      cache_size: global rows; each rank holds ``cache_size / world_size``.
+      cache_size: global rows; each rank holds ``cache_size / world_size`` (at least one per-device
+        batch: checked when training begins).
       num_negatives: rows sampled from the cache per anchor and re-encoded.
-      in_batch_negatives: also use the global batch's other positives as negatives.
+      in_batch_negatives: also use the global batch's other positives as negatives (MNRL's candidates,
+        so a fine-tuning run starts where MNRL is and the cache only adds to it).
       embedding_codec: storage of the cached embeddings ('fp32', 'bf16', 'fp16', 'int8', 'int4').
       seed: the cache's sampling seed (with the step, it fixes every draw).
       exclude_same_text: rows holding a positive with the same token ids as the anchor's positive
         are not its negatives (a hash of the tokens is cached as the document id).
-      handler_kwargs: further :class:`ShardedCacheLossHandler` options (``use_lru``, ``top_k``, ...).
+      corpus: the documents the cache holds (texts: a list or a dataset column such as
+        ``train_dataset["positive"]``): the engine's corpus mode, one row per distinct text, its id the
+        hash of its tokens. Every training positive must be one of them (its row is refreshed in place).
+        Encoded into the cache when training begins (:meth:`prefill`), unless a checkpoint is restored.
+      prefill_batch_size: texts encoded at once by :meth:`prefill`.
+      handler_kwargs: further :class:`ShardedCacheLossHandler` options (``use_lru``, ``top_k``, and in
+        corpus mode ``reencode_negatives``, ``refresh_budget``, ``exclude_duplicates``, ...).
+
+    Negative columns (``(anchor, positive, negative_1, ..., negative_n)``, as MNRL takes) are encoded
+    with gradient and passed to the engine as ``extra_negatives``: candidates of their own anchor, and
+    with ``in_batch_negatives`` of every anchor of the batch, as in MNRL; they are never cached.
 
     The handler is built at the first training step (when the trainer has set up the process group
     and the device), or by :meth:`handler_for` (the callback does this at ``on_train_begin``).
     In evaluation (no gradient or ``model.eval()``) the cache is neither read nor written and the
-    loss is MNRL's in-batch loss on this rank's batch, so ``eval_loss`` is comparable across runs.
+    loss is MNRL's in-batch loss on this rank's batch, so ``eval_loss`` is comparable across runs; the
+    same quantity on each training batch is logged as ``negcache/in_batch_loss``.
+
+    In a ``SentenceTransformerTrainer`` (or ``model.fit``) without a :class:`NegativeCacheCallback`, the
+    first training step attaches one and warns; on a resumed run it raises instead (the cache could
+    not be restored).
     """
 
     def __init__(
@@ -96,12 +120,14 @@ class CachedNegativesRankingLoss(nn.Module):
         scale: float = 20.0,
         similarity_fct: Callable[[Tensor, Tensor], Tensor] = cos_sim,
         *,
-        cache_size: int = 4096,
-        num_negatives: int = 1,
-        in_batch_negatives: bool = False,
+        cache_size: int = 65536,
+        num_negatives: int = 4,
+        in_batch_negatives: bool = True,
         embedding_codec: str | None = None,
         seed: int = 0,
         exclude_same_text: bool = True,
+        corpus: Iterable[str] | None = None,
+        prefill_batch_size: int = 256,
         handler_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -114,6 +140,19 @@ class CachedNegativesRankingLoss(nn.Module):
             )
         if not isinstance(cache_size, int) or cache_size < 1:
             raise ValueError(f"cache_size must be a positive int, got {cache_size!r}")
+        if not isinstance(num_negatives, int) or num_negatives < 1:
+            raise ValueError(f"num_negatives must be an int >= 1, got {num_negatives!r}")
+        owned = {"score_transform", "num_negatives", "seed", "doc_id_key", "process_group", "device",
+                 "embedding_codec", "in_batch_negatives", "cache_mode"} & set(handler_kwargs or {})
+        if owned:
+            raise ValueError(f"handler_kwargs must not set {sorted(owned)}: the loss sets them (use its own arguments)")
+        self.corpus = _corpus_texts(corpus) if corpus is not None else None
+        if self.corpus is not None and not exclude_same_text:
+            raise ValueError("corpus needs exclude_same_text=True: the hash of a text's tokens is its document id")
+        if not isinstance(prefill_batch_size, int) or prefill_batch_size < 1:
+            raise ValueError(f"prefill_batch_size must be an int >= 1, got {prefill_batch_size!r}")
+        self.prefill_batch_size = prefill_batch_size
+        self._corpus_pending = self.corpus is not None  # cleared by prefill() or a restored checkpoint
         self.model = model
         self.scale = float(scale)
         self.similarity_fct = similarity_fct
@@ -127,6 +166,8 @@ class CachedNegativesRankingLoss(nn.Module):
         self._extra: dict[str, Any] = {}
         self._metric_sums: dict[str, float] = {}
         self._metric_steps = 0
+        self.callback: NegativeCacheCallback | None = None  # set by the callback when training begins
+        self._callback_checked = False
 
     # ---- the handler -----------------------------------------------------------------------
     def _base(self) -> nn.Module:
@@ -161,44 +202,111 @@ class CachedNegativesRankingLoss(nn.Module):
                 doc_id_key=DOC_ID if self.exclude_same_text else None,
                 process_group=dist.group.WORLD if dist.is_available() and dist.is_initialized() else None,
                 device=device, embedding_codec=self.embedding_codec, in_batch_negatives=self.in_batch_negatives,
-                **self.handler_kwargs,
+                **({"cache_mode": "corpus"} if self.corpus is not None else {}), **self.handler_kwargs,
             )
         return self.handler
 
+    def prefill(self) -> None:
+        """Encodes the corpus into the cache: every rank together, each encoding only the rows it owns.
+
+        The callback calls it when training begins (unless it restored the cache from a checkpoint), or the
+        first training step does. The model runs unwrapped (no DDP: ranks encode different numbers of batches)
+        and in eval mode: cached embeddings are the documents as the model would serve them, without dropout.
+        """
+        if self.corpus is None:
+            raise ValueError("prefill needs a corpus: pass corpus=[...] to CachedNegativesRankingLoss")
+        base = self._base()
+        handler = self.handler_for()
+        tokens, doc_ids = self._tokenize_corpus(base)
+        was_training = base.training
+        base.eval()
+        try:
+            handler.prefill(doc_ids, {IDS: tokens}, functools.partial(self._reencode, model=base),
+                            batch_size=self.prefill_batch_size)
+        finally:
+            base.train(was_training)
+        self._corpus_pending = False
+
+    def _tokenize_corpus(self, base: nn.Module) -> tuple[list[Tensor], Tensor]:
+        """Each distinct text's unpadded token ids and its token hash (its document id), in corpus order."""
+        tokens: list[Tensor] = []
+        hashes: list[Tensor] = []
+        for start in range(0, len(self.corpus), 1024):
+            features = dict(base.preprocess(self.corpus[start : start + 1024]))
+            self._remember_extras(features)
+            ids, mask = features[IDS], features["attention_mask"]
+            aligned, lengths = _left_align(ids, mask), mask.sum(1).tolist()
+            tokens += [aligned[i, :n] for i, n in enumerate(lengths)]
+            hashes.append(token_hash(ids, mask))
+        every = torch.cat(hashes)
+        # identical texts are one document (one row): keep each id's first occurrence
+        distinct, inverse = torch.unique(every, return_inverse=True)
+        first = torch.full((len(distinct),), len(every)).scatter_reduce(0, inverse, torch.arange(len(every)), "amin")
+        keep = first.sort().values
+        return [tokens[i] for i in keep.tolist()], every[keep]
+
     # ---- the loss --------------------------------------------------------------------------
-    def _embed(self, features: dict[str, Any]) -> Tensor:
-        emb = self.model(features)["sentence_embedding"]
+    def _embed(self, features: dict[str, Any], model: nn.Module | None = None) -> Tensor:
+        emb = (model if model is not None else self.model)(features)["sentence_embedding"]
         return F.normalize(emb, dim=-1) if self.normalize else emb
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None = None) -> Tensor:
-        """``labels`` is unused (pairs need none), as in MNRL."""
+        """(anchor, positive[, negative_1, ...]) text columns, as MNRL takes; ``labels`` is unused."""
         features = list(sentence_features)
-        if len(features) != 2:
+        if len(features) < 2:
             raise ValueError(
-                f"CachedNegativesRankingLoss takes (anchor, positive) pairs, got {len(features)} text columns"
+                "CachedNegativesRankingLoss takes (anchor, positive) or (anchor, positive, negative_1, ...) text "
+                f"columns, got {len(features)}"
             )
-        anchor_features, positive_features = features
+        anchor_features, positive_features, *negative_features = features
         inputs = dict(positive_features)  # the model's forward adds its outputs to the dict it is given
         training = torch.is_grad_enabled() and self._base().training
         if training:
             self._remember_extras(inputs)  # refuse unrebuildable inputs before any forward or cache access
         anchors, positives = self._embed(anchor_features), self._embed(positive_features)
+        negatives = [self._embed(f) for f in negative_features]
         if not training:
             # Evaluation: MNRL's in-batch loss on this rank's batch; the cache is neither read nor written.
-            scores = self.scale * anchors @ positives.t()
-            return F.cross_entropy(scores, torch.arange(scores.shape[0], device=scores.device))
+            return _in_batch_loss(self.scale, anchors, positives, negatives)
+        if not self._callback_checked:
+            self._ensure_callback()
         handler = self.handler_for(anchors.device)
+        if self._corpus_pending:
+            self.prefill()
         ids, mask = inputs[IDS], inputs["attention_mask"]
         data: dict[str, Any] = {IDS: (_left_align(ids, mask), mask.sum(1))}
         if self.exclude_same_text:
             data[DOC_ID] = token_hash(ids, mask)[:, None]
-        loss = handler.update_cache_and_compute_loss(self._reencode, anchors, positives, data)
+        extra = torch.stack(negatives, dim=1) if negatives else None  # [B, n, d], fresh, with gradient
+        loss = handler.update_cache_and_compute_loss(self._reencode, anchors, positives, data, extra_negatives=extra)
         step = handler.last_step
-        self._accumulate(step.metrics)
+        in_batch = _in_batch_loss(self.scale, anchors.detach(), positives.detach(), [n.detach() for n in negatives])
+        self._accumulate(step.metrics, in_batch)
         # The value shown is the cross-entropy estimate -log P (what MNRL reports), reduced like the loss;
         # the gradient is the engine's estimator's. (The estimator's own value is not a cross-entropy.)
         shown = torch.nan_to_num(step.interpretable_loss, nan=0.0).sum() * _reduction_factor(handler, len(anchors))
         return loss + (shown - loss.detach())
+
+    def _ensure_callback(self) -> None:
+        """Forgetting the callback must not be silent: inside a trainer without one, attach one (and warn), or
+        raise when the trainer resumed (its checkpoint's cache can no longer be restored)."""
+        self._callback_checked = True
+        if self.callback is not None:
+            return
+        trainer = _calling_trainer(self)
+        if trainer is None:  # a plain training loop: no trainer checkpoints to keep the cache in
+            return
+        if trainer.state.global_step > 0:
+            raise RuntimeError(
+                f"the trainer resumed at step {trainer.state.global_step} without a NegativeCacheCallback, so the "
+                "negative cache was not restored: call NegativeCacheCallback.attach(trainer) before trainer.train()"
+            )
+        self.callback = NegativeCacheCallback.attach(trainer, self)
+        warnings.warn(
+            "CachedNegativesRankingLoss: the trainer had no NegativeCacheCallback; one is attached now (cache metrics "
+            "in the logs, the cache saved with checkpoints). Call NegativeCacheCallback.attach(trainer) before "
+            "trainer.train() so that resuming restores the cache.", UserWarning, stacklevel=3,
+        )
 
     def _remember_extras(self, positive_features: dict[str, Any]) -> None:
         """Which inputs the model reads: re-encoded rows get the same keys (token types zero, non-tensors copied)."""
@@ -216,7 +324,7 @@ class CachedNegativesRankingLoss(nn.Module):
         self._extra = {k: v for k, v in positive_features.items() if not isinstance(v, Tensor)}
         self._with_token_types = "token_type_ids" in positive_features
 
-    def _reencode(self, rows: dict[str, Any]) -> Tensor:
+    def _reencode(self, rows: dict[str, Any], model: nn.Module | None = None) -> Tensor:
         """The current model's embeddings of cached rows, rebuilt from their unpadded token ids."""
         padded, lengths = rows[IDS]
         width = max(int(lengths.max()), 1) if lengths.numel() else 1
@@ -225,20 +333,30 @@ class CachedNegativesRankingLoss(nn.Module):
         features: dict[str, Any] = {IDS: padded, "attention_mask": mask, **self._extra}
         if self._with_token_types:
             features["token_type_ids"] = torch.zeros_like(padded)
-        return self._embed(features)
+        return self._embed(features, model)
 
     # ---- metrics ---------------------------------------------------------------------------
-    def _accumulate(self, metrics: dict[str, float]) -> None:
+    def _accumulate(self, metrics: dict[str, float], in_batch: Tensor) -> None:
         for name in LOGGED:
             if name in metrics:
                 self._metric_sums[name] = self._metric_sums.get(name, 0.0) + float(metrics[name])
+        self._metric_sums[IN_BATCH] = self._metric_sums.get(IN_BATCH, 0.0) + float(in_batch)
         self._metric_steps += 1
 
     def pop_metrics(self) -> dict[str, float]:
-        """Means of the cache metrics over the steps since the last call, keyed ``negcache/<name>``."""
+        """Means of the cache metrics over the steps since the last call, keyed ``negcache/<name>``.
+
+        The cache's metrics are global already; ``in_batch_loss`` is each rank's own and is averaged over the
+        ranks here (a collective: every rank calls this together, as the trainer's ``on_log`` does).
+        """
         if not self._metric_steps:
             return {}
-        out = {LOG_PREFIX + k: round(v / self._metric_steps, 6) for k, v in self._metric_sums.items()}
+        sums = dict(self._metric_sums)
+        if self.handler is not None and dist.is_available() and dist.is_initialized():  # the handler's group: WORLD
+            total = torch.tensor([sums[IN_BATCH]], dtype=torch.float64, device=self.handler.device)
+            dist.all_reduce(total)
+            sums[IN_BATCH] = float(total) / dist.get_world_size()
+        out = {LOG_PREFIX + k: round(v / self._metric_steps, 6) for k, v in sums.items()}
         self._metric_sums, self._metric_steps = {}, 0
         return out
 
@@ -251,7 +369,45 @@ class CachedNegativesRankingLoss(nn.Module):
         return {
             "scale": self.scale, "similarity_fct": self.similarity_fct.__name__, "cache_size": self.cache_size,
             "num_negatives": self.num_negatives, "in_batch_negatives": self.in_batch_negatives, "seed": self.seed,
+            **({"corpus_size": len(self.corpus)} if self.corpus is not None else {}),
         }
+
+
+def _corpus_texts(corpus: Iterable[str]) -> list[str]:
+    """The corpus as a list of texts (a list, tuple or dataset column), checked."""
+    if isinstance(corpus, (str, bytes)):
+        raise ValueError("corpus must be a sequence of texts (e.g. a list or a dataset column), got one string")
+    texts = list(corpus)
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise ValueError(f"corpus must hold texts; corpus[{bad}] is {type(texts[bad]).__name__}")
+    if not texts:
+        raise ValueError("corpus is empty")
+    return texts
+
+
+def _in_batch_loss(scale: float, anchors: Tensor, positives: Tensor, negatives: Sequence[Tensor] = ()) -> Tensor:
+    """MNRL's cross-entropy of each anchor against this rank's positives and negative columns (what ``eval_loss``
+    reports)."""
+    scores = scale * anchors @ torch.cat([positives, *negatives]).t()
+    return F.cross_entropy(scores, torch.arange(scores.shape[0], device=scores.device))
+
+
+def _calling_trainer(loss: nn.Module) -> Any:
+    """The transformers ``Trainer`` whose ``compute_loss`` is calling ``loss`` (found on the call stack), or None.
+
+    The loss is handed to the trainer before the trainer exists and is never told about it; the stack is
+    the one place that knows. Only the trainer that holds this loss counts.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, Trainer):
+            held = getattr(owner, "loss", None)
+            if held is loss or (isinstance(held, dict) and any(v is loss for v in held.values())):
+                return owner
+        frame = frame.f_back
+    return None
 
 
 def _reduction_factor(handler: ShardedCacheLossHandler, batch: int) -> float:
@@ -274,15 +430,17 @@ def _left_align(ids: Tensor, mask: Tensor) -> Tensor:
 class NegativeCacheCallback(TrainerCallback):
     """Cache metrics into the trainer's logs; the cache saved and restored with the trainer's checkpoints.
 
-    - ``on_log``: adds ``negcache/interpretable_loss``, ``negcache/staleness``, ``negcache/fill_fraction``,
-      ``negcache/sampled_age``, ``negcache/sampled`` (means since the previous log; the same on every rank).
-      Pass it in ``callbacks=[...]`` *before* integrations that should see these keys, or use
-      :meth:`attach`, which puts it first.
+    - ``on_log``: adds ``negcache/interpretable_loss``, ``negcache/in_batch_loss``, ``negcache/staleness``,
+      ``negcache/fill_fraction``, ``negcache/sampled_age``, ``negcache/sampled`` (means since the previous
+      log; the same on every rank). Pass it in ``callbacks=[...]`` *before* integrations that should see
+      these keys, or use :meth:`attach`, which puts it first.
     - ``on_save``: writes the cache into ``<checkpoint-N>/negcache`` with :func:`sharded_negcache.checkpoint.save`
       (every rank writes its own rows).
-    - ``on_train_begin``: when the trainer resumed (``global_step > 0``), loads
-      ``<output_dir>/checkpoint-<global_step>/negcache`` on the current world size (any that divides
-      ``cache_size``); ``resume_from`` names another checkpoint folder.
+    - ``on_train_begin``: checks that a rank's cache shard holds a per-device batch; when the trainer
+      resumed (``global_step > 0``), loads ``<checkpoint>/negcache`` from the checkpoint given to
+      ``trainer.train(resume_from_checkpoint=...)`` (``True``: the trainer's own choice, the last one in
+      ``output_dir``), on the current world size (any that divides ``cache_size``). Seeing that argument
+      needs :meth:`attach`; ``resume_from`` names the folder explicitly instead.
 
     Args:
       loss: the :class:`CachedNegativesRankingLoss` given to the trainer.
@@ -299,21 +457,60 @@ class NegativeCacheCallback(TrainerCallback):
         self.resume_from = resume_from
         self.require_cache_on_resume = require_cache_on_resume
         self.loaded_from: str | None = None
+        self.trainer_checkpoint: str | None = None  # what the attached trainer's train() resumes from
 
     @classmethod
     def attach(cls, trainer: Any, loss: CachedNegativesRankingLoss | None = None, **kwargs: Any) -> "NegativeCacheCallback":
-        """Creates the callback for ``trainer.loss`` and puts it first, so every logger sees the cache metrics."""
+        """Creates the callback for ``trainer.loss``, puts it first (every logger sees the cache metrics) and
+        records the checkpoint each ``trainer.train(resume_from_checkpoint=...)`` resumes from."""
         callback = cls(loss if loss is not None else trainer.loss, **kwargs)
         trainer.callback_handler.callbacks.insert(0, callback)
+        train = trainer.train
+        signature = inspect.signature(train)
+
+        @functools.wraps(train)
+        def train_and_record_checkpoint(*args: Any, **kw: Any) -> Any:
+            given = signature.bind_partial(*args, **kw).arguments.get("resume_from_checkpoint")
+            # The trainer's own resolution: False/None -> none, True -> the last checkpoint in output_dir.
+            callback.trainer_checkpoint = get_last_checkpoint(trainer.args.output_dir) if given is True else (
+                given or None)
+            return train(*args, **kw)
+
+        trainer.train = train_and_record_checkpoint
         return callback
 
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: D102 (TrainerCallback hook)
+        self.loss.callback = self
         handler = self.loss.handler_for(args.device)
+        shard = handler.layout.rows_per_rank
+        if shard < args.per_device_train_batch_size:  # caught here, before any step, not at the first insert
+            raise ValueError(
+                f"cache_size={self.loss.cache_size} gives {shard} rows per rank over {handler.layout.world_size} "
+                f"rank(s), fewer than per_device_train_batch_size={args.per_device_train_batch_size}: a batch must "
+                "fit in a rank's cache shard; raise cache_size"
+            )
+        self.loaded_from = self._restore(state, handler)
+        if self.loaded_from is not None:
+            self.loss._corpus_pending = False  # the checkpoint holds the corpus's rows
+        elif self.loss._corpus_pending:
+            self.loss.prefill()
+
+    def _restore(self, state, handler: ShardedCacheLossHandler) -> str | None:
+        """Loads the cache of the checkpoint being resumed; returns its folder (None: nothing to load)."""
         path = self.resume_from
         if path is None and state.global_step > 0:
-            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            path = self.trainer_checkpoint
+            if path is None:
+                # Without attach() the callback cannot see which checkpoint train() was given; guessing
+                # output_dir/checkpoint-N could load another run's cache.
+                problem = (f"the trainer resumed at step {state.global_step} but NegativeCacheCallback cannot see "
+                           "which checkpoint: add it with NegativeCacheCallback.attach(trainer) or pass resume_from=")
+                if self.require_cache_on_resume:
+                    raise RuntimeError(problem)
+                logger.warning("%s; starting with an empty cache", problem)
+                return None
         if path is None:
-            return
+            return None
         cache_dir = path if os.path.basename(os.path.normpath(path)) == CHECKPOINT_DIR else os.path.join(path, CHECKPOINT_DIR)
         if not os.path.isdir(cache_dir):
             if self.require_cache_on_resume:
@@ -322,9 +519,11 @@ class NegativeCacheCallback(TrainerCallback):
                     "require_cache_on_resume=False to NegativeCacheCallback to start with an empty cache"
                 )
             logger.warning("no negative cache in %s: starting with an empty cache", cache_dir)
-            return
-        load({"cache": CacheCheckpoint(handler)}, cache_dir)
-        self.loaded_from = cache_dir
+            return None
+        # The default block size depends on the rows per rank, so a resume on another world size may see
+        # another one; the rows are valid under any block size (only the sampler's stream is keyed by it).
+        load({"cache": CacheCheckpoint(handler, allow_block_size_change=True)}, cache_dir)
+        return cache_dir
 
     def on_save(self, args, state, control, **kwargs):  # noqa: D102
         handler = self.loss.handler_for(args.device)
