@@ -180,10 +180,10 @@ def instrument(loss_fn, ddp, split: Split, model_wrapper=None) -> None:
     if hasattr(loss_fn, "_reencode"):  # book the cache's re-encoding separately from the batch's towers
         plain = loss_fn._reencode
 
-        def reencode(rows, _plain=plain):
+        def reencode(rows, _plain=plain, **kwargs):
             with split.time("reencode_fwd"):
                 before = split.s.get("tower_fwd", 0.0)
-                out = _plain(rows)
+                out = _plain(rows, **kwargs)
                 split.s["tower_fwd"] = before  # the inner tower call belongs to re-encoding
             return out
 
