@@ -76,6 +76,17 @@ def test_cost_model_by_hand():
     assert step_time_s(shape, [], world=1, hw=hw)["allreduce"] == 0.0
 
 
+def test_cache_megabytes_counts_the_row_store():
+    from examples.efficiency.study import cache_megabytes
+    from sharded_negcache import ShardedCacheLossHandler
+    from sharded_negcache.specs import FieldSpec
+
+    handler = ShardedCacheLossHandler({"emb": FieldSpec((8,), torch.float32), "x": FieldSpec((2,), torch.int64)},
+                                      64, "emb", ["x"])
+    # 64 rows: fp32 embeddings 8 x 4 B, int64 age, bool filled, the int64 field 2 x 8 B; two int64 scalars
+    assert cache_megabytes(handler) * 2**20 == 64 * (32 + 8 + 1 + 16) + 2 * 8
+
+
 def test_methods_at_other_batches():
     assert method_of("mnrl_b64") == Method("mnrl", 64)
     assert method_of("corpus_ib_half_b16") == Method("corpus", 16, in_batch=True, reencode=0.5)

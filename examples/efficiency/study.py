@@ -332,10 +332,17 @@ def run_one(method: str, seed: int, st: Settings, tokenizer, train_pairs, evalse
     result.activation_peak_mb = float(peak)
     handler = getattr(loss_fn, "handler", None)
     if handler is not None:
-        result.cache_mb = sum(b.numel() * b.element_size() for b in handler.buffers()) / 2**20
+        result.cache_mb = cache_megabytes(handler)
     result.final = result.evals[-1] if result.evals else {}
     del ddp, loss_fn, opt
     return result
+
+
+def cache_megabytes(handler) -> float:
+    """MiB of this rank's cache: the handler's buffers and its row store's (embeddings, ages, cached fields)."""
+    tensors = {id(t): t for module in (handler, getattr(handler, "store", None)) if module is not None
+               for t in module.buffers()}
+    return sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
 
 
 # ---- report -------------------------------------------------------------------------------------
