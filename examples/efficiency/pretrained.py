@@ -101,7 +101,7 @@ class Settings:
     max_steps: int = 0  # 0: the budget alone decides; else also stop there (and evaluate at its fractions)
     eval_fractions: tuple[float, ...] = (1 / 3, 2 / 3, 1.0)
     train_pairs: int = 2048  # random subset of the stdlib training pairs: the corpus of the corpus cache
-    eval_pairs: int = 977  # held-out queries, each retrieved among the same number of held-out functions
+    eval_pairs: int = 1000  # at most this many held-out queries, each retrieved among as many held-out functions
     max_length: int = 64
     lr: float = 2e-5
     warmup_steps: int = 5
