@@ -491,6 +491,7 @@ def plot(runs: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         if x != "wall_s":
             ax.set_xscale("symlog", linthresh=1 if x == "steps" else 0.01)
+        ax.set_xlim(left=0)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
