@@ -100,17 +100,21 @@ def test_curves_at_equal_steps_by_hand():
     assert at([10, 20], [0.6, 0.8], 0.0, 0.5, 5) == pytest.approx(0.55)  # between zero-shot and the first eval
     assert at([10, 20], [0.6, 0.8], 0.0, 0.5, 25) is None
 
+    def metrics(v):  # recall@1 and recall@10 ride along at fixed offsets from MRR@10
+        return {"mrr@10": v, "recall@1": v - 0.1, "recall@10": v + 0.1}
+
     def run(method, batch, seed, points):
         return {"method": method, "global_batch": batch, "seed": seed, "steps": points[-1][0],
-                "evals": [{"steps": s, "mrr@10": v} for s, v in points], "final": {"mrr@10": points[-1][1]}}
+                "evals": [{"steps": s, **metrics(v)} for s, v in points], "final": metrics(points[-1][1])}
 
-    runs = [{"method": "zero_shot", "global_batch": 0, "seed": 0, "steps": 0, "evals": [], "final": {"mrr@10": 0.4}},
+    runs = [{"method": "zero_shot", "global_batch": 0, "seed": 0, "steps": 0, "evals": [], "final": metrics(0.4)},
             run("a_b32", 32, 0, [(10, 0.5), (40, 0.6)]), run("a_b32", 32, 1, [(10, 0.7), (40, 0.8)]),
             run("b_b32", 32, 0, [(20, 0.6), (30, 0.9)]), run("c_b512", 512, 0, [(2, 0.45), (4, 0.5)])]
     target, values = equal_steps(runs)
     assert target == 30  # the fewest steps any batch-32 run reached
-    assert values["a_b32"] == pytest.approx(0.6 + (0.7 - 0.6) * 20 / 30)  # seed means (10, 0.6), (40, 0.7)
-    assert values["b_b32"] == pytest.approx(0.9) and values["c_b512"] is None
+    expected = 0.6 + (0.7 - 0.6) * 20 / 30  # seed means (10, 0.6), (40, 0.7), at step 30
+    assert values["a_b32"] == pytest.approx(metrics(expected))
+    assert values["b_b32"]["mrr@10"] == pytest.approx(0.9) and values["c_b512"] is None
 
 
 def test_packaged_minilm_loads_offline(tmp_path):
@@ -182,6 +186,10 @@ def test_tiny_pretrained_study_two_ranks(tmp_path):
     assert compared["mean_diff"] == pytest.approx(float((mean_rr(cache) - mean_rr(compared["baseline"])).mean()))
     assert compared["ci_low"] <= compared["mean_diff"] <= compared["ci_high"]
     table = (tmp_path / "table.md").read_text()
+    assert "| at 3 steps: MRR@10 / R@1 / R@10 |" in table
+    single = next(m for m in TINY_METHODS[1:] if m not in (cache, compared["baseline"]))  # one seed
+    final = runs[(single, 0)]["final"]  # every run reached step 3: the equal-steps values are the final ones
+    assert f"| {final['mrr@10']:.3f} / {final['recall@1']:.3f} / {final['recall@10']:.3f} |" in table
     assert f"| {cache} | 32 | 2 |" in table and f"Paired per-query bootstrap, {cache} -" in table
     (tmp_path / "table.md").unlink()
     replot = subprocess.run([sys.executable, "-m", "examples.efficiency.pretrained", "--replot", "--out", str(tmp_path)],

@@ -371,15 +371,15 @@ def run_one(name: str, seed: int, st: Settings, base_model, train, mined: dict, 
 
 
 # ---- report -------------------------------------------------------------------------------------
-def curve(runs: list[dict], x: str) -> tuple[list[float], list[float]]:
-    """Mean over seeds of (x, MRR@10) at each evaluation; ``x`` is wall_s, steps or h100_s."""
+def curve(runs: list[dict], x: str, key: str = "mrr@10") -> tuple[list[float], list[float]]:
+    """Mean over seeds of (x, metric) at each evaluation; ``x`` is wall_s, steps or h100_s."""
     n = min(len(r["evals"]) for r in runs)
 
     def xval(r, e):
         return r["h100_setup_s"] + e["steps"] * r["h100_step_ms"]["total"] / 1000 if x == "h100_s" else e[x]
 
     xs = [sum(xval(r, r["evals"][i]) for r in runs) / len(runs) for i in range(n)]
-    ys = [sum(r["evals"][i]["mrr@10"] for r in runs) / len(runs) for i in range(n)]
+    ys = [sum(r["evals"][i][key] for r in runs) / len(runs) for i in range(n)]
     return xs, ys
 
 
@@ -392,16 +392,21 @@ def at(xs: list[float], ys: list[float], x0: float, y0: float, target: float) ->
     return None
 
 
-def equal_steps(runs: list[dict]) -> tuple[int, dict[str, float | None]]:
-    """MRR@10 of every trained method at the step count all batch-32 methods reached (curves from zero-shot)."""
-    zero = next((r["final"]["mrr@10"] for r in runs if r["method"] == "zero_shot"), None)
+METRICS = ("mrr@10", "recall@1", "recall@10")
+
+
+def equal_steps(runs: list[dict]) -> tuple[int, dict[str, dict[str, float] | None]]:
+    """Each trained method's metrics at the step count all batch-32 methods reached (curves from zero-shot at
+    step 0, mean over seeds); None for a method that stopped before it."""
+    zero = next((r["final"] for r in runs if r["method"] == "zero_shot"), None)
     trained = [r for r in runs if r["steps"]]
     small = [r["steps"] for r in trained if r["global_batch"] <= 32] or [r["steps"] for r in trained] or [0]
     target = min(small)
-    out = {}
+    out: dict[str, dict[str, float] | None] = {}
     for method in dict.fromkeys(r["method"] for r in trained):
-        xs, ys = curve([r for r in trained if r["method"] == method], "steps")
-        out[method] = at(xs, ys, 0.0, zero, target) if zero is not None else None
+        rs = [r for r in trained if r["method"] == method]
+        values = {k: at(*curve(rs, "steps", k), 0.0, zero[k], target) for k in METRICS} if zero else {}
+        out[method] = values if values and None not in values.values() else None
     return target, out
 
 
@@ -436,7 +441,8 @@ def report(runs: list[dict], compared: dict | None) -> str:
     target, at_steps = equal_steps(runs)
     by = {m: [r for r in runs if r["method"] == m] for m in dict.fromkeys(r["method"] for r in runs)}
     lines = [
-        f"| method | global batch | seeds | MRR@10 | R@1 | R@10 | MRR@10 at {target} steps | steps | setup s | CPU ms/step "
+        f"| method | global batch | seeds | MRR@10 | R@1 | R@10 | at {target} steps: MRR@10 / R@1 / R@10 | steps "
+        "| setup s | CPU ms/step "
         "| H100 ms/step (predicted) | activations MB/rank | cache MB/rank "
         "| split: tower fwd / re-encode / loss+handler / bwd+opt / tokenize (%) |",
         "|" + "---|" * 14,
@@ -450,7 +456,8 @@ def report(runs: list[dict], compared: dict | None) -> str:
         setup = sum(r["setup_s"] for r in rs) / len(rs)
         lines.append(
             f"| {row['method']} | {row['global_batch']} | {row['seeds']} | {row['mrr@10'][0]:.3f} ± {row['mrr@10'][1]:.3f} "
-            f"| {row['recall@1'][0]:.3f} | {row['recall@10'][0]:.3f} | {'—' if eq is None else f'{eq:.3f}'} "
+            f"| {row['recall@1'][0]:.3f} | {row['recall@10'][0]:.3f} "
+            f"| {'—' if eq is None else ' / '.join(f'{eq[k]:.3f}' for k in METRICS)} "
             f"| {row['steps'][0]:.0f} | {setup:.0f} | {row['step_ms'][0]:.0f} | {h100:.1f} "
             f"| {row['activation_peak_mb'][0]:.0f} | {row['cache_mb']:.1f} | {split} |"
         )
