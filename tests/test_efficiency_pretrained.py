@@ -191,6 +191,10 @@ def test_tiny_pretrained_study_two_ranks(tmp_path):
     final = runs[(single, 0)]["final"]  # every run reached step 3: the equal-steps values are the final ones
     assert f"| {final['mrr@10']:.3f} / {final['recall@1']:.3f} / {final['recall@10']:.3f} |" in table
     assert f"| {cache} | 32 | 2 |" in table and f"Paired per-query bootstrap, {cache} -" in table
+    mixed = subprocess.run([sys.executable, "-m", "examples.efficiency.pretrained", "--tiny", "--resume", "--out",
+                            str(tmp_path), "--max-steps", "5", "--budget", "600"],
+                           capture_output=True, text=True, timeout=120, env=env, cwd=str(ROOT))
+    assert mixed.returncode == 2 and "(budget, max steps) [(600.0, 3)], not (600.0, 5)" in mixed.stderr
     (tmp_path / "table.md").unlink()
     replot = subprocess.run([sys.executable, "-m", "examples.efficiency.pretrained", "--replot", "--out", str(tmp_path)],
                             capture_output=True, text=True, timeout=120, env=env, cwd=str(ROOT))

@@ -123,6 +123,8 @@ class PretrainedRun(RunResult):
     h100_step_ms: dict = field(default_factory=dict)
     h100_setup_s: float = 0.0
     train_examples: int = 0
+    budget_s: float = 0.0  # the run's --budget and --max-steps: runs of one results.json share them
+    max_steps: int = 0
 
 
 # ---- the model ----------------------------------------------------------------------------------
@@ -273,7 +275,7 @@ def run_one(name: str, seed: int, st: Settings, base_model, train, mined: dict, 
     m = method_of(name)
     model = copy.deepcopy(base_model).train()  # encode() (mining, on rank 0 only) leaves the base in eval mode
     shape = EncoderShape.of(model)
-    result = PretrainedRun(name, seed, m.batch)
+    result = PretrainedRun(name, seed, m.batch, budget_s=st.budget_s, max_steps=st.max_steps)
 
     def evaluate_now(elapsed: float) -> None:
         metrics = evaluate(model, *evalset, rank, world, per_query=True)
@@ -559,6 +561,13 @@ def main(argv: list[str] | None = None) -> None:
         st.data_dir = st.model_dir = os.path.join(args.out, "data")
         st.max_length, st.stream_cache_size, st.cmnrl_mini_batch = 32, 64, 8
         st.lr, st.mine_relative_margin = 1e-3, None  # an untrained model: no margin to trust, steps must move it
+    runs: list[dict] = []
+    if args.resume and (out / "results.json").exists():
+        runs = json.loads((out / "results.json").read_text())["runs"]
+        other = {(r["budget_s"], r["max_steps"]) for r in runs if r["steps"]} - {(st.budget_s, st.max_steps)}
+        if other:
+            p.error(f"--resume: {out / 'results.json'} holds runs with (budget, max steps) {sorted(other)}, not "
+                    f"({st.budget_s}, {st.max_steps}): pass the same values or another --out")
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -573,9 +582,6 @@ def main(argv: list[str] | None = None) -> None:
         base = tiny_model(st, (t for pair in train for t in (pair.query, pair.code)), rank)
     else:
         base = load_pretrained(st.model_dir, st.max_length)
-    runs: list[dict] = []
-    if args.resume and (out / "results.json").exists():
-        runs = json.loads((out / "results.json").read_text())["runs"]
     mined = {}
     started = time.time()
 
