@@ -23,7 +23,7 @@ study: setup
 
 # The study in the paper's regime (examples/efficiency/README.md): pretrained all-MiniLM-L6-v2 fine-tuned,
 # zero-shot + 10 methods x 240 s, then 2 more seeds of the best cache method and the best baseline, 2 ranks,
-# ~72 min on a quiet machine (--resume: a killed study goes on where it stopped).
+# ~78 min on a quiet machine (--resume: a killed study goes on where it stopped).
 study-pretrained: setup
 	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc_per_node=2 -m examples.efficiency.pretrained --resume
 
