@@ -171,6 +171,25 @@ def _timed_model(model, split: Split, name: str):
     return Timed()
 
 
+def instrument(loss_fn, ddp, split: Split, model_wrapper=None) -> None:
+    """Makes ``loss_fn`` call ``ddp`` (as the trainer swaps in its DDP wrapper) with its towers' forward booked
+    under ``tower_fwd`` and the cache's re-encoding under ``reencode_fwd``; ``model_wrapper`` (if given) wraps
+    the timed model once more (e.g. to count tokens)."""
+    timed = _timed_model(ddp, split, "tower_fwd")
+    loss_fn.model = model_wrapper(timed) if model_wrapper is not None else timed
+    if hasattr(loss_fn, "_reencode"):  # book the cache's re-encoding separately from the batch's towers
+        plain = loss_fn._reencode
+
+        def reencode(rows, _plain=plain, **kwargs):
+            with split.time("reencode_fwd"):
+                before = split.s.get("tower_fwd", 0.0)
+                out = _plain(rows, **kwargs)
+                split.s["tower_fwd"] = before  # the inner tower call belongs to re-encoding
+            return out
+
+        loss_fn._reencode = reencode
+
+
 # ---- data ---------------------------------------------------------------------------------------
 def load_corpus(st: Settings):
     kwargs = dict(libraries=code_data.LIBRARIES) if st.libraries else {}
@@ -186,8 +205,10 @@ def eval_subset(held_out, n: int):
 
 
 @torch.no_grad()
-def evaluate(model, queries: list[str], docs: list[str], rank: int, world: int, batch: int = 128) -> dict:
-    """Exact retrieval of each held-out query among the held-out functions: MRR@10, Recall@1/10 (all ranks)."""
+def evaluate(model, queries: list[str], docs: list[str], rank: int, world: int, batch: int = 128,
+             per_query: bool = False) -> dict:
+    """Exact retrieval of each held-out query among the held-out functions: MRR@10, Recall@1/10 (all ranks);
+    ``per_query`` adds each query's reciprocal rank (``rr@10``, for paired comparisons)."""
     model.eval()
 
     def encode(texts):
@@ -204,15 +225,19 @@ def evaluate(model, queries: list[str], docs: list[str], rank: int, world: int, 
 
     q, d = encode(queries), encode(docs)
     model.train()
-    return retrieval_metrics(q @ d.t())
+    return retrieval_metrics(q @ d.t(), per_query)
 
 
-def retrieval_metrics(scores: torch.Tensor) -> dict:
-    """MRR@10, Recall@1, Recall@10 when query i's right document is column i (ties count against it)."""
+def retrieval_metrics(scores: torch.Tensor, per_query: bool = False) -> dict:
+    """MRR@10, Recall@1, Recall@10 when query i's right document is column i (ties count against it);
+    ``per_query`` adds the list of each query's reciprocal rank cut at 10 (``rr@10``)."""
     rank_of_true = (scores >= scores.diagonal()[:, None]).sum(1) - 1  # 0 = first
     rr = torch.where(rank_of_true < 10, 1.0 / (rank_of_true + 1).double(), 0.0)
-    return {"mrr@10": float(rr.mean()), "recall@1": float((rank_of_true < 1).double().mean()),
-            "recall@10": float((rank_of_true < 10).double().mean())}
+    out = {"mrr@10": float(rr.mean()), "recall@1": float((rank_of_true < 1).double().mean()),
+           "recall@10": float((rank_of_true < 10).double().mean())}
+    if per_query:
+        out["rr@10"] = rr.tolist()
+    return out
 
 
 # ---- one run ------------------------------------------------------------------------------------
@@ -250,18 +275,7 @@ def run_one(method: str, seed: int, st: Settings, tokenizer, train_pairs, evalse
     split = Split()
     ddp = DistributedDataParallel(model, find_unused_parameters=True)  # the BERT pooler is unused
     loss_fn = make_loss(method, model, st, seed)
-    loss_fn.model = _timed_model(ddp, split, "tower_fwd")  # as the trainer swaps in its DDP wrapper
-    if hasattr(loss_fn, "_reencode"):  # book the cache's re-encoding separately from the batch's towers
-        plain = loss_fn._reencode
-
-        def reencode(rows, _plain=plain):
-            with split.time("reencode_fwd"):
-                before = split.s.get("tower_fwd", 0.0)
-                out = _plain(rows)
-                split.s["tower_fwd"] = before  # the inner tower call belongs to re-encoding
-            return out
-
-        loss_fn._reencode = reencode
+    instrument(loss_fn, ddp, split)
     opt = torch.optim.AdamW(model.parameters(), lr=st.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / st.warmup_steps))
     meter = SavedTensorMeter()
@@ -318,10 +332,17 @@ def run_one(method: str, seed: int, st: Settings, tokenizer, train_pairs, evalse
     result.activation_peak_mb = float(peak)
     handler = getattr(loss_fn, "handler", None)
     if handler is not None:
-        result.cache_mb = sum(b.numel() * b.element_size() for b in handler.buffers()) / 2**20
+        result.cache_mb = cache_megabytes(handler)
     result.final = result.evals[-1] if result.evals else {}
     del ddp, loss_fn, opt
     return result
+
+
+def cache_megabytes(handler) -> float:
+    """MiB of this rank's cache: the handler's buffers and its row store's (embeddings, ages, cached fields)."""
+    tensors = {id(t): t for module in (handler, getattr(handler, "store", None)) if module is not None
+               for t in module.buffers()}
+    return sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
 
 
 # ---- report -------------------------------------------------------------------------------------
