@@ -238,7 +238,7 @@ class Comm:
         if rows is None:
             return self.all_to_all(partials, sizes, [own] * w, "partials").view(w, own, partials.shape[1]), None
         cols, n, row_bytes = partials.shape[1], rows.shape[1], rows.shape[2]
-        record = torch.cat([partials.contiguous().view(torch.uint8), rows.reshape(rows.shape[0], -1)], 1)
+        record = torch.cat([partials.contiguous().view(torch.uint8), rows.reshape(rows.shape[0], n * row_bytes)], 1)
         out = self.all_to_all(record, sizes, [own] * w, "partials").view(w, own, record.shape[1])
         got = out[:, :, : 8 * cols].clone(memory_format=torch.contiguous_format).view(torch.float64)
         return got, out[:, :, 8 * cols:].reshape(w, own, n, row_bytes)
@@ -329,7 +329,7 @@ class Comm:
         table = rows.new_zeros(w, cap, c)
         table[owners, place] = rows
         header = stats.to(torch.float64).reshape(1, -1).expand(w, -1)
-        parts = [header.contiguous().view(torch.uint8), slots.view(torch.uint8), table.reshape(w, -1).view(torch.uint8)]
+        parts = [header.contiguous().view(torch.uint8), slots.view(torch.uint8), table.reshape(w, cap * c).view(torch.uint8)]
         send = torch.cat(parts, 1)
         size = [8 * stats.numel() + r * (8 + 4 * c) for r in capacity]  # bytes of rank r's message
         got = self.all_to_all(send.reshape(-1), [size[self.rank]] * w, size, "stats")

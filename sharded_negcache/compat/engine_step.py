@@ -5,7 +5,7 @@ caller applies them with ``CacheManager``. So the engine reads this rank's rows 
 copying (``BorrowedShard``), and runs :meth:`ShardedCacheLossHandler.score`, the engine's public
 "score and sample without writing" step: all queries scored against every rank's shard in chunks,
 exact merge of the partials, fetch of the sampled rows from their owners, and the fresh embeddings
-sent back to the owners, which return them (``pending_refresh``) for the caller to write. The
+sent back to the owners, which return them (``refreshes``) for the caller to write. The
 engine inserts nothing (the caller inserts its own positives); the step that keys the random
 numbers is counted here, one per call.
 """
@@ -119,8 +119,8 @@ class EngineStep:
                 raise RuntimeError("engine re-encoded rows in an unexpected order; compat needs sorted unique rows")
             which = torch.searchsorted(uniq, rows[sampled])
             fresh = fresh.index_put((sampled.nonzero().squeeze(1),), capture.output[which].to(fresh.dtype))
-        assert res.pending_refresh is not None
-        slots, written = res.pending_refresh
+        assert res.refreshes is not None
+        slots, written = res.refreshes
         return EngineOutcome(
             prob_positive=res.prob_positive,
             interpretable_loss=res.interpretable_loss,
