@@ -124,7 +124,7 @@ def _compiler() -> Compiler:
     first = text.strip().splitlines()[0] if text.strip() else "version unknown"
     if "clang" in text.lower():
         family, found = "clang", re.search(r"version (\d+)\.", text)
-    elif re.search(r"\b(g\+\+|gcc|GCC)\b", first) or "Free Software Foundation" in text:
+    elif re.search(r"(?<![\w+])(g\+\+|gcc|GCC)(?![\w+])", first) or "Free Software Foundation" in text:
         family, found = "gcc", (re.findall(r"(\d+)\.\d+(?:\.\d+)?", first) or [None])[-1]
     else:
         family, found = "unknown", None
