@@ -75,6 +75,7 @@ SIGNATURES: dict[str, tuple[Any, list[tuple[str, Any]]]] = {
     "negcache_fused_topk": (None, [*_FUSED_ROWS, ("tile", _I64), *_MASKS, ("k", _I64), ("best_val", _P),
                                    ("best_row", _P), ("row0", _I64), ("nthreads", _INT)]),
     "negcache_pack_queries": (_I64, [("q", _P), ("b", _I64), ("d", _I64), ("out", _P)]),
+    "negcache_check_exclusions": (_I64, [("excl_sorted", _P), ("excl_query", _P), ("n_excl", _I64), ("b", _I64)]),
     "negcache_query_group": (_I64, []),
     "negcache_variant": (ctypes.c_char_p, []),
     "negcache_build_id": (ctypes.c_uint64, []),
@@ -86,6 +87,7 @@ SIGNATURES: dict[str, tuple[Any, list[tuple[str, Any]]]] = {
     "negcache_gumbel": (None, [("keys", _P), ("n_keys", _I64), ("items", _P), ("n_items", _I64), ("out", _P)]),
     "negcache_exp_nonpositive": (None, [("x", _P), ("n", _I64), ("out", _P)]),
 }
+_PARAMETERS = {fn: tuple(name for name, _ in params) for fn, (_, params) in SIGNATURES.items()}
 
 
 # ---- build and load -----------------------------------------------------------------------------------
@@ -382,10 +384,10 @@ def _call(fn: str, **args: Any) -> Any:
     """Calls entry point ``fn`` with ``args`` by parameter name (SIGNATURES); loads the kernel if needed."""
     if _kernel.lib is None and not load():
         raise RuntimeError(_kernel.error or "the native CPU scan kernel is not loaded")
-    params = SIGNATURES[fn][1]
-    if args.keys() != {name for name, _ in params}:
-        raise TypeError(f"{fn} takes {[name for name, _ in params]}, got {sorted(args)}")
-    return getattr(_kernel.lib, fn)(*(args[name] for name, _ in params))
+    names = _PARAMETERS[fn]
+    if len(args) != len(names) or not all(name in args for name in names):
+        raise TypeError(f"{fn} takes {list(names)}, got {sorted(args)}")
+    return getattr(_kernel.lib, fn)(*[args[name] for name in names])
 
 
 # ---- argument checks: a wrong pointer, length or stride would corrupt memory in the kernel, not raise ----
@@ -411,11 +413,12 @@ def _tensor(name: str, t: Any, dtypes: tuple[torch.dtype, ...], shape: tuple[int
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in dtypes:
         raise TypeError(f"{name} must have dtype {' or '.join(str(d) for d in dtypes)}, got {t.dtype}")
-    if t.device.type != "cpu":
+    if not t.is_cpu:
         raise ValueError(f"{name} must be on the CPU (the kernel reads host memory), got device {t.device}")
-    if t.dim() != len(shape) or any(want is not None and got != want for got, want in zip(t.shape, shape)):
+    sizes = t.shape
+    if len(sizes) != len(shape) or not all(want is None or got == want for got, want in zip(sizes, shape)):
         expected = "[" + ", ".join("*" if want is None else str(want) for want in shape) + "]"
-        raise ValueError(f"{name} must have shape {expected}, got {list(t.shape)}")
+        raise ValueError(f"{name} must have shape {expected}, got {list(sizes)}")
     if row_major:
         rows, cols = t.shape
         if (cols > 1 and t.stride(1) != 1) or (rows > 1 and t.stride(0) < cols):
@@ -458,10 +461,12 @@ class ChunkMasks(NamedTuple):
             ids = _tensor("masks.excl_sorted", self.excl_sorted, _I64T, (None,))
             n_excl = ids.numel()
             query = _tensor("masks.excl_query", self.excl_query, _I64T, (n_excl,))
-            if n_excl and not (0 <= int(query.min()) and int(query.max()) < b):
+            bad = _call("negcache_check_exclusions", excl_sorted=ids.data_ptr(), excl_query=query.data_ptr(),
+                        n_excl=n_excl, b=_int("b", b))  # one pass in C: two torch reductions cost more than a scan
+            if bad == 1:
                 raise ValueError(f"masks.excl_query must hold query indices in [0, {b}), got values in "
                                  f"[{int(query.min())}, {int(query.max())}]")
-            if n_excl > 1 and not bool((ids[1:] >= ids[:-1]).all()):
+            if bad == 2:
                 raise ValueError("masks.excl_sorted must be sorted ascending (the kernel binary-searches it)")
         return {"filled": _ptr(self.filled), "row_ids": _ptr(self.row_ids), "excl_sorted": _ptr(self.excl_sorted),
                 "excl_query": _ptr(self.excl_query), "n_excl": n_excl}

@@ -806,6 +806,17 @@ int64_t negcache_pack_queries(const float* q, int64_t b, int64_t d, float* out) 
   return groups * d * QW;
 }
 
+// The exclusions' values as the scans need them, checked in one pass before any scan reads them: 0 when every
+// excl_query is a query index in [0, b) and excl_sorted is ascending; 1 when a query index is out of range (the
+// mask would write outside the chunk); 2 when excl_sorted is not ascending (the binary search would miss ids).
+int64_t negcache_check_exclusions(const int64_t* excl_sorted, const int64_t* excl_query, int64_t n_excl, int64_t b) {
+  for (int64_t x = 0; x < n_excl; ++x)
+    if (excl_query[x] < 0 || excl_query[x] >= b) return 1;
+  for (int64_t x = 1; x < n_excl; ++x)
+    if (excl_sorted[x] < excl_sorted[x - 1]) return 2;
+  return 0;
+}
+
 // Queries per group of the packed layout.
 int64_t negcache_query_group() { return QW; }
 
