@@ -18,6 +18,10 @@ at load) and, once loaded, only when it reports this build's id (a foreign or st
 is rebuilt. It is called through ctypes (the call releases the GIL; it runs on ``torch.get_num_threads()``
 threads) by the wrappers below, which check every argument (dtype, shape, strides, device: TypeError or
 ValueError naming it) before a pointer reaches the kernel: a wrong one would corrupt memory, not raise.
+(Plain checked functions rather than ``torch.library`` custom ops: the kernel is CPU-only, runs under
+no_grad outside any compiled graph, mutates its state in place and returns Python ints, so the dispatcher
+would add per-call cost and fake/autograd registrations nothing uses; a torch C++ extension would tie the
+build to torch's headers and ABI and take far longer to compile.)
 Where no compiler works, one warning names the compiler, its version, the reason and the fix, and the
 torch ops run instead; :func:`build_info` reports what was built and loaded, or why not.
 ``SHARDED_NEGCACHE_NATIVE=0`` disables it; ``SHARDED_NEGCACHE_NATIVE_ARCH`` replaces ``native`` in
