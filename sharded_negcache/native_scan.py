@@ -30,6 +30,7 @@ common subset, e.g. ``x86-64-v3``).
 """
 from __future__ import annotations
 
+import _ctypes
 import ctypes
 import fcntl
 import hashlib
@@ -47,7 +48,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import _ctypes
 import torch
 
 __all__ = ["ENV_NATIVE", "ENV_ARCH", "ENV_CACHE_DIR", "GCC_MIN", "SIGNATURES", "BuildError", "enabled", "available",
@@ -137,8 +137,8 @@ def _compiler() -> Compiler:
     major = int(found.group(1) if isinstance(found, re.Match) else found) if found else None
     compiler = Compiler(path, first, family, major, text)
     if family == "gcc" and major is not None and major < GCC_MIN:
-        raise BuildError(compiler, f"GCC {major} is too old: the kernel needs GCC >= {GCC_MIN} (C++17 with "
-                         "__builtin_convertvector)", f"install g++ {GCC_MIN} or newer and set CXX to it (e.g. CXX=g++-12)")
+        need = f"GCC {major} is too old: the kernel needs GCC >= {GCC_MIN} (C++17 with __builtin_convertvector)"
+        raise BuildError(compiler, need, f"install g++ {GCC_MIN} or newer and set CXX to it (e.g. CXX=g++-12)")
     return compiler
 
 
@@ -224,8 +224,8 @@ def _compile(compiler: Compiler, build_id: int, target: Path) -> None:
             proc = subprocess.run([compiler.path, *_flags(), f"-DNEGCACHE_BUILD_ID={build_id}ULL", str(SOURCE),
                                    "-o", str(tmp)], capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            raise BuildError(compiler, f"the compile did not finish in {_COMPILE_TIMEOUT_S} s",
-                             "retry on a less loaded machine, or build ahead with python -m sharded_negcache.build") from None
+            raise BuildError(compiler, f"the compile did not finish in {_COMPILE_TIMEOUT_S} s", "retry on a less "
+                             "loaded machine, or build ahead with python -m sharded_negcache.build") from None
         if proc.returncode != 0:
             log_path.write_text(proc.stderr)
             raise _compile_error(compiler, proc.stderr, log_path)
@@ -530,7 +530,8 @@ def scan_chunk(scores: torch.Tensor, block: int, lse_out: torch.Tensor, masks: C
     _tensor("scores", scores, _F32, (None, None), row_major=True)
     b, n = scores.shape
     return _call("negcache_scan_chunk", s=scores.data_ptr(), b=b, n=n, ld=scores.stride(0), bs=block,
-                 **_of("masks", masks, ChunkMasks).kernel_args(n, b), **_lse_out(lse_out, b, _blocks("scores", n, block)),
+                 **_of("masks", masks, ChunkMasks).kernel_args(n, b),
+                 **_lse_out(lse_out, b, _blocks("scores", n, block)),
                  **_of("state", state, Stage1).kernel_args(b, block, first_block, row0),
                  nthreads=torch.get_num_threads())
 
