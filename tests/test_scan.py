@@ -2,6 +2,7 @@
 independence, the inverse CDF at the edges of (0, 1), and the scoring_backend option."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections import Counter
 
@@ -11,7 +12,7 @@ import torch
 from engine_cases import Tower, global_cache, make_handler
 from sharded_negcache import keyed_random, native_scan
 from sharded_negcache.keyed_random import Stream
-from sharded_negcache.scoring import make_score_fn, pick_in_block, score_shard
+from sharded_negcache.scoring import make_score_fn, pick_in_block, resolve_backend, score_shard
 
 NEG_INF = float("-inf")
 
@@ -171,6 +172,39 @@ def test_scoring_backend_torch_never_calls_the_cpp_kernel_and_native_does(top_k,
     assert bool((rows["torch"] >= 0).any())  # the torch ops did sample
 
 
+def test_resolve_backend_is_the_one_choice():
+    """The table of scoring_backend x device x mode x transform (devices by name only: no GPU needed)."""
+    assert native_scan.available(torch.device("cpu")), "the C++ kernel is needed for this test"
+    scale, fn = make_score_fn(3.0), make_score_fn(torch.tanh)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_backend("auto", cpu, scale, None) == ("native", "CPU device and the C++ kernel loaded")
+    assert resolve_backend("auto", cpu, fn, None)[0] == "native"  # the kernel scans torch's score chunk
+    assert resolve_backend("auto", cpu, scale, 3)[0] == "native"
+    assert resolve_backend("auto", cpu, fn, 3) == ("torch", "top_k mode with a callable score_transform has no C++ "
+                                                   "kernel (its top-k folds a float scale)")
+    assert resolve_backend("auto", cuda, scale, 3) == ("torch", "top_k mode runs on the torch path")
+    assert resolve_backend("auto", cuda, fn, None)[0] == "torch"
+    if importlib.util.find_spec("triton") is not None:
+        assert resolve_backend("auto", cuda, scale, None) == ("triton", "CUDA device and triton available")
+        assert resolve_backend("triton", None, scale, None) == ("triton", "requested")
+    for requested in ("torch", "native"):
+        assert resolve_backend(requested, cpu, fn, None) == (requested, "requested")
+    assert resolve_backend("torch", cuda, fn, 3) == ("torch", "requested")
+    with pytest.raises(ValueError, match="scoring_backend='native' is not possible here: device is cuda"):
+        resolve_backend("native", cuda, scale, None)
+    with pytest.raises(ValueError, match="scoring_backend='native' is not possible here: top_k mode with a callable"):
+        resolve_backend("native", cpu, fn, 3)
+    with pytest.raises(ValueError, match="scoring_backend='triton' is not possible here: top_k"):
+        resolve_backend("triton", cuda, scale, 3)
+
+
+def test_exclusions_need_the_field_that_holds_the_rows_ids():
+    h = make_handler(16, with_ids=True)
+    with pytest.raises(ValueError, match="exclude_ids needs exclude_key"):
+        score_shard(h.store, h.layout, torch.randn(2, 8), h.score_fn, num_draws=1, top_k=None, seed=0, step=0,
+                    chunk_rows=8, exclude_ids=torch.tensor([1, 2]))
+
+
 # every entry point of the C++ kernel (each calls into the loaded library) and the Triton kernels' launches
 NATIVE_CALLS = ("scan_chunk", "pack_queries", "fused_scan", "fused_topk", "pick", "row_lse", "draws", "gumbel",
                 "exp_nonpositive")
@@ -262,6 +296,36 @@ def test_the_environment_overrides_a_native_request_and_config_reports_it(monkey
     monkeypatch.delenv(native_scan.ENV_NATIVE)
     with pytest.raises(ValueError, match="scoring_backend='native' is not possible here: device is meta"):
         make_handler(16, scoring_backend="native", device="meta")
+
+
+def _backend_disagreement(rank: int, world_size: int) -> str | None:
+    """Rank 1 turns the C++ kernel off (same requested 'auto'): the step is refused on every rank."""
+    import os
+
+    from sharded_negcache import BatchRejected
+
+    if rank == 1:
+        os.environ[native_scan.ENV_NATIVE] = "0"
+    h = make_handler(16, collective_timeout_s=30.0)
+    tower = Tower()
+    x = torch.randn(2, 6)
+    try:
+        h.update_cache_and_compute_loss(tower, torch.randn(2, 8), tower({"x": x}), {"x": x})
+    except BatchRejected as exc:
+        return str(exc)
+    return None
+
+
+def test_ranks_running_different_kernels_are_refused_naming_the_backend():
+    """What runs is part of the configuration: a rank whose C++ kernel is off (or did not build) would sample
+    with other exp bits, so the step is refused on every rank, naming what each runs and why."""
+    from dist_utils import run_ranks
+
+    messages = run_ranks(2, _backend_disagreement, timeout=120)
+    off = f"{native_scan.ENV_NATIVE} turns the C++ kernel off"
+    for msg in messages:
+        assert msg is not None and "scoring_backend: rank 0=" in msg, msg
+        assert "'runs': 'native'" in msg and f"'runs': 'torch', 'why': '{off}'" in msg, msg
 
 
 # ---- top-k mode: one tie rule -------------------------------------------------------------------------
