@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.profiler import record_function
 
-from . import metrics, native_scan
+from . import metrics
 from .codecs import EmbeddingCodec, finite_rows, make_codec
 from .combine import HomePartials, merge_partials, own_partials, pack_partials
 from .corpus import (CORPUS_KEY, CorpusIndex, content_keys, corpus_columns, ids_checksum, place, row_batches,
@@ -152,9 +152,11 @@ class ShardedCacheLossHandler(nn.Module):
         CPU, 256 MB on CUDA. The fused CPU scan (float scale) writes no score matrix: there it bounds only
         the decoded rows of non-fp32 codecs (fp32 rows are scanned in place).
       scoring_backend: 'auto' (the fused Triton kernel on CUDA when triton imports, sampling mode and a
-        float score transform; the C++ kernel on CPU where it builds; else torch ops), 'torch' (torch ops
-        only), 'native' (the C++ kernel) or 'triton'. ``SHARDED_NEGCACHE_NATIVE=0`` overrides the C++ kernel
-        (``config()`` reports it). The choice is logged once.
+        float score transform; the C++ kernel on CPU where it builds, except top-k mode with a callable
+        transform; else torch ops), 'torch' (torch ops only), 'native' (the C++ kernel) or 'triton'; a
+        requested kernel that cannot run raises ValueError. ``SHARDED_NEGCACHE_NATIVE=0`` overrides the C++
+        kernel. ``config()`` reports what was requested, what runs and why (``scan_backend``: what runs);
+        the choice is logged once.
       reduction: 'mean' over this rank's queries (the reference), 'global_mean' (scaled so that DDP's
         gradient average equals the mean over the global batch) or 'sum'.
       in_batch_negatives: also use the other positives of the global batch as fresh candidates (design
@@ -307,7 +309,7 @@ class ShardedCacheLossHandler(nn.Module):
             "nonfinite": self.nonfinite,
             "reduction": self.reduction,
             "reencode_on_every_rank": self.reencode_on_every_rank,
-            "scoring_backend": self._requested_backend(),
+            "scoring_backend": self._backend_report(),
             "cache_mode": self.cache_mode,
             "reencode_negatives": self.reencode_negatives,
             "refresh_budget": self.refresh_budget,
@@ -315,12 +317,12 @@ class ShardedCacheLossHandler(nn.Module):
             "eager_fetch_bytes": self.eager_fetch_bytes,
         }
 
-    def _requested_backend(self) -> str:
-        """``scoring_backend``, with the environment's override of the C++ kernel where it applies: ranks that
-        disagree on it would score with different exp implementations, so it is part of the configuration."""
-        if self.scoring_backend in ("auto", "native") and not native_scan.enabled():
-            return f"{self.scoring_backend} ({native_scan.ENV_NATIVE} off)"
-        return self.scoring_backend
+    def _backend_report(self) -> dict[str, str]:
+        """The scan's backend as ``config()`` reports it: what was requested, what runs on the current device and
+        why (e.g. ``SHARDED_NEGCACHE_NATIVE=0`` overriding the C++ kernel). Ranks compare it: ranks running
+        different kernels (different exp implementations) would not sample alike."""
+        runs, why = self._resolved_backend()
+        return {"requested": self.scoring_backend, "runs": runs, "why": why}
 
     def named_modules(  # type: ignore[override]
         self, memo: set[nn.Module] | None = None, prefix: str = "", remove_duplicate: bool = True
@@ -516,12 +518,12 @@ class ShardedCacheLossHandler(nn.Module):
             queries, *ids = self.comm.gather_agreed(batch.to_gather, batch.sizes, batch.payload)
             batch.exclude = ids[0] if ids else None
         # 2. score them against the local rows, chunk by chunk.
-        seed, backend = self.layout.stream_seed(self._seed), self._scoring_backend()  # resolved (built) before the scan
+        seed, backend = self.layout.stream_seed(self._seed), self.scan_backend  # resolved (built) before the scan
         with _stage("score"):
             partials = score_shard(
                 self.store, self.layout, queries, self.score_fn,
                 num_draws=self.num_negatives, top_k=self.top_k, seed=seed, step=batch.step,
-                chunk_rows=self._chunk_rows(sum(batch.sizes)),
+                chunk_rows=self.chunk_rows(sum(batch.sizes)),
                 exclude_key=CORPUS_KEY if batch.corpus is not None else self.schema.doc_id_key,
                 exclude_ids=batch.exclude, backend=backend,
             )
@@ -923,17 +925,26 @@ class ShardedCacheLossHandler(nn.Module):
         written.append(self.store.refresh(slots, emb, True))
         return self.layout.to_global(torch.unique(torch.cat(written)))
 
-    def _scoring_backend(self) -> str:
-        """The scan's backend, resolved on the first step on a device (known then); logged once per device."""
+    @property
+    def scan_backend(self) -> str:
+        """The scan backend that runs on the current device: 'torch', 'native' or 'triton' (``scoring_backend``
+        as :func:`scoring.resolve_backend` resolves it; ``config()`` says why)."""
+        return self._resolved_backend()[0]
+
+    def _resolved_backend(self) -> tuple[str, str]:
+        """(backend, reason), resolved once per device (the device is known at the first step); logged once."""
         if self._backend is None or self._backend[0] != self.device:
             backend, why = resolve_backend(self.scoring_backend, self.device, self.score_fn, self.top_k)
-            self._backend = (self.device, backend)
+            self._backend = (self.device, backend, why)
             _log.info("sharded_negcache: scoring backend %s (%s)", backend, why)
-        return self._backend[1]
+        return self._backend[1], self._backend[2]
 
-    def _chunk_rows(self, num_queries: int) -> int:
+    def chunk_rows(self, num_queries: int) -> int:
+        """Rows scored per chunk in a scan of ``num_queries`` queries: ``chunk_bytes / (4 · queries)`` in whole
+        sampling blocks (at least one), the chunk budget of the device when ``chunk_bytes`` is None."""
+        bs = self.layout.block_size
         budget = self.chunk_bytes or DEFAULT_CHUNK_BYTES.get(self.device.type, DEFAULT_CHUNK_BYTES["cpu"])
-        return max(self.layout.block_size, budget // (4 * max(num_queries, 1)))
+        return max(bs, budget // (4 * max(num_queries, 1)) // bs * bs)
 
     def _reencode(
         self,

@@ -645,7 +645,7 @@ def test_int32_document_ids_are_masked_in_the_kernel_as_int64_ones(monkeypatch):
     from sharded_negcache import FieldSpec, ShardedCacheLossHandler, scoring
 
     torch_masks = []
-    monkeypatch.setattr(scoring, "_mask_chunk", lambda *a, **k: torch_masks.append(a))
+    monkeypatch.setattr(scoring, "mask_chunk", lambda *a, **k: torch_masks.append(a))
     tower, got = Tower(), {}
     for dtype in (torch.int64, torch.int32):
         sp = specs(with_ids=True)
