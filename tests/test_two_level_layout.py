@@ -9,9 +9,12 @@ all four ranks with every cache unchanged.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+import sharded_negcache
 import two_level_cases
 from engine_cases import DIM, make_handler
 from sharded_negcache.layout import stream_seed
@@ -132,3 +135,11 @@ def test_seed_derivation_and_validation():
             Topology.build(bad)
     h = make_handler(CACHE, shard_group_size=1)
     assert h.config()["shard_group_size"] == 1 and h.layout.stream_seed(9) == 9
+
+
+def test_only_the_topology_reads_torch_distributed_state():
+    """Ranks and sizes come from one Topology: no other module asks torch.distributed whether it is initialised."""
+    package = Path(sharded_negcache.__file__).parent
+    readers = sorted(str(p.relative_to(package)) for p in package.rglob("*.py")
+                     if "is_initialized(" in p.read_text() or "dist.is_available(" in p.read_text())
+    assert readers == ["topology.py"], readers
