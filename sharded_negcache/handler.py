@@ -19,7 +19,7 @@ from torch.profiler import record_function
 
 from . import metrics, native_scan
 from .codecs import EmbeddingCodec, finite_rows, make_codec
-from .combine import merge_partials, pack_partials
+from .combine import merge_partials, own_partials, pack_partials
 from .corpus import (CORPUS_KEY, CorpusIndex, content_keys, corpus_columns, ids_checksum, place, row_batches,
                      select_rows)
 from .exchange import DEFAULT_TIMEOUT_S, BatchRejected, CollectiveFailed, Comm, RowRoute
@@ -30,7 +30,7 @@ from .loss import (
     in_batch_mask, loss_scale, nonfinite_queries, overflowing, query_losses, reduce_loss, scale_gradient, spread,
     zero_rows,
 )
-from .scoring import ScoreFn, make_score_fn, resolve_backend, score_shard
+from .scoring import LocalPartials, ScoreFn, make_score_fn, resolve_backend, score_shard
 from .specs import CacheSchema, FieldSpec
 from .store import CacheTooLarge, FetchedRows, ShardStore, check_capacity, first_occurrence
 from .topology import Topology
@@ -154,6 +154,10 @@ class ShardedCacheLossHandler(nn.Module):
         every step, and writes them in place.
       exclude_duplicates: corpus mode: rows whose document is an exact duplicate (same values in every
         ``data_keys`` field) of a query's positive are excluded too, not only the positive's own row.
+      eager_fetch_bytes: the eager fetch (flat layout, no jagged fields): while each rank's candidate rows
+        (gathered queries x draws x packed row bytes) and its padded write-back fit in this many bytes, owners
+        send their local winners' rows with the partials, and the fresh rows go back in the statistics'
+        all-to-all: three collectives a step instead of six, for W times the row bytes. 0 turns it off.
     """
 
     def __init__(
@@ -186,6 +190,7 @@ class ShardedCacheLossHandler(nn.Module):
         reencode_negatives: Literal["all", "none"] | float = "all",
         refresh_budget: int = 0,
         exclude_duplicates: bool = False,
+        eager_fetch_bytes: int = 4 << 20,
     ) -> None:
         super().__init__()
         _check_corpus_options(cache_mode, doc_id_key, reencode_negatives, refresh_budget, exclude_duplicates, specs)
@@ -199,6 +204,9 @@ class ShardedCacheLossHandler(nn.Module):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         if not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
+        if not isinstance(eager_fetch_bytes, int) or eager_fetch_bytes < 0:
+            raise ValueError(f"eager_fetch_bytes must be an int >= 0, got {eager_fetch_bytes!r}")
+        self.eager_fetch_bytes = eager_fetch_bytes
         self.schema = CacheSchema(specs, embedding_key, data_keys, doc_id_key)
         self.topology = Topology.build(shard_group_size, process_group)  # the ranks, built once, shared below
         self.comm = Comm(self.topology, collective_timeout_s)
@@ -271,6 +279,7 @@ class ShardedCacheLossHandler(nn.Module):
             "reencode_negatives": self.reencode_negatives,
             "refresh_budget": self.refresh_budget,
             "exclude_duplicates": self.exclude_duplicates,
+            "eager_fetch_bytes": self.eager_fetch_bytes,
         }
 
     def _requested_backend(self) -> str:
@@ -414,13 +423,18 @@ class ShardedCacheLossHandler(nn.Module):
                     exclude_key=CORPUS_KEY if corpus is not None else self.schema.doc_id_key, exclude_ids=exclude,
                     backend=self._scoring_backend(),
                 )
-            # 3. send each query's partials to its home rank and combine them there.
+            # 3. send each query's partials to its home rank and combine them there (with the eager fetch, the
+            #    local winners' rows travel with them).
             with _stage("partials"):
-                received = self.comm.partials_to_home(pack_partials(partials), sizes)
-                home = merge_partials(
-                    received, num_draws=m, top_k=self.top_k, seed=self.layout.stream_seed(self._seed), step=step,
-                    query_pos=query_pos,
-                )
+                eager = self._eager_fetch(sizes)
+                candidates = self._candidate_rows(partials) if eager else None
+                received_rows = None
+                if self.comm.active or self.top_k:
+                    received, received_rows = self.comm.partials_to_home(pack_partials(partials), sizes, candidates)
+                    home = merge_partials(received, num_draws=m, top_k=self.top_k,
+                                          seed=self.layout.stream_seed(self._seed), step=step, query_pos=query_pos)
+                else:
+                    home = own_partials(partials)
         # 4. fetch the sampled rows from their owners and re-encode them with gradient (the caller's autocast
         #    applies to its tower only). A tower that fails here is reported to every rank at step 6.
         with _stage("fetch"):
@@ -428,8 +442,12 @@ class ShardedCacheLossHandler(nn.Module):
             unique_rows, which = torch.unique(home.rows[sampled], return_inverse=True)
             owners = self.layout.owner_of(unique_rows)
             slots = unique_rows - owners * self.layout.rows_per_rank
-            if self.comm.active:
-                capacity = [min(s * m, self.layout.rows_per_rank) for s in sizes]  # distinct rows a rank can ask for
+            capacity = [min(s * m, self.layout.rows_per_rank) for s in sizes]  # distinct rows a rank can ask for
+            route = None
+            if received_rows is not None:  # the sampled rows came with the partials: each unique row's first copy
+                fetched = self.store.unpack(_first_copies(received_rows, home, sampled, which,
+                                                                unique_rows.numel()), {})
+            elif self.comm.active:
                 packed, jagged, route = self.comm.fetch_rows(owners, slots, self.store.pack, self.store.jagged_lengths,
                                                              capacity)
                 fetched = self.store.unpack(packed, jagged)
@@ -490,23 +508,25 @@ class ShardedCacheLossHandler(nn.Module):
                 staleness=losses.staleness, refreshed_rows=home.rows.new_empty(0), inserted_rows=home.rows.new_empty(0),
             )
         # 6. global statistics; every rank learns of a failed tower or non-finite rows or losses before any write.
+        #    With the eager fetch the fresh rows travel to their owners in the same all-to-all.
+        back = self._rows_back(fresh, chosen, fetched.embeddings.shape[0]) if write or return_refreshes else None
         with _stage("stats"):
             rejected = (~fresh_ok).sum() + (~positive_ok).sum()
             if budget_ok is not None:
                 rejected = rejected + (~budget_ok).sum()
             inserting = positive_ok.sum() * write * (corpus is None)
-            result.metrics, failed_ranks = self._global_metrics(
-                result, fetched, which, rejected, inserting, failure is not None, bad.sum()
-            )
+            sums = self._metric_sums(result, fetched, which, rejected, inserting, failure is not None, bad.sum())
+            if eager and back is not None:
+                sums, slots, rows = self.comm.stats_and_rows_to_owners(sums, owners, slots, back, capacity)
+            else:
+                sums = self.comm.all_reduce_sum(sums)
+            result.metrics, failed_ranks = self._global_metrics(sums)
         self._raise_step_failures(step, result.metrics, failed_ranks, failure)
         # 7. fresh embeddings back to the owners, written in place; 8. insert the positives.
-        if write or return_refreshes:
+        if back is not None:
             with _stage("write_back"):
-                back = fresh.detach().float()
-                if chosen is not None:  # every fetched row travels back; only re-encoded ones are written
-                    back = fresh.new_zeros(fetched.embeddings.shape[0], self.schema.dim + 1, dtype=torch.float32)
-                    back[chosen] = torch.cat([fresh.detach().float(), fresh.new_ones(fresh.shape[0], 1)], 1)
-                slots, rows = self.comm.write_back(route, back)
+                if not eager:
+                    slots, rows = self.comm.write_back(route, back)
                 if chosen is not None:
                     written = rows[:, -1] > 0
                     slots, rows = slots[written], rows[written, :-1]
@@ -602,7 +622,8 @@ class ShardedCacheLossHandler(nn.Module):
         if problem is None and extra_check is not None:
             problem = extra_check()
         batch = query_embeddings.shape[0] if problem is None else 0
-        config_crc = zlib.crc32(repr(sorted(settings.items())).encode())
+        # alone, a rank has no one to disagree with: the checksum (a repr of every setting) is skipped
+        config_crc = zlib.crc32(repr(sorted(settings.items())).encode()) if self.comm.world_size > 1 else 0
         status = torch.tensor([_ERR_INPUT if problem else 0, batch, config_crc], device=self.device)
         positive_ok = None
         if problem is None:
@@ -861,7 +882,33 @@ class ShardedCacheLossHandler(nn.Module):
         self._step += 1
         self.step_count.fill_(self._step)
 
-    def _global_metrics(
+    def _eager_fetch(self, sizes: list[int]) -> bool:
+        """Whether rows ride with the partials this step (see ``eager_fetch_bytes``): the same on every rank (it
+        depends on the agreed sizes and the configuration only)."""
+        if not self.comm.active or self.comm.two_level or self.store.jagged_fields:
+            return False
+        candidates = sum(sizes) * (self.top_k or self.num_negatives) * self.store.row_bytes()
+        write_back = self.comm.shard_size * max(min(s * self.num_negatives, self.layout.rows_per_rank) for s in sizes)
+        return max(candidates, write_back * (8 + 4 * (self.schema.dim + 1))) <= self.eager_fetch_bytes
+
+    def _candidate_rows(self, partials: LocalPartials) -> torch.Tensor:
+        """[B_g, n, row bytes]: the packed rows of each gathered query's n local candidates (winners or top-k;
+        slot 0's bytes where there is none, never sampled)."""
+        rows = partials.topk_row if partials.topk_row is not None else partials.win_row
+        slots = torch.where(rows >= 0, rows - self.layout.row_offset, 0)
+        packed, _ = self.store.pack(slots.reshape(-1))
+        return packed.view(rows.shape[0], rows.shape[1], -1)
+
+    def _rows_back(self, fresh: torch.Tensor, chosen: torch.Tensor | None, fetched: int) -> torch.Tensor:
+        """The rows sent back to their owners, in fetch order: the fresh ones; with a re-encoded subset, every
+        fetched row plus a last column flagging the re-encoded ones (only those are written)."""
+        if chosen is None:
+            return fresh.detach().float()
+        back = fresh.new_zeros(fetched, self.schema.dim + 1, dtype=torch.float32)
+        back[chosen] = torch.cat([fresh.detach().float(), fresh.new_ones(fresh.shape[0], 1)], 1)
+        return back
+
+    def _metric_sums(
         self,
         result: StepResult,
         fetched: FetchedRows,
@@ -870,9 +917,8 @@ class ShardedCacheLossHandler(nn.Module):
         inserting: torch.Tensor,
         tower_failed: bool,
         nonfinite: torch.Tensor,
-    ) -> tuple[dict[str, float], float]:
-        """One all-reduce of sums, then global means (the same on every rank) and the number of ranks whose
-        tower failed; runs before any write."""
+    ) -> torch.Tensor:
+        """This rank's sums behind the global metrics (float64), summed over the job before any write."""
         drawn = torch.isfinite(result.staleness)
         ages = spread(fetched.ages.double(), result.sampled_rows, which, 0.0)
         filled = self.store.filled.sum()
@@ -890,7 +936,12 @@ class ShardedCacheLossHandler(nn.Module):
             nonfinite.double(),
             torch.tensor(float(tower_failed), dtype=torch.float64, device=il.device),
         ])
-        il_sum, nq, st, ns, age, filled, rej, bad, failed = self.comm.all_reduce_sum(sums).tolist()
+        return sums
+
+    def _global_metrics(self, sums: torch.Tensor) -> tuple[dict[str, float], float]:
+        """Global means from the job's summed :meth:`_metric_sums` (the same on every rank), and the number of
+        ranks whose tower failed."""
+        il_sum, nq, st, ns, age, filled, rej, bad, failed = sums.tolist()
         return {
             "interpretable_loss": il_sum / max(nq, 1),
             "staleness": st / ns if ns else 0.0,
@@ -900,6 +951,19 @@ class ShardedCacheLossHandler(nn.Module):
             "rejected_rows": rej,
             "nonfinite_queries": bad,
         }, failed
+
+
+def _first_copies(received: torch.Tensor, home: Any, sampled: torch.Tensor, which: torch.Tensor,
+                  count: int) -> torch.Tensor:
+    """[U, row bytes]: the packed bytes of each unique sampled row (``which`` maps samples to them), read from
+    the candidates ``received`` [W, B, n, row bytes] at each first sample's source."""
+    w, b, n, row_bytes = received.shape
+    per_query = received.permute(1, 0, 2, 3).reshape(b, w * n, row_bytes)
+    query = torch.arange(b, device=received.device).unsqueeze(1).expand_as(sampled)[sampled]
+    copies = per_query[query, home.source[sampled]]
+    first = torch.full((count,), which.numel(), dtype=torch.int64, device=which.device)
+    first.scatter_reduce_(0, which, torch.arange(which.numel(), device=which.device), reduce="amin")
+    return copies[first]
 
 
 def _stage(name: str) -> record_function:
