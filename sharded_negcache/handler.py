@@ -23,7 +23,6 @@ from .combine import HomePartials, merge_partials, own_partials, pack_partials
 from .corpus import (CORPUS_KEY, CorpusIndex, content_keys, corpus_columns, ids_checksum, place, row_batches,
                      select_rows)
 from .exchange import DEFAULT_TIMEOUT_S, BatchRejected, CollectiveFailed, Comm, RowRoute
-from .groups import ShardGroups
 from .jagged import Jagged, JaggedColumn
 from .keyed_random import Stream, draw_keys, uniform
 from .layout import ShardLayout
@@ -34,6 +33,7 @@ from .loss import (
 from .scoring import LocalPartials, ScoreFn, make_score_fn, resolve_backend, score_shard
 from .specs import CacheSchema, FieldSpec
 from .store import CacheTooLarge, FetchedRows, ShardStore, check_capacity, first_occurrence
+from .topology import Topology
 
 __all__ = [
     "ShardedCacheLossHandler", "StepResult", "BatchRejected", "NonFiniteRows", "NonFiniteLoss", "DocumentNetworkFailed",
@@ -243,10 +243,10 @@ class ShardedCacheLossHandler(nn.Module):
             raise ValueError(f"eager_fetch_bytes must be an int >= 0, got {eager_fetch_bytes!r}")
         self.eager_fetch_bytes = eager_fetch_bytes
         self.schema = CacheSchema(specs, embedding_key, data_keys, doc_id_key)
-        groups = ShardGroups.build(shard_group_size, process_group)
-        self.comm = Comm(groups.shard, collective_timeout_s, outer_group=groups.outer)
+        self.topology = Topology.build(shard_group_size, process_group)  # the ranks, built once, shared below
+        self.comm = Comm(self.topology, collective_timeout_s)
         self.nonfinite = nonfinite
-        self.layout = ShardLayout.build(cache_size, groups.shard, block_size, groups.index, groups.count)
+        self.layout = ShardLayout.build(cache_size, self.topology, block_size)
         self.score_fn: ScoreFn = make_score_fn(score_transform)
         if scoring_backend != "auto":  # refuse an impossible request now (the device may come later)
             known = torch.device(device) if device is not None else None
@@ -295,7 +295,7 @@ class ShardedCacheLossHandler(nn.Module):
             "data_keys": self.schema.data_keys,
             "doc_id_key": self.schema.doc_id_key,
             "cache_size": self.layout.cache_size,
-            "shard_group_size": self.layout.world_size,
+            "shard_group_size": self.layout.shard_size,
             "block_size": self.layout.block_size,
             "seed": self._seed,
             "step": self._step,
@@ -349,7 +349,7 @@ class ShardedCacheLossHandler(nn.Module):
         """The whole cache in global row order, on every rank (see :meth:`ShardStore.export_rows`): copies, so a
         snapshot stays as it was while later steps write (in one process the gather would return the rows' storage)."""
         local = self.store.export_rows()
-        sizes = [self.layout.rows_per_rank] * self.comm.world_size
+        sizes = [self.layout.rows_per_rank] * self.comm.shard_size
         return {k: self.comm.gather_rows(v, sizes, tag="gather_cache").clone() for k, v in local.items()}
 
     def load_global_rows(self, rows: Mapping[str, torch.Tensor]) -> None:
@@ -481,7 +481,7 @@ class ShardedCacheLossHandler(nn.Module):
                 self._write(result, batch, document_data, document_embeddings, budget)
             self._advance_step()
         log_to, log_step = metrics.resolve_writer(writer, step)
-        metrics.write_scalars(log_to, log_step, result.metrics, self.comm.outer_rank)  # one writer per job
+        metrics.write_scalars(log_to, log_step, result.metrics, self.comm.rank)  # one writer per job
         self.last_step = result
         return result
 
@@ -500,7 +500,7 @@ class ShardedCacheLossHandler(nn.Module):
         sizes, features, positive_ok, to_gather, payload = self._agree_on_inputs(
             query_embeddings, document_embeddings, document_data, settings, corpus,
             lambda: self._check_step_extras(document_data, query_embeddings, extra_negatives, corpus))
-        own, first = sizes[self.comm.rank], sum(sizes[: self.comm.rank])
+        own, first = sizes[self.comm.shard_rank], sum(sizes[: self.comm.shard_rank])
         return _Batch(
             step=step, sizes=sizes, own=own, first=first,
             query_pos=torch.arange(first, first + own, device=self.device), features=features,
@@ -606,7 +606,7 @@ class ShardedCacheLossHandler(nn.Module):
                   stale, self.score_fn.on_dots, batch_positives, batch_mask)
         losses = query_losses(*inputs, leave_out=~positive_ok, own_negatives=own_negatives)
         bad = nonfinite_queries(losses, home.lse, positive_ok)
-        reduced = (self.reduction, self.comm.outer_size, self._global_batch)
+        reduced = (self.reduction, self.comm.world_size, self._global_batch)
         bad |= overflowing(losses.training, bad, *reduced) & positive_ok
         if self.nonfinite == "skip" and bool(bad.any()):
             losses = query_losses(*inputs, leave_out=~positive_ok | bad, own_negatives=own_negatives)
@@ -711,7 +711,7 @@ class ShardedCacheLossHandler(nn.Module):
             problem = extra_check()
         batch = query_embeddings.shape[0] if problem is None else 0
         # alone, a rank has no one to disagree with: the checksum (a repr of every setting) is skipped
-        config_crc = zlib.crc32(repr(sorted(settings.items())).encode()) if self.comm.outer_size > 1 else 0
+        config_crc = zlib.crc32(repr(sorted(settings.items())).encode()) if self.comm.world_size > 1 else 0
         status = torch.tensor([_ERR_INPUT if problem else 0, batch, config_crc], device=self.device)
         positive_ok = None
         if problem is None:
@@ -802,13 +802,13 @@ class ShardedCacheLossHandler(nn.Module):
         if len({tuple(r) for r in table[:, 1:].tolist()}) > 1:
             raise ValueError("prefill: ranks passed different doc_ids (every rank must pass the same whole corpus); "
                              "cache unchanged")
-        rank, group = self.comm.rank, self.layout.world_size
+        rank, group = self.comm.shard_rank, self.layout.shard_size
         rows = place(ids.numel(), group, self.layout.rows_per_rank)
         keys = content_keys(columns, ids) if self.exclude_duplicates else ids
         mine = torch.arange(rank, ids.numel(), group)  # this rank's documents (``place``)
         own = {k: select_rows(v, mine) for k, v in columns.items()}
         embeddings, failure = [], None
-        bar = _progress(progress and self.comm.outer_rank == 0 and ids.numel() >= _PREFILL_BAR_MIN_DOCS,
+        bar = _progress(progress and self.comm.rank == 0 and ids.numel() >= _PREFILL_BAR_MIN_DOCS,
                         mine.numel(), "negcache prefill (rank 0's share)")
         with torch.inference_mode():
             for start, end, batch in row_batches(own, mine.numel(), batch_size):
@@ -843,7 +843,7 @@ class ShardedCacheLossHandler(nn.Module):
         if self._corpus is None:
             local = torch.stack([self.store.feature(self.schema.doc_id_key).reshape(-1).to(torch.int64),
                                  self.store.feature(CORPUS_KEY).reshape(-1), self.store.filled.to(torch.int64)], 1)
-            every = self.comm.gather_rows(local, [self.layout.rows_per_rank] * self.comm.world_size, "corpus_index")
+            every = self.comm.gather_rows(local, [self.layout.rows_per_rank] * self.comm.shard_size, "corpus_index")
             filled = every[:, 2] > 0
             rows = torch.arange(every.shape[0], device=self.device)[filled]
             self._corpus = CorpusIndex.build(every[filled, 0], rows, every[filled, 1])
@@ -985,7 +985,7 @@ class ShardedCacheLossHandler(nn.Module):
         if not self.comm.active or self.comm.two_level or self.store.jagged_fields:
             return False
         candidates = sum(sizes) * (self.top_k or self.num_negatives) * self.store.row_bytes()
-        write_back = self.comm.world_size * max(min(s * self.num_negatives, self.layout.rows_per_rank) for s in sizes)
+        write_back = self.comm.shard_size * max(min(s * self.num_negatives, self.layout.rows_per_rank) for s in sizes)
         return max(candidates, write_back * (8 + 4 * (self.schema.dim + 1))) <= self.eager_fetch_bytes
 
     def _candidate_rows(self, partials: LocalPartials) -> torch.Tensor:

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from dist_utils import run_ranks
 from engine_cases import FEAT, Tower, global_batch, global_cache, make_handler, run_step, specs
-from sharded_negcache import FieldSpec, JaggedFieldSpec, ShardedCacheLossHandler
+from sharded_negcache import CollectiveFailed, FieldSpec, JaggedFieldSpec, ShardedCacheLossHandler
 from sharded_negcache.checkpoint import (
     MANIFEST_NAME,
     CacheCheckpoint,
@@ -164,7 +164,7 @@ def jagged_step(handler: ShardedCacheLossHandler, step: int, rank: int, n: int) 
 def jagged_state(handler: ShardedCacheLossHandler) -> dict:
     """The whole cache (engine's all-gather) plus the raw int8 bytes of every row."""
     rows = handler.gather_global_rows()
-    sizes = [handler.layout.rows_per_rank] * handler.comm.world_size
+    sizes = [handler.layout.rows_per_rank] * handler.comm.shard_size
     rows["stored_embeddings"] = handler.comm.gather_rows(handler.store.embeddings, sizes)
     return rows
 
@@ -530,3 +530,38 @@ def test_ranks_loading_different_checkpoints_are_refused_together(tmp_path):
         else:
             assert all("ranks read different checkpoints" in e for e in errors), errors
     assert "step 1" in got[0]["step"]["error"] and "step 2" in got[0]["step"]["error"]
+
+
+# ---- a stalled rank during a save ------------------------------------------------------------
+STALL_TIMEOUT_S = 2.0
+
+
+def stalled_save_worker(rank: int, world_size: int, root: str) -> dict:
+    """Rank 1 stalls past the handler's collective timeout before saving; every rank's save must fail with the
+    engine's error for a collective that did not complete (the handler's timeout, not DCP's or gloo's)."""
+    import time
+
+    handler = make_handler(16, collective_timeout_s=STALL_TIMEOUT_S)
+    handler.load_global_rows(global_cache(16, Tower()))
+    dist.barrier()  # both ranks here: rank 0's save starts now, rank 1's well after rank 0's timeout
+    if rank == 1:
+        time.sleep(3 * STALL_TIMEOUT_S)
+    start = time.monotonic()
+    try:
+        save({"cache": CacheCheckpoint(handler)}, os.path.join(root, "stalled"))
+        return {"error": None}
+    except CollectiveFailed as exc:
+        return {"error": str(exc), "seconds": time.monotonic() - start}
+
+
+def test_stalled_rank_fails_a_save_with_the_engines_error_on_every_rank(tmp_path):
+    got = run_ranks(2, stalled_save_worker, str(tmp_path), timeout=120)
+    where = os.path.join(str(tmp_path), "stalled")
+    for rank, r in enumerate(got):
+        assert r["error"] is not None, (rank, got)
+        # the step's format (exchange.Comm): step, collective, this rank, the timeout
+        assert r["error"].startswith(f"step 0: checkpoint collective 'save {where}: prepare' on rank {rank} of 2 "
+                                     f"did not complete within {STALL_TIMEOUT_S:g} s (a rank died, stalled or "
+                                     "disconnected): "), r["error"]
+    assert got[0]["seconds"] < STALL_TIMEOUT_S + 3  # the handler's 2 s timeout (plus slack), never the 6 s stall
+    assert not (Path(where) / MANIFEST_NAME).exists()

@@ -28,7 +28,7 @@ G = 2
 
 def _two_level(handler_class, *args, **kw):
     handler = handler_class(*args, shard_group_size=G, **kw)
-    assert (handler.layout.num_groups, handler.layout.world_size, handler.comm.outer_size) == (2, G, props.POOL)
+    assert (handler.layout.num_groups, handler.layout.shard_size, handler.comm.world_size) == (2, G, props.POOL)
     return handler
 
 

@@ -21,6 +21,7 @@ from ..codecs import make_codec
 from ..handler import ShardedCacheLossHandler
 from ..specs import FieldSpec
 from ..store import ShardStore
+from ..topology import is_distributed
 
 __all__ = ["BorrowedShard", "EngineOutcome", "EngineStep"]
 
@@ -68,7 +69,7 @@ class _Capture:
 
 
 def world_size(group: dist.ProcessGroup | None) -> int:
-    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+    return dist.get_world_size(group) if is_distributed() else 1
 
 
 class EngineStep:
