@@ -36,7 +36,7 @@ import torch.multiprocessing as mp
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from dist_utils import free_port
+from sharded_negcache.testing import free_port
 from sharded_negcache import BatchRejected, FieldSpec, NonFiniteRows, ShardedCacheLossHandler
 
 NDOC = 4  # document ids 0..3: exclusions are frequent

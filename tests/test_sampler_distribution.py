@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_utils import run_ranks
+from sharded_negcache.testing import run_ranks
 from engine_cases import DIM, Tower, global_cache, make_handler
 
 CACHE, DRAWS, QUERIES = 64, 6000, 3
