@@ -231,10 +231,8 @@ def _store_dtypes(h) -> dict:
 
 @pytest.mark.parametrize("cast", ["to_bf16", "half", "double", "float_to_fp16_then_back"])
 @pytest.mark.parametrize("codec", ["fp32", "bf16", "int8"])
-def test_dtype_casts_leave_the_cache_as_stored(cast, codec):
-    tower = Tower()
-    h = make_handler(CACHE, embedding_codec=codec)
-    h.load_global_rows(global_cache(CACHE, tower))
+def test_dtype_casts_leave_the_cache_as_stored(cast, codec, filled_handler, tower):
+    h = filled_handler(CACHE, embedding_codec=codec)
     want, rows = _store_dtypes(h), {k: v.clone() for k, v in h.store.state_dict().items()}
     {"to_bf16": lambda: h.to(torch.bfloat16), "half": h.half, "double": h.double,
      "float_to_fp16_then_back": lambda: h.to(torch.float16).float()}[cast]()

@@ -34,7 +34,7 @@ def test_inverse_hash_is_exact():
         assert int(keyed_random.mix32(torch.tensor([_unmix(y)]))[0]) == y
 
 
-def _keys_for(hashes: list[int], items: int | None) -> torch.Tensor:
+def keys_for(hashes: list[int], items: int | None) -> torch.Tensor:
     """Keys that make ``uniform(keys, items)`` hash to exactly ``hashes`` (see keyed_random.hash_keys)."""
     if items is None:
         return torch.tensor([(_unmix(h) - 0x1B56C4E9) & MASK32 for h in hashes], dtype=torch.int64)
@@ -44,7 +44,7 @@ def _keys_for(hashes: list[int], items: int | None) -> torch.Tensor:
 
 def test_uniforms_at_the_edges_of_the_hash_range_are_strictly_inside():
     for items in (None, 0, 12345):
-        keys = _keys_for(EDGE, items)
+        keys = keys_for(EDGE, items)
         item_t = None if items is None else torch.tensor([items])
         assert torch.equal(keyed_random.hash_keys(keys, item_t), torch.tensor(EDGE, dtype=torch.int64))
         u = keyed_random.uniform(keys) if items is None else keyed_random.uniform(keys[:, None], item_t[None, :])
@@ -53,7 +53,7 @@ def test_uniforms_at_the_edges_of_the_hash_range_are_strictly_inside():
         if items is not None:
             assert bool(torch.isfinite(keyed_random.gumbel(keys, item_t)).all())
     # The largest hash: (2^24 - 1 + 0.5) / 2^24 rounds to 1.0 in float32 unless clamped.
-    assert float(keyed_random.uniform(_keys_for([MASK32], None))[0]) == 1.0 - 2.0**-24
+    assert float(keyed_random.uniform(keys_for([MASK32], None))[0]) == 1.0 - 2.0**-24
 
 
 def test_every_hash_level_maps_strictly_inside_and_monotonically():
@@ -76,7 +76,7 @@ def test_every_hash_level_maps_strictly_inside_and_monotonically():
 
 
 def test_gumbel_of_a_whole_grid_is_finite_at_the_extreme_keys():
-    keys = _keys_for([MASK32, MASK32 - 1, 0, 1], 7)
+    keys = keys_for([MASK32, MASK32 - 1, 0, 1], 7)
     g = keyed_random.gumbel(keys, torch.tensor([7, 8, 9]))
     assert g.shape == (4, 3) and bool(torch.isfinite(g).all())
     assert float(g[0, 0]) > 16.0  # the top hash is the largest Gumbel (-log(-log(1 - 2^-24)) = 16.6)

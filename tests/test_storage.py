@@ -376,10 +376,8 @@ def codec_batch(name: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
 
 
 @pytest.mark.parametrize("name", sorted(UNSTORABLE_POSITIVE))
-def test_unstorable_positive_is_a_rejected_batch_under_raise(name):
-    tower = Tower()
-    h = make_handler(CODEC_CACHE, embedding_codec=name)
-    h.load_global_rows(global_cache(CODEC_CACHE, tower))
+def test_unstorable_positive_is_a_rejected_batch_under_raise(name, filled_handler, tower):
+    h = filled_handler(CODEC_CACHE, embedding_codec=name)
     before = raw_state(h)
     q, d, data = codec_batch(name)
     with pytest.raises(BatchRejected, match=f"rank 0: document_embeddings hold values the '{name}' embedding codec cannot store"):
@@ -462,10 +460,8 @@ def test_unstorable_reencoded_rows_are_not_refreshed_under_skip():
 
 
 # ---- features are stored detached ------------------------------------------------------------
-def test_feature_requiring_grad_does_not_join_the_graph():
-    tower = Tower()
-    h = make_handler(CODEC_CACHE, num_negatives=2)
-    h.load_global_rows(global_cache(CODEC_CACHE, tower))
+def test_feature_requiring_grad_does_not_join_the_graph(filled_handler, tower):
+    h = filled_handler(CODEC_CACHE, num_negatives=2)
     g = torch.Generator().manual_seed(5)
     for step in range(3):  # the later steps re-encode rows whose features came from a graph
         x = torch.randn(4, FEAT, generator=g).requires_grad_(True)
