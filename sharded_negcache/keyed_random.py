@@ -27,7 +27,7 @@ class Stream:
 
 
 def mix32_int(x: int) -> int:
-    """:func:`mix32` of one Python int (the keys' per-step words are hashed on the host)."""
+    """:func:`mix32` of one Python int, without a tensor (the per-step base words of the keys)."""
     x &= MASK32
     x ^= x >> 16
     x = (x * 0x7FEB352D) & MASK32
