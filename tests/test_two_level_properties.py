@@ -21,7 +21,7 @@ from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
 
 import test_properties as props
-from dist_utils import free_port
+from sharded_negcache.testing import free_port
 
 G = 2
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from dist_utils import run_ranks
+from sharded_negcache.testing import run_ranks
 from engine_cases import DIM, Tower, global_batch, global_cache, make_handler, run_step
 from sharded_negcache import BatchRejected, CollectiveFailed, NonFiniteRows
 from sharded_negcache.checkpoint import CacheCheckpoint, CheckpointError, load, save
