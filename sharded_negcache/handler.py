@@ -15,7 +15,6 @@ from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.profiler import record_function
 
 from . import metrics
 from .codecs import EmbeddingCodec, finite_rows, make_codec
@@ -32,6 +31,8 @@ from .loss import (
 )
 from .scoring import LocalPartials, ScoreFn, make_score_fn, resolve_backend, score_shard
 from .specs import CacheSchema, FieldSpec
+from .stages import STAGE_PREFIX, STAGES  # noqa: F401  (re-exported: the stage names)
+from .stages import stage as _stage
 from .store import CacheTooLarge, FetchedRows, ShardStore, check_capacity, first_occurrence
 from .topology import Topology
 
@@ -46,9 +47,6 @@ _log = logging.getLogger("sharded_negcache")
 # (2-8 MB measured best, 32 MB 35-45% slower); a GPU wants few, large kernels.
 DEFAULT_CHUNK_BYTES = {"cpu": 8 << 20, "cuda": 256 << 20}
 
-# Profiler range names of the protocol steps, in order (``negcache/agree`` ... ``negcache/insert``).
-STAGE_PREFIX = "negcache/"
-STAGES = ("agree", "gather", "score", "partials", "fetch", "reencode", "losses", "stats", "write_back", "insert")
 
 Reduction = Literal["mean", "global_mean", "sum"]
 CacheMode = Literal["stream", "corpus"]
@@ -1056,11 +1054,6 @@ def _first_copies(received: torch.Tensor, home: Any, sampled: torch.Tensor, whic
     first = torch.full((count,), which.numel(), dtype=torch.int64, device=which.device)
     first.scatter_reduce_(0, which, torch.arange(which.numel(), device=which.device), reduce="amin")
     return copies[first]
-
-
-def _stage(name: str) -> record_function:
-    """A profiler range named ``negcache/<name>``: users' traces (Chrome, TensorBoard) show each protocol step."""
-    return record_function(f"{STAGE_PREFIX}{name}")
 
 
 def _engine_precision(device: torch.device) -> contextlib.AbstractContextManager:
