@@ -89,6 +89,8 @@ def test_bad_document_network_output_leaves_cache_unchanged(filled_handler, towe
         (dict(doc_id_key="x"), "doc_id_key"),
         (dict(reduction="avg"), "reduction must be"),
         (dict(embedding_codec="int3"), "embedding_codec must be one of"),
+        (dict(eager_fetch_bytes=-1), "eager_fetch_bytes must be an int >= 0"),
+        (dict(eager_fetch_bytes=1.5), "eager_fetch_bytes must be an int >= 0"),
     ],
 )
 def test_bad_configuration(kwargs, message):
