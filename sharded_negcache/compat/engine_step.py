@@ -2,9 +2,9 @@
 
 The reference's API is functional: the loss reads the cache and *returns* the updates, and the
 caller applies them with ``CacheManager``. So the engine reads this rank's rows in place, without
-copying (``BorrowedShard``), and runs :meth:`ShardedCacheLossHandler.score`, the engine's public
-"score and sample without writing" step: all queries scored against every rank's shard in chunks,
-exact merge of the partials, fetch of the sampled rows from their owners, and the fresh embeddings
+copying (``ShardStore.from_tensors``: a store over the caller's tensors), and runs
+:meth:`ShardedCacheLossHandler.score`, the engine's public "score and sample without writing" step:
+all queries scored against every rank's shard in chunks, exact merge of the partials, fetch of the sampled rows from their owners, and the fresh embeddings
 sent back to the owners, which return them (``pending_refresh``) for the caller to write. The
 engine inserts nothing (the caller inserts its own positives); the step that keys the random
 numbers is counted here, one per call.
@@ -17,30 +17,11 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-from ..codecs import make_codec
 from ..handler import ShardedCacheLossHandler
 from ..specs import FieldSpec
 from ..store import ShardStore
 
-__all__ = ["BorrowedShard", "EngineOutcome", "EngineStep"]
-
-
-class BorrowedShard(ShardStore):
-    """A ShardStore whose rows are the caller's tensors (read only: the engine runs ``score``, which writes nothing)."""
-
-    def __init__(
-        self, rows: int, dim: int, feature_specs: Mapping[str, FieldSpec], embedding_dtype: torch.dtype
-    ) -> None:
-        super().__init__(rows, dim, feature_specs, make_codec(embedding_dtype), device="meta")  # allocates nothing
-
-    def bind(self, embeddings: torch.Tensor, features: Mapping[str, torch.Tensor], filled: torch.Tensor) -> None:
-        """Points the store at this step's rows (no copy). Ages are not part of the loss: zeros."""
-        self.embeddings = embeddings
-        for key in self.feature_specs:
-            setattr(self.features, key, features[key])
-        self.filled = filled.to(torch.bool)
-        if self.age.device != embeddings.device:
-            self.age = torch.zeros(self.rows, dtype=torch.int64, device=embeddings.device)
+__all__ = ["EngineOutcome", "EngineStep"]
 
 
 @dataclass
@@ -78,6 +59,7 @@ class EngineStep:
         self._engine: ShardedCacheLossHandler | None = None
         self._key: tuple | None = None
         self._step = 0
+        self._ages: torch.Tensor | None = None
 
     def run(
         self,
@@ -99,8 +81,9 @@ class EngineStep:
         engine = self._engine_for(
             embeddings, features, embedding_key, data_keys, score_transform, top_k, seed, process_group
         )
-        store: BorrowedShard = engine.store  # type: ignore[assignment]
-        store.bind(embeddings, features, filled)
+        # this step's rows, in place; ages are not part of the loss (zeros, allocated once per layout)
+        engine.store = store = ShardStore.from_tensors(embeddings, {k: features[k] for k in data_keys},
+                                                       filled.to(torch.bool), self._ages)
         batch = query_embeddings.shape[0]
         placeholders = {  # the engine validates the positives' features; score() inserts nothing
             k: torch.zeros((batch, *s.shape), dtype=s.dtype, device=embeddings.device)
@@ -155,9 +138,9 @@ class EngineStep:
                 num_negatives=1, seed=seed, process_group=process_group, device="meta",
                 embedding_codec=embeddings.dtype,
             )
-            engine.store = BorrowedShard(rows, dim, feature_specs, embeddings.dtype)
             for name, buf in list(engine.named_buffers(recurse=False)):  # counters: off the meta device
                 setattr(engine, name, torch.zeros_like(buf, device=embeddings.device))
             self._engine, self._key, self._step = engine, key, 0
+            self._ages = torch.zeros(rows, dtype=torch.int64, device=embeddings.device)
         assert self._engine is not None
         return self._engine
