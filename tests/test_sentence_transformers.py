@@ -131,15 +131,25 @@ def test_token_hash_ignores_padding_and_separates_texts():
     assert h[0] == h[1] and h[0] != h[2] and bool((h >= 0).all())
 
 
-def test_left_padded_token_ids_are_cached_real_tokens_first():
-    from sharded_negcache.integrations.sentence_transformers import _left_align
-
-    ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 1]])
-    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
-    assert _left_align(ids, mask).tolist() == [[5, 6, 0, 0], [7, 8, 9, 1]]
-    right = torch.tensor([[5, 6, 0, 0], [7, 8, 9, 1]])
-    # the same texts right-padded: the same document ids (the positive's copy is excluded whatever the padding)
-    assert torch.equal(token_hash(ids, mask), token_hash(right, torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])))
+def test_left_padded_token_ids_are_cached_real_tokens_first(model):
+    """A left-padded batch caches each positive's real tokens first, exactly as its right-padded tokenization,
+    and hashes to the same document ids (the positive's copy is excluded whatever the padding)."""
+    m = copy.deepcopy(model)
+    texts = ["alpha beta", "gamma delta epsilon zeta eta", "theta"]
+    m.tokenizer.padding_side = "left"
+    left = features(m, texts)
+    m.tokenizer.padding_side = "right"
+    right = features(m, texts)
+    assert not bool(left["attention_mask"][:, 0].all()), "the batch must really be left-padded"
+    loss = CachedNegativesRankingLoss(m, cache_size=8, in_batch_negatives=True)
+    loss([features(m, ["read", "write open", "close parse load"]), left], None)
+    cached = loss.handler.store.export_rows()  # an empty cache: item i went into row i
+    lengths = right["attention_mask"].sum(1)
+    assert cached["input_ids:lengths"][:3].tolist() == lengths.tolist()
+    for i, n in enumerate(lengths.tolist()):
+        assert cached["input_ids"][i, :n].tolist() == right["input_ids"][i, :n].tolist()
+    assert torch.equal(token_hash(left["input_ids"], left["attention_mask"]),
+                       token_hash(right["input_ids"], right["attention_mask"]))
 
 
 def test_evaluation_leaves_the_cache_alone(model):
