@@ -381,6 +381,29 @@ def test_in_batch_loss_is_mnrls_loss_of_each_training_batch(model):
     assert ours.pop_metrics() == {}
 
 
+def test_a_wrapped_encode_rows_is_the_tower_the_cache_calls(model):
+    """``encode_rows`` wrapped on the instance (as the efficiency study times re-encoding) receives exactly
+    the rows the engine re-encodes: one call per step once the cache holds rows, as many rows as the
+    distinct rows sampled, and none before (an empty cache samples nothing)."""
+    m = copy.deepcopy(model)
+    ours = CachedNegativesRankingLoss(m, cache_size=32, num_negatives=2, in_batch_negatives=False)
+    plain, seen = ours.encode_rows, []
+
+    def counted(rows, **kwargs):
+        seen.append(rows["input_ids"][1].numel())  # (padded ids, lengths): one length per row
+        return plain(rows, **kwargs)
+
+    ours.encode_rows = counted
+    calls = []
+    for seed in (1, 2):
+        a, p = pairs(8, seed=seed)
+        ours([features(m, a), features(m, p)], None)
+        sampled = ours.handler.last_step.sampled_rows
+        calls.append(torch.unique(sampled[sampled >= 0]).numel())
+    assert calls[0] == 0 and calls[1] > 0
+    assert seen == [calls[1]]
+
+
 @pytest.mark.parametrize("corpus", [False, True], ids=["stream-pairs", "corpus-triplets"])
 def test_evaluation_through_the_trainer_never_touches_the_cache(model, tmp_path, corpus):
     """eval_strategy="steps" (every step) and trainer.evaluate(): the cache and its step are those of a run
