@@ -9,7 +9,10 @@ batch; they differ only in the loss:
   document tower), then backward.
 
 The two are interleaved (cache, in-batch, cache, ...) so that load changes hit both alike; the table
-quotes medians. ``overhead = cache - in-batch`` is what the cache costs beyond the in-batch softmax.
+quotes medians. ``overhead = cache - in-batch`` is what the cache costs beyond the in-batch softmax, and
+``fixed = overhead - score`` what it costs beyond that and its own scan (the handler's fixed cost). At W > 1
+each case runs with the eager fetch (rows ride with the partials: 3 collectives) and without it
+(``eager_fetch_bytes=0``: request/response, 6 collectives).
 Then a profiled run gives the handler's stages (its ``negcache/<stage>`` ranges), and the engine's own
 counters give the collectives launched per step (``Comm.calls``). On CUDA, host synchronisations per step
 are counted with ``torch.cuda.set_sync_debug_mode("warn")``; on CPU there is no stream to stall, and
@@ -64,11 +67,12 @@ def _sync_count(fn) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def _rank_main(rank: int, world: int, batch: int, cache_size: int, repeats: int) -> dict[str, Any]:
+def _rank_main(rank: int, world: int, batch: int, cache_size: int, repeats: int, eager: bool) -> dict[str, Any]:
     from sharded_negcache.handler import STAGE_PREFIX, STAGES
 
     device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
-    handler = make_handler(cache_size, DIM, FEAT, num_negatives=DRAWS, device=device)
+    handler = make_handler(cache_size, DIM, FEAT, num_negatives=DRAWS, device=device,
+                           **({} if eager else {"eager_fetch_bytes": 0}))
     fill_local(handler)
     q_tower = CheapTower(FEAT, DIM, seed=2, device=device)
     d_tower = CheapTower(FEAT, DIM, seed=3, device=device)
@@ -123,15 +127,16 @@ def _rank_main(rank: int, world: int, batch: int, cache_size: int, repeats: int)
     }
 
 
-def run_case(world: int, batch: int, cache_size: int, repeats: int) -> dict[str, Any]:
-    per_rank = run_ranks(world, _rank_main, batch, cache_size, repeats, threads=1, use_dist=world > 1)
+def run_case(world: int, batch: int, cache_size: int, repeats: int, eager: bool = True) -> dict[str, Any]:
+    per_rank = run_ranks(world, _rank_main, batch, cache_size, repeats, eager, threads=1, use_dist=world > 1)
     # the step time of the job is the slowest rank's, repeat by repeat
     cache = [max(r["cache_s"][i] for r in per_rank) for i in range(repeats)]
     in_batch = [max(r["in_batch_s"][i] for r in per_rank) for i in range(repeats)]
     overhead = [c - b for c, b in zip(cache, in_batch)]
     stages = per_rank[0]["stages_s"]
     return {
-        "world": world, "queries_per_rank": batch, "cache_rows": cache_size, "repeats": repeats,
+        "world": world, "fetch": "eager" if eager and world > 1 else ("requested" if world > 1 else "local"),
+        "queries_per_rank": batch, "cache_rows": cache_size, "repeats": repeats,
         "cache_ms": 1e3 * statistics.median(cache), "in_batch_ms": 1e3 * statistics.median(in_batch),
         "overhead_ms": 1e3 * statistics.median(overhead),
         "stages_ms": {k: 1e3 * v for k, v in stages.items()},
@@ -149,25 +154,31 @@ def main() -> None:
     ap.add_argument("--worlds", default="1,2")
     ap.add_argument("--cases", default="16:4K,256:64K", help="queries per rank : cache rows, comma-separated")
     ap.add_argument("--out", default=str(RESULTS_DIR / "overhead.json"))
+    ap.add_argument("--eager-only", action="store_true", help="skip the request/response fetch rows at W > 1")
     args = ap.parse_args()
     cases = [(int(b), parse_sizes(rows)[0]) for b, rows in (c.split(":") for c in args.cases.split(","))]
     load_before = machine_info().get("loadavg_1m")
     rows = []
     for batch, rows_n in cases:
         for world in (int(w) for w in args.worlds.split(",")):
-            r = run_case(world, batch, rows_n, args.repeats)
-            r["overhead_vs_score"] = r["overhead_ms"] / r["score_ms"] if r["score_ms"] else float("nan")
-            rows.append(r)
-            print(f"W={world} B={batch} rows={rows_n}: cache {r['cache_ms']:.2f} ms, in-batch {r['in_batch_ms']:.2f} ms,"
-                  f" overhead {r['overhead_ms']:.2f} ms, {r['collectives_per_step']:.0f} collectives", flush=True)
+            for eager in ((True, False) if world > 1 and not args.eager_only else (True,)):
+                r = run_case(world, batch, rows_n, args.repeats, eager)
+                # the fixed cost: what the cache step adds beyond the in-batch step and its own scan
+                r["fixed_ms"] = r["overhead_ms"] - r["score_ms"]
+                r["fixed_vs_score"] = r["fixed_ms"] / r["score_ms"] if r["score_ms"] else float("nan")
+                rows.append(r)
+                print(f"W={world} B={batch} rows={rows_n} fetch={r['fetch']}: cache {r['cache_ms']:.2f} ms, in-batch "
+                      f"{r['in_batch_ms']:.2f} ms, overhead {r['overhead_ms']:.2f} ms, "
+                      f"{r['collectives_per_step']:.0f} collectives", flush=True)
     print()
-    print(table(rows, ["world", "queries_per_rank", "cache_rows", "cache_ms", "in_batch_ms", "overhead_ms",
-                       "stages_total_ms", "score_ms", "overhead_vs_score", "collectives_per_step"],
+    print(table(rows, ["world", "fetch", "queries_per_rank", "cache_rows", "cache_ms", "in_batch_ms", "overhead_ms",
+                       "stages_total_ms", "score_ms", "fixed_ms", "fixed_vs_score", "collectives_per_step"],
                 title="cache step vs in-batch step (medians over interleaved repeats; slowest rank per repeat)"))
-    stage_rows = [{"world": r["world"], "B": r["queries_per_rank"], "rows": r["cache_rows"],
+    stage_rows = [{"world": r["world"], "fetch": r["fetch"], "B": r["queries_per_rank"], "rows": r["cache_rows"],
                    **{k: v for k, v in r["stages_ms"].items()}} for r in rows]
     print()
-    print(table(stage_rows, ["world", "B", "rows", *rows[0]["stages_ms"]], title="handler stages, ms per step (rank 0)"))
+    print(table(stage_rows, ["world", "fetch", "B", "rows", *rows[0]["stages_ms"]],
+                title="handler stages, ms per step (rank 0)"))
     info = machine_info()
     info["loadavg_1m_before"] = load_before
     write_json(__import__("pathlib").Path(args.out), {"machine": info, "dim": DIM, "draws": DRAWS, "rows": rows})

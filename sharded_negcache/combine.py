@@ -19,7 +19,7 @@ from . import keyed_random
 from .keyed_random import Stream
 from .scoring import LocalPartials, top_k_lower_row_wins
 
-__all__ = ["HomePartials", "pack_partials", "merge_partials"]
+__all__ = ["HomePartials", "pack_partials", "merge_partials", "own_partials"]
 
 
 @dataclass
@@ -28,6 +28,9 @@ class HomePartials:
 
     lse: torch.Tensor  # [B] float32, -inf when the query has no candidate
     rows: torch.Tensor  # [B, m] int64 global row ids, -1 when nothing was sampled
+    # [B, m] which candidate each sample is: rank * n + its place among that rank's n candidates (the eager
+    # fetch reads the sampled row's bytes from there); meaningless where nothing was sampled
+    source: torch.Tensor
 
 
 def pack_partials(p: LocalPartials) -> torch.Tensor:
@@ -46,7 +49,7 @@ def _merge_sampled(recv: torch.Tensor, m: int) -> HomePartials:
     key = keys.gather(0, best).squeeze(0)
     row = rows.gather(0, best).squeeze(0).to(torch.int64)
     row = torch.where(torch.isfinite(key), row, torch.full_like(row, -1))
-    return HomePartials(lse.float(), row)
+    return HomePartials(lse.float(), row, best.squeeze(0) * m + torch.arange(m, device=recv.device))
 
 
 def _merge_topk(
@@ -54,8 +57,8 @@ def _merge_topk(
 ) -> HomePartials:
     w, b = recv.shape[0], recv.shape[1]
     vals = recv[:, :, :k].permute(1, 0, 2).reshape(b, w * k)
-    rows = recv[:, :, k:].permute(1, 0, 2).reshape(b, w * k)
-    vals, rows = top_k_lower_row_wins(vals, rows.to(torch.int64), k)
+    candidates = recv[:, :, k:].permute(1, 0, 2).reshape(b, w * k).to(torch.int64)  # rank r's j-th: r * k + j
+    vals, rows = top_k_lower_row_wins(vals, candidates, k)
     lse = torch.logsumexp(vals, dim=1)
     keys = keyed_random.draw_keys(seed, step, Stream.TOPK_GUMBEL, query_pos, m)
     # one Gumbel per (query, draw, candidate row), keyed by the global row id
@@ -64,7 +67,16 @@ def _merge_topk(
     val, idx = perturbed.max(dim=-1)
     row = rows.gather(1, idx)
     row = torch.where(torch.isfinite(val), row, torch.full_like(row, -1))
-    return HomePartials(lse.float(), row)
+    source = (candidates.unsqueeze(1) == row.unsqueeze(2)).int().argmax(dim=2)  # a sampled row is one candidate
+    return HomePartials(lse.float(), row, source)
+
+
+def own_partials(p: LocalPartials) -> HomePartials:
+    """Sampling mode with one rank holding every row: its partials are the merged ones, exactly what
+    :func:`merge_partials` returns for W = 1 (the float64 round trip is exact), without the packing."""
+    m = p.win_row.shape[1]
+    rows = torch.where(torch.isfinite(p.win_key), p.win_row, -1)
+    return HomePartials(p.lse, rows, torch.arange(m, device=rows.device).expand_as(rows))
 
 
 def merge_partials(

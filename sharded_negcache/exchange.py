@@ -228,11 +228,20 @@ class Comm:
         self.bytes_sent[tag] += row * (sum(send_counts) - send_counts[self.rank])
         return out
 
-    def partials_to_home(self, partials: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-        """[B_g, c] partials of every gathered query → [W, B_own, c]: each rank's view of my queries."""
-        own = sizes[self.rank]
-        out = self.all_to_all(partials, sizes, [own] * self.world_size, "partials")
-        return out.view(self.world_size, own, partials.shape[1])
+    def partials_to_home(self, partials: torch.Tensor, sizes: list[int],
+                         rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[B_g, c] float64 partials of every gathered query → [W, B_own, c]: each rank's view of my queries.
+
+        ``rows`` [B_g, n, row bytes] uint8 (the eager fetch): each query's n local candidates' packed rows, sent
+        in the same all-to-all; returned as [W, B_own, n, row bytes] (None without)."""
+        own, w = sizes[self.rank], self.world_size
+        if rows is None:
+            return self.all_to_all(partials, sizes, [own] * w, "partials").view(w, own, partials.shape[1]), None
+        cols, n, row_bytes = partials.shape[1], rows.shape[1], rows.shape[2]
+        record = torch.cat([partials.contiguous().view(torch.uint8), rows.reshape(rows.shape[0], n * row_bytes)], 1)
+        out = self.all_to_all(record, sizes, [own] * w, "partials").view(w, own, record.shape[1])
+        got = out[:, :, : 8 * cols].clone(memory_format=torch.contiguous_format).view(torch.float64)
+        return got, out[:, :, 8 * cols:].reshape(w, own, n, row_bytes)
 
     # ---- rows ------------------------------------------------------------------------------
     def exchange_counts(self, send_counts: list[int], device: torch.device) -> list[int]:
@@ -298,6 +307,43 @@ class Comm:
         recv_counts = self.exchange_counts(send_counts, local_slots.device)
         slots = self.all_to_all(local_slots[order], send_counts, recv_counts, f"{tag}_ids")
         return slots, self.all_to_all(rows[order], send_counts, recv_counts, tag)
+
+    def stats_and_rows_to_owners(
+        self, stats: torch.Tensor, owners: torch.Tensor, local_slots: torch.Tensor, rows: torch.Tensor,
+        capacity: Sequence[int],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The statistics' sum and the fresh rows' way back to their owners in one all-to-all (flat layout).
+
+        Every message opens with the sender's ``stats`` (float64), so each rank sums the same W vectors in rank
+        order: the all-reduce's result, one collective fewer. ``rows`` [k, c] float32 go to ``owners`` [k]
+        (sorted ascending) at ``local_slots``, padded to ``capacity[r]`` per owner (the rows rank r can send
+        one owner, the same on every rank) with slot -1, so no size needs a host read or a count exchange.
+        Returns (summed stats, local slots, rows) received, in rank order then the sender's order.
+        """
+        w, c = self.world_size, rows.shape[1]
+        cap = capacity[self.rank]
+        first = torch.searchsorted(owners, owners)  # owners are sorted: where each owner's rows start
+        place = torch.arange(owners.numel(), device=owners.device) - first
+        slots = torch.full((w, cap), -1, dtype=torch.int64, device=rows.device)
+        slots[owners, place] = local_slots
+        table = rows.new_zeros(w, cap, c)
+        table[owners, place] = rows
+        header = stats.to(torch.float64).reshape(1, -1).expand(w, -1)
+        parts = [header.contiguous().view(torch.uint8), slots.view(torch.uint8), table.reshape(w, cap * c).view(torch.uint8)]
+        send = torch.cat(parts, 1)
+        size = [8 * stats.numel() + r * (8 + 4 * c) for r in capacity]  # bytes of rank r's message
+        got = self.all_to_all(send.reshape(-1), [size[self.rank]] * w, size, "stats")
+        total, got_slots, got_rows, at = None, [], [], 0
+        for r in range(w):
+            msg = got[at: at + size[r]].clone()
+            at += size[r]
+            s = msg[: 8 * stats.numel()].view(torch.float64)
+            total = s if total is None else total + s
+            got_slots.append(msg[8 * stats.numel(): 8 * stats.numel() + 8 * capacity[r]].view(torch.int64))
+            got_rows.append(msg[8 * stats.numel() + 8 * capacity[r]:].view(torch.float32).view(capacity[r], c))
+        slots, rows = torch.cat(got_slots), torch.cat(got_rows)
+        valid = slots >= 0  # a shape that depends on data: the rows actually sent
+        return total.view(stats.shape), slots[valid], rows[valid]
 
     # ---- statistics ------------------------------------------------------------------------
     def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch.profiler import record_function
 
 from . import metrics, native_scan
 from .codecs import EmbeddingCodec, finite_rows, make_codec
-from .combine import merge_partials, pack_partials
+from .combine import HomePartials, merge_partials, own_partials, pack_partials
 from .corpus import (CORPUS_KEY, CorpusIndex, content_keys, corpus_columns, ids_checksum, place, row_batches,
                      select_rows)
 from .exchange import DEFAULT_TIMEOUT_S, BatchRejected, CollectiveFailed, Comm, RowRoute
@@ -31,7 +31,7 @@ from .loss import (
     in_batch_mask, loss_scale, nonfinite_queries, overflowing, query_losses, reduce_loss, scale_gradient, spread,
     zero_rows,
 )
-from .scoring import ScoreFn, make_score_fn, resolve_backend, score_shard
+from .scoring import LocalPartials, ScoreFn, make_score_fn, resolve_backend, score_shard
 from .specs import CacheSchema, FieldSpec
 from .store import CacheTooLarge, FetchedRows, ShardStore, check_capacity, first_occurrence
 
@@ -88,8 +88,41 @@ class StepResult:
     # loss = loss_scale x training_loss.sum() (up to rounding): callers that report another per-query value
     # reduced like the loss (the sentence-transformers adapter's -log P) scale it by this, never recompute it
     loss_scale: float = 1.0
-    # score(return_refreshes=True): (local slots, fresh embeddings) this rank, as owner, would have written
-    pending_refresh: tuple[torch.Tensor, torch.Tensor] | None = None
+    # (unique local slots, fresh fp32 embeddings) this rank, as owner, refreshes in place: what a training step
+    # wrote, or with score(return_refreshes=True) what it would write (for callers that own the rows: compat)
+    refreshes: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass
+class _Batch:
+    """What the agreement established about one step's batch, for every later stage of the protocol."""
+
+    step: int
+    sizes: list[int]  # every rank's batch size (the shard group's ranks, in order)
+    own: int  # this rank's batch size
+    first: int  # global position of this rank's first query
+    query_pos: torch.Tensor  # [own] global positions of this rank's queries
+    features: dict[str, Any]  # this batch's feature fields (jagged ones normalised)
+    positive_ok: torch.Tensor  # [own] positives the codec can store
+    to_gather: list[torch.Tensor]  # the queries (and the positives' exclusion ids) to gather
+    payload: torch.Tensor | None  # the agreement's gathered rows, when they rode along
+    corpus: CorpusIndex | None
+    eager: bool  # rows ride with the partials and back with the statistics (see ``eager_fetch_bytes``)
+    capacity: list[int]  # per rank, the most distinct rows it can sample from one owner
+    exclude: torch.Tensor | None = None  # the gathered positives' exclusion ids (set by the gather)
+
+
+@dataclass
+class _Fetch:
+    """Step 4's rows: the unique sampled rows (global id order) and how they map to draws and owners."""
+
+    fetched: FetchedRows
+    which: torch.Tensor  # each sampled (query, draw) → its row among ``fetched``
+    owners: torch.Tensor  # [U] owner rank of each row (ascending)
+    slots: torch.Tensor  # [U] its local slot there
+    route: RowRoute | None  # the request/response fetch's route (None with the eager fetch)
+    chosen_draws: torch.Tensor | None = None  # [B, m] draws re-encoded (None: all)
+    chosen: torch.Tensor | None = None  # [U] fetched rows re-encoded (None: all)
 
 
 class ShardedCacheLossHandler(nn.Module):
@@ -154,6 +187,10 @@ class ShardedCacheLossHandler(nn.Module):
         every step, and writes them in place.
       exclude_duplicates: corpus mode: rows whose document is an exact duplicate (same values in every
         ``data_keys`` field) of a query's positive are excluded too, not only the positive's own row.
+      eager_fetch_bytes: the eager fetch (flat layout, no jagged fields): while each rank's candidate rows
+        (gathered queries x draws x packed row bytes) and its padded write-back fit in this many bytes, owners
+        send their local winners' rows with the partials, and the fresh rows go back in the statistics'
+        all-to-all: three collectives a step instead of six, for W times the row bytes. 0 turns it off.
     """
 
     def __init__(
@@ -186,6 +223,7 @@ class ShardedCacheLossHandler(nn.Module):
         reencode_negatives: Literal["all", "none"] | float = "all",
         refresh_budget: int = 0,
         exclude_duplicates: bool = False,
+        eager_fetch_bytes: int = 4 << 20,
     ) -> None:
         super().__init__()
         _check_corpus_options(cache_mode, doc_id_key, reencode_negatives, refresh_budget, exclude_duplicates, specs)
@@ -199,6 +237,9 @@ class ShardedCacheLossHandler(nn.Module):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         if not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
+        if not isinstance(eager_fetch_bytes, int) or eager_fetch_bytes < 0:
+            raise ValueError(f"eager_fetch_bytes must be an int >= 0, got {eager_fetch_bytes!r}")
+        self.eager_fetch_bytes = eager_fetch_bytes
         self.schema = CacheSchema(specs, embedding_key, data_keys, doc_id_key)
         groups = ShardGroups.build(shard_group_size, process_group)
         self.comm = Comm(groups.shard, collective_timeout_s, outer_group=groups.outer)
@@ -271,6 +312,7 @@ class ShardedCacheLossHandler(nn.Module):
             "reencode_negatives": self.reencode_negatives,
             "refresh_budget": self.refresh_budget,
             "exclude_duplicates": self.exclude_duplicates,
+            "eager_fetch_bytes": self.eager_fetch_bytes,
         }
 
     def _requested_backend(self) -> str:
@@ -360,8 +402,8 @@ class ShardedCacheLossHandler(nn.Module):
         step counter stays. The tower is still called on the sampled rows. Every rank must call it together.
 
         ``step`` keys the random numbers (default: the handler's step). ``return_refreshes`` also sends the
-        re-encoded rows to their owners and returns them there as ``pending_refresh`` (what a training step
-        would write): for callers that own the rows themselves (``compat``).
+        re-encoded rows to their owners and returns them there as ``refreshes`` (what a training step would
+        write): for callers that own the rows themselves (``compat``).
         """
         return self._run_step(document_network, query_embeddings, document_embeddings, document_data, writer,
                               write=False, step=step, return_refreshes=return_refreshes,
@@ -380,168 +422,232 @@ class ShardedCacheLossHandler(nn.Module):
         return_refreshes: bool = False,
         extra_negatives: torch.Tensor | None = None,
     ) -> StepResult:
-        """The protocol of design §3, top to bottom; writes only when ``write``."""
+        """The protocol of design §2, top to bottom; writes only when ``write``. The rows' way back to their
+        owners runs when the step writes or the caller asks for the refreshes (``StepResult.refreshes``)."""
         self._follow_device(query_embeddings)
         step = self._step if step is None else int(step)
         self.comm.step = step
-        settings = {**self.config(), "step": step, "writes": write, "returns_refreshes": return_refreshes}
         corpus = self._corpus_index() if self.cache_mode == "corpus" else None
-        if extra_negatives is not None:  # n must match on every rank (the in-batch gather sizes by it)
-            shaped = isinstance(extra_negatives, torch.Tensor) and extra_negatives.dim() == 3
-            settings["extra_negatives"] = extra_negatives.shape[1] if shaped else -1
-        else:
-            settings["extra_negatives"] = None
+        route_back = write or return_refreshes
+        # 0. agree: every rank validates its batch and learns every other rank's verdict and batch size.
         with _stage("agree"):
-            sizes, features, positive_ok, to_gather, payload = self._agree_on_inputs(
-                query_embeddings, document_embeddings, document_data, settings, corpus,
-                lambda: self._check_step_extras(document_data, query_embeddings, extra_negatives, corpus))
-        rank, m = self.comm.rank, self.num_negatives
-        own, first = sizes[rank], sum(sizes[:rank])
-        query_pos = torch.arange(first, first + own, device=self.device)
-
+            batch = self._agree(query_embeddings, document_embeddings, document_data, step, write, route_back,
+                                corpus, extra_negatives)
+        # 1-3. gather the queries, score them against the local rows, combine the partials at each query's home.
         with torch.no_grad(), _engine_precision(self.device):
-            # 1. gather every rank's queries (and their positives' ids): in the flat layout they came with the
-            #    agreement's all-gather, padded to the largest batch seen.
-            with _stage("gather"):
-                queries, *ids = self.comm.gather_agreed(to_gather, sizes, payload)
-                exclude = ids[0] if ids else None
-            # 2. score them against the local rows, chunk by chunk.
-            with _stage("score"):
-                partials = score_shard(
-                    self.store, self.layout, queries, self.score_fn,
-                    num_draws=m, top_k=self.top_k, seed=self.layout.stream_seed(self._seed), step=step,
-                    chunk_rows=self._chunk_rows(sum(sizes)),
-                    exclude_key=CORPUS_KEY if corpus is not None else self.schema.doc_id_key, exclude_ids=exclude,
-                    backend=self._scoring_backend(),
-                )
-            # 3. send each query's partials to its home rank and combine them there.
-            with _stage("partials"):
-                received = self.comm.partials_to_home(pack_partials(partials), sizes)
-                home = merge_partials(
-                    received, num_draws=m, top_k=self.top_k, seed=self.layout.stream_seed(self._seed), step=step,
-                    query_pos=query_pos,
-                )
+            home, received_rows = self._sample(batch)
         # 4. fetch the sampled rows from their owners and re-encode them with gradient (the caller's autocast
         #    applies to its tower only). A tower that fails here is reported to every rank at step 6.
         with _stage("fetch"):
-            sampled = home.rows >= 0
-            unique_rows, which = torch.unique(home.rows[sampled], return_inverse=True)
-            owners = self.layout.owner_of(unique_rows)
-            slots = unique_rows - owners * self.layout.rows_per_rank
-            if self.comm.active:
-                capacity = [min(s * m, self.layout.rows_per_rank) for s in sizes]  # distinct rows a rank can ask for
-                packed, jagged, route = self.comm.fetch_rows(owners, slots, self.store.pack, self.store.jagged_lengths,
-                                                             capacity)
-                fetched = self.store.unpack(packed, jagged)
-            else:  # one process: the rows are read where they lie, nothing is packed for a transfer
-                fetched, route = self.store.read(slots), RowRoute([slots.numel()], [slots.numel()], slots)
+            rows = self._fetch(batch, home, received_rows)
         with _stage("reencode"):
-            chosen_draws = chosen = None  # which draws, and which fetched rows, are re-encoded (None: all)
-            if self.reencode_negatives != "all":
-                chosen_draws, chosen = self._chosen_draws(home.rows, which, query_pos, step,
-                                                          fetched.embeddings.shape[0])
-            subset = fetched if chosen is None else fetched.select(chosen)
-            fresh, failure = self._reencode(document_network, subset, query_embeddings)
-            budget_slots = budget_rows = budget_ok = None
+            fresh, failure = self._reencode_sampled(document_network, batch, home, rows, query_embeddings)
+            budget = None
             if corpus is not None and self.refresh_budget and write:  # K stalest rows, no gradient
-                with torch.no_grad():
-                    budget_slots = self.store.stalest_slots(self.refresh_budget)
-                    budget_rows, budget_failure = self._reencode(document_network, self.store.read(budget_slots),
-                                                                 query_embeddings)
-                budget_ok = self.store.codec.storable(budget_rows)
+                budget, budget_failure = self._reencode_budget(document_network, query_embeddings)
                 failure = failure or budget_failure
         # 5. the losses (rows the tower made non-finite are left out; optionally in-batch negatives).
         with _stage("losses"), _engine_precision(self.device):
-            fresh_ok = self.store.codec.storable(fresh)  # finite, and representable by the storage codec
-            positives = zero_rows(document_embeddings.float(), positive_ok)
-            batch_positives = batch_mask = None
-            if self.in_batch_negatives:
-                batch_positives = self.comm.gather_rows_with_grad(positives, sizes)
-                batch_mask = in_batch_mask(first, own, sum(sizes), exclude, self.device)
-            own_negatives = None
-            if extra_negatives is not None:
-                if self.in_batch_negatives:  # the group's extra negatives are candidates of every query
-                    n = extra_negatives.shape[1]
-                    extra = self.comm.gather_rows_with_grad(extra_negatives.float().reshape(-1, self.schema.dim),
-                                                            [b * n for b in sizes])
-                    batch_positives = torch.cat([batch_positives, extra])
-                    batch_mask = torch.cat([batch_mask, batch_mask.new_ones(own, extra.shape[0])], 1)
-                else:
-                    own_negatives = extra_negatives
-            table, table_ok, table_which, stale = fresh.float(), fresh_ok, which, fetched.embeddings
-            if chosen is not None:  # chosen draws score re-encoded rows, the others their cached embeddings
-                table, table_ok, table_which, stale = self._mixed_table(
-                    fresh, fresh_ok, fetched.embeddings, chosen_draws[home.rows >= 0], chosen, which)
-            inputs = (query_embeddings, positives, home.lse, home.rows, table_which,
-                      zero_rows(table, table_ok), table_ok, stale,
-                      self.score_fn.on_dots, batch_positives, batch_mask)
-            losses = query_losses(*inputs, leave_out=~positive_ok, own_negatives=own_negatives)
-            bad = nonfinite_queries(losses, home.lse, positive_ok)
-            reduced = (self.reduction, self.comm.outer_size, self._global_batch)
-            bad |= overflowing(losses.training, bad, *reduced) & positive_ok
-            if self.nonfinite == "skip" and bool(bad.any()):
-                losses = query_losses(*inputs, leave_out=~positive_ok | bad, own_negatives=own_negatives)
-            if chosen is not None:  # staleness is known for re-encoded draws only
-                losses.staleness = torch.where(chosen_draws, losses.staleness, float("nan"))
-            result = StepResult(
-                loss=reduce_loss(losses.training, *reduced), loss_scale=loss_scale(*reduced, own),
-                training_loss=losses.training.detach(), interpretable_loss=losses.interpretable.detach(),
-                prob_positive=losses.prob_positive, lse=home.lse, sampled_rows=home.rows,
-                staleness=losses.staleness, refreshed_rows=home.rows.new_empty(0), inserted_rows=home.rows.new_empty(0),
-            )
-        # 6. global statistics; every rank learns of a failed tower or non-finite rows or losses before any write.
+            result, fresh_ok, bad = self._losses(batch, home, rows, fresh, query_embeddings, document_embeddings,
+                                                 extra_negatives)
+        # 6. global statistics: every rank learns of a failed tower or non-finite rows or losses before any write.
+        #    With the eager fetch the fresh rows travel to their owners in the same all-to-all.
+        back = self._rows_back(fresh, rows.chosen, rows.fetched.embeddings.shape[0]) if route_back else None
         with _stage("stats"):
-            rejected = (~fresh_ok).sum() + (~positive_ok).sum()
-            if budget_ok is not None:
-                rejected = rejected + (~budget_ok).sum()
-            inserting = positive_ok.sum() * write * (corpus is None)
-            result.metrics, failed_ranks = self._global_metrics(
-                result, fetched, which, rejected, inserting, failure is not None, bad.sum()
-            )
+            rejected = (~fresh_ok).sum() + (~batch.positive_ok).sum()
+            if budget is not None:
+                rejected = rejected + (~budget[2]).sum()
+            inserting = batch.positive_ok.sum() * write * (corpus is None)
+            sums = self._metric_sums(result, rows.fetched, rows.which, rejected, inserting, failure is not None,
+                                     bad.sum())
+            arrived = None
+            if batch.eager and back is not None:
+                sums, *arrived = self.comm.stats_and_rows_to_owners(sums, rows.owners, rows.slots, back,
+                                                                    batch.capacity)
+            else:
+                sums = self.comm.all_reduce_sum(sums)
+            result.metrics, failed_ranks = self._global_metrics(sums)
         self._raise_step_failures(step, result.metrics, failed_ranks, failure)
-        # 7. fresh embeddings back to the owners, written in place; 8. insert the positives.
-        if write or return_refreshes:
+        # 7. fresh embeddings back to their owners.
+        if back is not None:
             with _stage("write_back"):
-                back = fresh.detach().float()
-                if chosen is not None:  # every fetched row travels back; only re-encoded ones are written
-                    back = fresh.new_zeros(fetched.embeddings.shape[0], self.schema.dim + 1, dtype=torch.float32)
-                    back[chosen] = torch.cat([fresh.detach().float(), fresh.new_ones(fresh.shape[0], 1)], 1)
-                slots, rows = self.comm.write_back(route, back)
-                if chosen is not None:
-                    written = rows[:, -1] > 0
-                    slots, rows = slots[written], rows[written, :-1]
-                if self.nonfinite == "skip":
-                    ok = self.store.codec.storable(rows)
-                    slots, rows = slots[ok], rows[ok]
-                if write:
-                    lru = self.use_lru or corpus is not None  # a corpus row's age: steps since last encoded
-                    result.refreshed_rows = self.layout.to_global(self.store.refresh(slots, rows, lru))
-                else:
-                    slots, first_row = first_occurrence(slots)
-                    result.pending_refresh = (slots, rows[first_row])
-        if write and corpus is not None:
+                slots, fresh_rows = arrived if arrived is not None else self.comm.write_back(rows.route, back)
+                result.refreshes = self._refreshes(slots, fresh_rows, rows.chosen is not None)
+        # 8. the writes: refresh in place, then insert the positives (or, in corpus mode, refresh their rows).
+        if write:
             with _stage("insert"):
-                rewritten = self._refresh_corpus_rows(corpus, document_data, document_embeddings, positive_ok,
-                                                      budget_slots, budget_rows, budget_ok)
-                result.refreshed_rows = torch.unique(torch.cat([result.refreshed_rows, rewritten]))
-                self.store.tick()
-            self._advance_step()
-        elif write:
-            with _stage("insert"):
-                new_emb = document_embeddings.detach().float()
-                if self.nonfinite == "skip":
-                    features = {
-                        k: v.select(positive_ok) if isinstance(v, Jagged) else v[positive_ok]
-                        for k, v in features.items()
-                    }
-                    new_emb = new_emb[positive_ok]
-                result.inserted_rows = self.layout.to_global(self.store.insert(new_emb, features))
-                self.store.tick()
+                self._write(result, batch, document_data, document_embeddings, budget)
             self._advance_step()
         log_to, log_step = metrics.resolve_writer(writer, step)
         metrics.write_scalars(log_to, log_step, result.metrics, self.comm.outer_rank)  # one writer per job
         self.last_step = result
         return result
+
+    def _agree(
+        self, query_embeddings: torch.Tensor, document_embeddings: torch.Tensor,
+        document_data: Mapping[str, torch.Tensor], step: int, write: bool, route_back: bool,
+        corpus: CorpusIndex | None, extra_negatives: torch.Tensor | None,
+    ) -> _Batch:
+        """Step 0: the agreement (see :meth:`_agree_on_inputs`) and what every later stage needs of the batch."""
+        settings = {**self.config(), "step": step, "writes": write, "returns_refreshes": route_back and not write}
+        if extra_negatives is not None:  # n must match on every rank (the in-batch gather sizes by it)
+            shaped = isinstance(extra_negatives, torch.Tensor) and extra_negatives.dim() == 3
+            settings["extra_negatives"] = extra_negatives.shape[1] if shaped else -1
+        else:
+            settings["extra_negatives"] = None
+        sizes, features, positive_ok, to_gather, payload = self._agree_on_inputs(
+            query_embeddings, document_embeddings, document_data, settings, corpus,
+            lambda: self._check_step_extras(document_data, query_embeddings, extra_negatives, corpus))
+        own, first = sizes[self.comm.rank], sum(sizes[: self.comm.rank])
+        return _Batch(
+            step=step, sizes=sizes, own=own, first=first,
+            query_pos=torch.arange(first, first + own, device=self.device), features=features,
+            positive_ok=positive_ok, to_gather=to_gather, payload=payload, corpus=corpus,
+            eager=self._eager_fetch(sizes),
+            capacity=[min(s * self.num_negatives, self.layout.rows_per_rank) for s in sizes],
+        )
+
+    def _sample(self, batch: _Batch) -> tuple[HomePartials, torch.Tensor | None]:
+        """Steps 1-3: this rank's queries' merged partials (their LSE and sampled rows), and with the eager fetch
+        the candidates' rows that came with them."""
+        # 1. every rank's queries (and their positives' ids): in the flat layout they came with the agreement's
+        #    all-gather, padded to the largest batch seen.
+        with _stage("gather"):
+            queries, *ids = self.comm.gather_agreed(batch.to_gather, batch.sizes, batch.payload)
+            batch.exclude = ids[0] if ids else None
+        # 2. score them against the local rows, chunk by chunk.
+        seed, backend = self.layout.stream_seed(self._seed), self._scoring_backend()  # resolved (built) before the scan
+        with _stage("score"):
+            partials = score_shard(
+                self.store, self.layout, queries, self.score_fn,
+                num_draws=self.num_negatives, top_k=self.top_k, seed=seed, step=batch.step,
+                chunk_rows=self._chunk_rows(sum(batch.sizes)),
+                exclude_key=CORPUS_KEY if batch.corpus is not None else self.schema.doc_id_key,
+                exclude_ids=batch.exclude, backend=backend,
+            )
+        # 3. each query's partials to its home rank, combined there (with the eager fetch, the local
+        #    candidates' rows travel with them).
+        with _stage("partials"):
+            if not (self.comm.active or self.top_k):
+                return own_partials(partials), None
+            candidates = self._candidate_rows(partials) if batch.eager else None
+            received, received_rows = self.comm.partials_to_home(pack_partials(partials), batch.sizes, candidates)
+            home = merge_partials(received, num_draws=self.num_negatives, top_k=self.top_k, seed=seed,
+                                  step=batch.step, query_pos=batch.query_pos)
+            return home, received_rows
+
+    def _fetch(self, batch: _Batch, home: HomePartials, received_rows: torch.Tensor | None) -> _Fetch:
+        """Step 4: the unique sampled rows (global id order), from the eager fetch's copies, from their owners
+        (request and response), or, in one process, where they lie."""
+        sampled = home.rows >= 0
+        unique_rows, which = torch.unique(home.rows[sampled], return_inverse=True)
+        owners = self.layout.owner_of(unique_rows)
+        slots = unique_rows - owners * self.layout.rows_per_rank
+        route = None
+        if received_rows is not None:  # each unique row's first copy among the candidates that came
+            fetched = self.store.unpack(_first_copies(received_rows, home, sampled, which, unique_rows.numel()), {})
+        elif self.comm.active:
+            packed, jagged, route = self.comm.fetch_rows(owners, slots, self.store.pack, self.store.jagged_lengths,
+                                                         batch.capacity)
+            fetched = self.store.unpack(packed, jagged)
+        else:  # one process: the rows are read where they lie, nothing is packed for a transfer
+            fetched, route = self.store.read(slots), RowRoute([slots.numel()], [slots.numel()], slots)
+        return _Fetch(fetched, which, owners, slots, route)
+
+    def _reencode_sampled(
+        self, document_network: Callable[[dict[str, torch.Tensor]], torch.Tensor], batch: _Batch,
+        home: HomePartials, rows: _Fetch, query_embeddings: torch.Tensor,
+    ) -> tuple[torch.Tensor, tuple[str, BaseException | None] | None]:
+        """The fetched rows re-encoded with gradient: all, or the chosen draws' rows (``reencode_negatives``)."""
+        if self.reencode_negatives != "all":
+            rows.chosen_draws, rows.chosen = self._chosen_draws(home.rows, rows.which, batch.query_pos, batch.step,
+                                                                rows.fetched.embeddings.shape[0])
+        subset = rows.fetched if rows.chosen is None else rows.fetched.select(rows.chosen)
+        return self._reencode(document_network, subset, query_embeddings)
+
+    def _reencode_budget(
+        self, document_network: Callable[[dict[str, torch.Tensor]], torch.Tensor], query_embeddings: torch.Tensor,
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], tuple[str, BaseException | None] | None]:
+        """Corpus mode's refresh budget: ((slots, rows, storable) of this rank's K stalest rows, failure)."""
+        with torch.no_grad():
+            slots = self.store.stalest_slots(self.refresh_budget)
+            fresh, failure = self._reencode(document_network, self.store.read(slots), query_embeddings)
+        return (slots, fresh, self.store.codec.storable(fresh)), failure
+
+    def _losses(
+        self, batch: _Batch, home: HomePartials, rows: _Fetch, fresh: torch.Tensor, query_embeddings: torch.Tensor,
+        document_embeddings: torch.Tensor, extra_negatives: torch.Tensor | None,
+    ) -> tuple[StepResult, torch.Tensor, torch.Tensor]:
+        """Step 5: the step's result (losses, samples), which re-encoded rows the codec can store, and which
+        queries' losses are not finite."""
+        positive_ok, sizes, own = batch.positive_ok, batch.sizes, batch.own
+        fresh_ok = self.store.codec.storable(fresh)  # finite, and representable by the storage codec
+        positives = zero_rows(document_embeddings.float(), positive_ok)
+        batch_positives = batch_mask = own_negatives = None
+        if self.in_batch_negatives:
+            batch_positives = self.comm.gather_rows_with_grad(positives, sizes)
+            batch_mask = in_batch_mask(batch.first, own, sum(sizes), batch.exclude, self.device)
+        if extra_negatives is not None:
+            if self.in_batch_negatives:  # the group's extra negatives are candidates of every query
+                n = extra_negatives.shape[1]
+                extra = self.comm.gather_rows_with_grad(extra_negatives.float().reshape(-1, self.schema.dim),
+                                                        [b * n for b in sizes])
+                batch_positives = torch.cat([batch_positives, extra])
+                batch_mask = torch.cat([batch_mask, batch_mask.new_ones(own, extra.shape[0])], 1)
+            else:
+                own_negatives = extra_negatives
+        table, table_ok, table_which, stale = fresh.float(), fresh_ok, rows.which, rows.fetched.embeddings
+        if rows.chosen is not None:  # chosen draws score re-encoded rows, the others their cached embeddings
+            table, table_ok, table_which, stale = self._mixed_table(
+                fresh, fresh_ok, rows.fetched.embeddings, rows.chosen_draws[home.rows >= 0], rows.chosen, rows.which)
+        inputs = (query_embeddings, positives, home.lse, home.rows, table_which, zero_rows(table, table_ok), table_ok,
+                  stale, self.score_fn.on_dots, batch_positives, batch_mask)
+        losses = query_losses(*inputs, leave_out=~positive_ok, own_negatives=own_negatives)
+        bad = nonfinite_queries(losses, home.lse, positive_ok)
+        reduced = (self.reduction, self.comm.outer_size, self._global_batch)
+        bad |= overflowing(losses.training, bad, *reduced) & positive_ok
+        if self.nonfinite == "skip" and bool(bad.any()):
+            losses = query_losses(*inputs, leave_out=~positive_ok | bad, own_negatives=own_negatives)
+        if rows.chosen is not None:  # staleness is known for re-encoded draws only
+            losses.staleness = torch.where(rows.chosen_draws, losses.staleness, float("nan"))
+        result = StepResult(
+            loss=reduce_loss(losses.training, *reduced), loss_scale=loss_scale(*reduced, own),
+            training_loss=losses.training.detach(), interpretable_loss=losses.interpretable.detach(),
+            prob_positive=losses.prob_positive, lse=home.lse, sampled_rows=home.rows,
+            staleness=losses.staleness, refreshed_rows=home.rows.new_empty(0), inserted_rows=home.rows.new_empty(0),
+        )
+        return result, fresh_ok, bad
+
+    def _refreshes(self, slots: torch.Tensor, rows: torch.Tensor, flagged: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(unique local slots, fresh rows) this rank, as owner, refreshes: flagged rows only (a re-encoded subset),
+        storable ones only (``nonfinite='skip'``), the first occurrence where two homes sent the same row."""
+        if flagged:
+            written = rows[:, -1] > 0
+            slots, rows = slots[written], rows[written, :-1]
+        if self.nonfinite == "skip":
+            ok = self.store.codec.storable(rows)
+            slots, rows = slots[ok], rows[ok]
+        slots, first_row = first_occurrence(slots)
+        return slots, rows[first_row]
+
+    def _write(self, result: StepResult, batch: _Batch, document_data: Mapping[str, torch.Tensor],
+               document_embeddings: torch.Tensor, budget: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> None:
+        """Step 8: the refreshes in place, then the positives: inserted over the oldest rows (streaming), or
+        written into their own rows at their owners (corpus mode, after the refresh budget's rows)."""
+        corpus, positive_ok = batch.corpus, batch.positive_ok
+        lru = self.use_lru or corpus is not None  # a corpus row's age: steps since last encoded
+        result.refreshed_rows = self.layout.to_global(self.store.refresh(*result.refreshes, lru))
+        if corpus is not None:
+            rewritten = self._refresh_corpus_rows(corpus, document_data, document_embeddings, positive_ok, budget)
+            result.refreshed_rows = torch.unique(torch.cat([result.refreshed_rows, rewritten]))
+        else:
+            new_emb, features = document_embeddings.detach().float(), batch.features
+            if self.nonfinite == "skip":
+                features = {k: v.select(positive_ok) if isinstance(v, Jagged) else v[positive_ok]
+                            for k, v in features.items()}
+                new_emb = new_emb[positive_ok]
+            result.inserted_rows = self.layout.to_global(self.store.insert(new_emb, features))
+        self.store.tick()
 
     def _raise_step_failures(
         self, step: int, values: dict[str, float], failed_ranks: float, failure: tuple[str, BaseException | None] | None
@@ -602,7 +708,8 @@ class ShardedCacheLossHandler(nn.Module):
         if problem is None and extra_check is not None:
             problem = extra_check()
         batch = query_embeddings.shape[0] if problem is None else 0
-        config_crc = zlib.crc32(repr(sorted(settings.items())).encode())
+        # alone, a rank has no one to disagree with: the checksum (a repr of every setting) is skipped
+        config_crc = zlib.crc32(repr(sorted(settings.items())).encode()) if self.comm.outer_size > 1 else 0
         status = torch.tensor([_ERR_INPUT if problem else 0, batch, config_crc], device=self.device)
         positive_ok = None
         if problem is None:
@@ -800,13 +907,13 @@ class ShardedCacheLossHandler(nn.Module):
 
     def _refresh_corpus_rows(
         self, corpus: CorpusIndex, document_data: Mapping[str, torch.Tensor], document_embeddings: torch.Tensor,
-        positive_ok: torch.Tensor, budget_slots: torch.Tensor | None, budget_rows: torch.Tensor | None,
-        budget_ok: torch.Tensor | None,
+        positive_ok: torch.Tensor, budget: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
-        """Writes the refresh budget's rows, then each positive into its own row at its owner (last: a
-        positive is this step's encoding of its document). Returns the global rows this rank rewrote."""
+        """Writes the refresh budget's rows (slots, rows, storable), then each positive into its own row at its
+        owner (last: a positive is this step's encoding of its document). Returns the global rows rewritten."""
         written = []
-        if budget_slots is not None:
+        if budget is not None:
+            budget_slots, budget_rows, budget_ok = budget
             keep = budget_ok if self.nonfinite == "skip" else torch.ones_like(budget_ok)
             written.append(self.store.refresh(budget_slots[keep], budget_rows.detach().float()[keep], True))
         rows = corpus.lookup(document_data[self.schema.doc_id_key])[0][positive_ok]
@@ -861,7 +968,33 @@ class ShardedCacheLossHandler(nn.Module):
         self._step += 1
         self.step_count.fill_(self._step)
 
-    def _global_metrics(
+    def _eager_fetch(self, sizes: list[int]) -> bool:
+        """Whether rows ride with the partials this step (see ``eager_fetch_bytes``): the same on every rank (it
+        depends on the agreed sizes and the configuration only)."""
+        if not self.comm.active or self.comm.two_level or self.store.jagged_fields:
+            return False
+        candidates = sum(sizes) * (self.top_k or self.num_negatives) * self.store.row_bytes()
+        write_back = self.comm.world_size * max(min(s * self.num_negatives, self.layout.rows_per_rank) for s in sizes)
+        return max(candidates, write_back * (8 + 4 * (self.schema.dim + 1))) <= self.eager_fetch_bytes
+
+    def _candidate_rows(self, partials: LocalPartials) -> torch.Tensor:
+        """[B_g, n, row bytes]: the packed rows of each gathered query's n local candidates (winners or top-k;
+        slot 0's bytes where there is none, never sampled)."""
+        rows = partials.topk_row if partials.topk_row is not None else partials.win_row
+        slots = torch.where(rows >= 0, rows - self.layout.row_offset, 0)
+        packed, _ = self.store.pack(slots.reshape(-1))
+        return packed.view(rows.shape[0], rows.shape[1], self.store.row_bytes())
+
+    def _rows_back(self, fresh: torch.Tensor, chosen: torch.Tensor | None, fetched: int) -> torch.Tensor:
+        """The rows sent back to their owners, in fetch order: the fresh ones; with a re-encoded subset, every
+        fetched row plus a last column flagging the re-encoded ones (only those are written)."""
+        if chosen is None:
+            return fresh.detach().float()
+        back = fresh.new_zeros(fetched, self.schema.dim + 1, dtype=torch.float32)
+        back[chosen] = torch.cat([fresh.detach().float(), fresh.new_ones(fresh.shape[0], 1)], 1)
+        return back
+
+    def _metric_sums(
         self,
         result: StepResult,
         fetched: FetchedRows,
@@ -870,9 +1003,8 @@ class ShardedCacheLossHandler(nn.Module):
         inserting: torch.Tensor,
         tower_failed: bool,
         nonfinite: torch.Tensor,
-    ) -> tuple[dict[str, float], float]:
-        """One all-reduce of sums, then global means (the same on every rank) and the number of ranks whose
-        tower failed; runs before any write."""
+    ) -> torch.Tensor:
+        """This rank's sums behind the global metrics (float64), summed over the job before any write."""
         drawn = torch.isfinite(result.staleness)
         ages = spread(fetched.ages.double(), result.sampled_rows, which, 0.0)
         filled = self.store.filled.sum()
@@ -890,7 +1022,12 @@ class ShardedCacheLossHandler(nn.Module):
             nonfinite.double(),
             torch.tensor(float(tower_failed), dtype=torch.float64, device=il.device),
         ])
-        il_sum, nq, st, ns, age, filled, rej, bad, failed = self.comm.all_reduce_sum(sums).tolist()
+        return sums
+
+    def _global_metrics(self, sums: torch.Tensor) -> tuple[dict[str, float], float]:
+        """Global means from the job's summed :meth:`_metric_sums` (the same on every rank), and the number of
+        ranks whose tower failed."""
+        il_sum, nq, st, ns, age, filled, rej, bad, failed = sums.tolist()
         return {
             "interpretable_loss": il_sum / max(nq, 1),
             "staleness": st / ns if ns else 0.0,
@@ -900,6 +1037,19 @@ class ShardedCacheLossHandler(nn.Module):
             "rejected_rows": rej,
             "nonfinite_queries": bad,
         }, failed
+
+
+def _first_copies(received: torch.Tensor, home: Any, sampled: torch.Tensor, which: torch.Tensor,
+                  count: int) -> torch.Tensor:
+    """[U, row bytes]: the packed bytes of each unique sampled row (``which`` maps samples to them), read from
+    the candidates ``received`` [W, B, n, row bytes] at each first sample's source."""
+    w, b, n, row_bytes = received.shape
+    per_query = received.permute(1, 0, 2, 3).reshape(b, w * n, row_bytes)
+    query = torch.arange(b, device=received.device).unsqueeze(1).expand_as(sampled)[sampled]
+    copies = per_query[query, home.source[sampled]]
+    first = torch.full((count,), which.numel(), dtype=torch.int64, device=which.device)
+    first.scatter_reduce_(0, which, torch.arange(which.numel(), device=which.device), reduce="amin")
+    return copies[first]
 
 
 def _stage(name: str) -> record_function:

@@ -217,6 +217,11 @@ class ShardStore(nn.Module):
         """A fixed field's buffer [rows, *shape], or a jagged field's ``JaggedColumn``."""
         return getattr(self.host_features if key in self.host_keys else self.features, key)
 
+    @property
+    def jagged_fields(self) -> bool:
+        """Whether some feature field is jagged (its rows vary in size: they cannot travel as fixed-size bytes)."""
+        return bool(self._jagged())
+
     def _jagged(self) -> list[str]:
         return [k for k, s in self.feature_specs.items() if isinstance(s, JaggedFieldSpec)]
 

@@ -45,13 +45,20 @@ def _cache_digest(rows: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+# Both ways rows reach their home rank must give the same bits: the eager fetch (rows ride with the partials,
+# the default at these sizes) and the request/response fetch (eager_fetch_bytes=0).
+FETCHES = {"eager": {}, "requested": {"eager_fetch_bytes": 0}}
+
+
 def run_configs(rank: int, world_size: int) -> dict:
-    return {name: run_config(rank, world_size, name) for name in sorted(CONFIGS)}
+    fetches = FETCHES if world_size > 1 else {"eager": {}}
+    return {(name, fetch): run_config(rank, world_size, name, **extra)
+            for name in sorted(CONFIGS) for fetch, extra in fetches.items()}
 
 
-def run_config(rank: int, world_size: int, name: str) -> dict:
+def run_config(rank: int, world_size: int, name: str, **extra) -> dict:
     """STEPS steps of one configuration on this rank's slices of the global batches."""
-    cfg = dict(CONFIGS[name])
+    cfg = {**CONFIGS[name], **extra}
     with_ids = cfg.pop("with_ids", False)
     sizes = SPLITS[max(world_size, 1)]
     lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
@@ -61,33 +68,40 @@ def run_config(rank: int, world_size: int, name: str) -> dict:
     steps = []
     for s in range(STEPS):
         batch = global_batch(BATCH, tower, seed=11 + s, with_ids=with_ids)
+        handler.comm.reset_counters()
         _, q_grad = run_step(handler, tower, batch, lo, hi, with_ids)
         res = handler.last_step
+        collectives = sum(handler.comm.calls.values())
         steps.append({k: _bits(v) for k, v in {
             "training": res.training_loss, "interpretable": res.interpretable_loss, "lse": res.lse,
             "sampled": res.sampled_rows, "query_grad": q_grad,
         }.items()})
-    return {"steps": steps, "cache": _cache_digest(handler.gather_global_rows())}
+    return {"steps": steps, "cache": _cache_digest(handler.gather_global_rows()), "collectives": collectives}
 
 
 def _joined(per_rank: list[dict]) -> dict:
     """Per-query values concatenated in global query order (rank order); the cache digest of rank 0."""
     steps = [{key: sum((r["steps"][s][key] for r in per_rank), []) for key in per_rank[0]["steps"][s]}
              for s in range(STEPS)]
-    return {"steps": steps, "cache": per_rank[0]["cache"]}
+    return {"steps": steps, "cache": per_rank[0]["cache"], "collectives": per_rank[0]["collectives"]}
 
 
 def _run(world_size: int) -> dict:
-    """Every configuration at ``world_size`` (one launch of the ranks)."""
+    """Every configuration and fetch at ``world_size`` (one launch of the ranks)."""
     per_rank = [run_configs(0, 1)] if world_size == 1 else run_ranks(world_size, run_configs)
-    return {name: _joined([r[name] for r in per_rank]) for name in sorted(CONFIGS)}
+    return {key: _joined([r[key] for r in per_rank]) for key in per_rank[0]}
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_steps_match_the_recorded_bits(world_size: int) -> None:
     recorded, runs = json.loads(RECORD.read_text()), _run(world_size)
-    for name in sorted(CONFIGS):
-        _check(runs[name], recorded[name][str(world_size)], name, world_size)
+    for (name, fetch), run in runs.items():
+        _check(run, recorded[name][str(world_size)], f"{name}/{fetch}", world_size)
+    if world_size > 1:  # the last step's collectives: agreement, partials, stats (+ in-batch gathers)
+        for name in sorted(CONFIGS):
+            in_batch = 2 if CONFIGS[name].get("in_batch_negatives") else 0  # the gather and its backward all-reduce
+            assert runs[name, "eager"]["collectives"] == 3 + in_batch, name
+            assert runs[name, "requested"]["collectives"] == 6 + in_batch, name
 
 
 def _check(got: dict, want: dict, name: str, world_size: int) -> None:
@@ -101,6 +115,7 @@ if __name__ == "__main__" and "--record" in sys.argv:
     torch.set_num_threads(1)
     RECORD.parent.mkdir(exist_ok=True)
     runs = {w: _run(w) for w in SPLITS}
-    RECORD.write_text(json.dumps({name: {str(w): runs[w][name] for w in SPLITS} for name in sorted(CONFIGS)},
+    RECORD.write_text(json.dumps({name: {str(w): {k: v for k, v in runs[w][name, "eager"].items() if k != "collectives"}
+                                         for w in SPLITS} for name in sorted(CONFIGS)},
                                  indent=0) + "\n")
     print(f"wrote {RECORD}")

@@ -3,8 +3,10 @@
 // scan and the fused top-k do the same straight from the rows: a register-blocked micro-kernel scores one
 // (query group, block) tile at a time, which is reduced while it is in L1, so no score chunk exists.
 //
-// Built at first use by sharded_negcache/native_scan.py (g++ -O3 -march=native -fopenmp) and called
-// through ctypes on tensors' data pointers. Written once with GCC vector extensions at the target's
+// Built by sharded_negcache/native_scan.py when the CPU backend is resolved, or by `python -m
+// sharded_negcache.build` (g++ >= 9 or clang, -O3 -march=native -fopenmp), and called through ctypes on
+// tensors' data pointers by native_scan's checked wrappers (the argument lists there are tested against
+// the signatures below). Written once with GCC vector extensions at the target's
 // vector width (16 float lanes on AVX-512, 8 on AVX2, 4 elsewhere); the result is deterministic for
 // a machine, and differs between widths only in the last bits (summation order). A fused score is
 // one chain of fused multiply-adds over k = 0..d-1: its bits do not depend on the tile, lane or chunk.
@@ -51,10 +53,10 @@ __attribute__((always_inline)) inline vf load_tail(const float* p, int64_t count
 }
 __attribute__((always_inline)) inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 
-// A lane permutation of v. __builtin_shufflevector needs GCC >= 12 (or clang); older GCC (and a build with
-// NEGCACHE_PORTABLE_SHUFFLE, which the tests use to build this path with a new compiler) take
-// __builtin_shuffle with the same lane indices: the same permutation, hence the same bits.
-#if !defined(NEGCACHE_PORTABLE_SHUFFLE) && (defined(__clang__) || __GNUC__ >= 12)
+// A lane permutation of v: GCC's __builtin_shuffle (GCC >= 4.7; __builtin_shufflevector only exists from
+// GCC 12) or clang's __builtin_shufflevector. With constant lanes GCC lowers both to the same permutation
+// (the same machine code), so the bits do not depend on the compiler's version.
+#if defined(__clang__)
 #define SHUFFLE(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
 #else
 #define SHUFFLE(v, ...) __builtin_shuffle(v, vi{__VA_ARGS__})
@@ -804,8 +806,30 @@ int64_t negcache_pack_queries(const float* q, int64_t b, int64_t d, float* out) 
   return groups * d * QW;
 }
 
+// The exclusions' values as the scans need them, checked in one pass before any scan reads them: 0 when every
+// excl_query is a query index in [0, b) and excl_sorted is ascending; 1 when a query index is out of range (the
+// mask would write outside the chunk); 2 when excl_sorted is not ascending (the binary search would miss ids).
+int64_t negcache_check_exclusions(const int64_t* excl_sorted, const int64_t* excl_query, int64_t n_excl, int64_t b) {
+  for (int64_t x = 0; x < n_excl; ++x)
+    if (excl_query[x] < 0 || excl_query[x] >= b) return 1;
+  for (int64_t x = 1; x < n_excl; ++x)
+    if (excl_sorted[x] < excl_sorted[x - 1]) return 2;
+  return 0;
+}
+
 // Queries per group of the packed layout.
 int64_t negcache_query_group() { return QW; }
+
+// The code path this build compiled: the vector width it was written for.
+const char* negcache_variant() {
+#if LANES == 16
+  return "avx512: 16 float lanes";
+#elif LANES == 8
+  return "avx: 8 float lanes";
+#else
+  return "generic: 4 float lanes";
+#endif
+}
 
 // The build's identity (native_scan.py passes -DNEGCACHE_BUILD_ID, a digest of the source, flags, compiler
 // and CPU): checked after loading, so a stale or foreign library under the kernel's name is never called.
