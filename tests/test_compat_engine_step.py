@@ -49,3 +49,38 @@ def test_bad_tensors_are_refused_naming_the_field(bad, match):
     args = {"embeddings": emb, "features": feats, **bad}
     with pytest.raises(ValueError, match=match):
         ShardStore.from_tensors(**args)
+
+
+def test_each_query_gets_the_tower_output_of_its_own_sampled_row():
+    """One process, top_k = 1 (each query's negative is its best row): q0 = [1, 0] scores the rows [2, 0],
+    [0, 1], [1, 1] as 2, 0, 1 (row 0); q1 = [0.5, 2] as 1, 2, 2.5 (row 2). The tower (2x, seeing only the
+    caller's fields) gives fresh negatives 2 * row, whatever order the engine hands it the rows in; the
+    refreshes are the same rows, detached, for the caller to write."""
+    from sharded_negcache.compat.engine_step import EngineStep
+
+    cached = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    seen = []
+
+    def tower(data):
+        seen.append(sorted(data))
+        return 2.0 * data["x"]
+
+    out = EngineStep().run(tower, torch.tensor([[1.0, 0.0], [0.5, 2.0]]), torch.zeros(2, 2), cached,
+                           {"x": cached.clone()}, torch.ones(3, dtype=torch.bool), embedding_key="emb",
+                           data_keys=("x",), score_transform=None, top_k=1, seed=0, process_group=None)
+    assert seen == [["x"]]
+    assert out.sampled.tolist() == [True, True]
+    assert out.fresh_negatives.tolist() == [[4.0, 0.0], [2.0, 2.0]]
+    order = torch.argsort(out.refreshed_slots)
+    assert out.refreshed_slots[order].tolist() == [0, 2]
+    assert out.refreshed_embeddings[order].tolist() == [[4.0, 0.0], [2.0, 2.0]]
+
+
+def test_a_cache_field_named_like_the_row_ids_is_refused():
+    from sharded_negcache.compat.engine_step import ROW_ID, EngineStep
+
+    emb, feats = rows()
+    with pytest.raises(ValueError, match=f"{ROW_ID!r} names the row ids"):
+        EngineStep().run(lambda d: d[ROW_ID], emb[:1], emb[:1], emb, {ROW_ID: feats["doc"]},
+                         torch.ones(4, dtype=torch.bool), embedding_key="emb", data_keys=(ROW_ID,),
+                         score_transform=None, top_k=None, seed=0, process_group=None)
