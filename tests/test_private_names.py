@@ -21,6 +21,8 @@ ALLOWED = {
     "_apply", "_load_from_state_dict",
     # Python's own: the caller's frame (finding the trainer on the call stack), a child process's hard exit
     "_getframe", "_exit",
+    # ctypes documents a loaded library's system handle as ``CDLL._handle`` (what dlclose takes)
+    "_handle",
     # torch: the compiler's namespace (torch._dynamo.reset) and the module that torch.compile wraps
     "_dynamo", "_orig_mod",
     # compat: the reference's losses spell their retrieval seam ``_retrieval_fn``; code written for them sets it
