@@ -1,9 +1,9 @@
 # Two commands do everything on a fresh machine (each sets up .venv first, idempotently):
 #   make train   - a small real training run with the sharded cache under torchrun (2 ranks, CPU)
-#   make test    - the whole test suite
+#   make test    - lint (make lint: ruff) and then the whole test suite
 PY := .venv/bin/python
 
-.PHONY: setup train test bench study study-pretrained clean
+.PHONY: setup train lint test bench study study-pretrained clean
 
 setup:
 	./scripts/setup.sh
@@ -11,7 +11,11 @@ setup:
 train: setup
 	$(PY) -m examples.code_search.compare
 
-test: setup
+# lint errors and unsorted imports (rules and exceptions: [tool.ruff] in pyproject.toml)
+lint: setup
+	$(PY) -m ruff check .
+
+test: lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
 
 bench: setup

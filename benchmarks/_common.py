@@ -24,11 +24,8 @@ import json
 import os
 import pickle
 import platform
-import socket
 import sys
-import tempfile
 import time
-import traceback
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -40,6 +37,8 @@ if str(REPO_ROOT) not in sys.path:  # runs from a checkout without `pip install 
     sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
+
+from sharded_negcache import testing  # noqa: E402
 
 MB = 1 << 20
 GLOBAL_BLOCK = 1 << 16  # synthetic rows are generated per global block: same contents for every W
@@ -416,67 +415,10 @@ class WireCounter:
 # ---------------------------------------------------------------------------------------------
 # processes
 # ---------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, threads: int, use_dist: bool, fn: Callable, args: tuple, out: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(threads)
-    result: Any
-    try:
-        if use_dist:
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-            dist.init_process_group("gloo", rank=rank, world_size=world)
-        result = ("ok", fn(rank, world, *args))
-    except BaseException as exc:  # reported to the parent, which raises
-        result = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    with open(os.path.join(out, f"rank{rank}.pkl"), "wb") as f:
-        pickle.dump(result, f)
-
-
 def run_ranks(world: int, fn: Callable, *args: Any, threads: int = 1, use_dist: bool = True,
               timeout: float = 900.0) -> list:
-    """Runs ``fn(rank, world, *args)`` in ``world`` fresh spawned processes (gloo when ``use_dist``).
-
-    Each process sets ``torch.set_num_threads(threads)``. Returns the results by rank; raises if a rank
-    failed or did not finish within ``timeout`` seconds.
-    """
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    with tempfile.TemporaryDirectory() as out:
-        procs = [ctx.Process(target=_worker, args=(r, world, port, threads, use_dist, fn, args, out))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + timeout
-        for p in procs:
-            p.join(max(deadline - time.monotonic(), 1.0))
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-        if hung:
-            raise TimeoutError(f"ranks {hung} did not finish within {timeout:.0f} s")
-        results = []
-        for r in range(world):
-            path = os.path.join(out, f"rank{r}.pkl")
-            if not os.path.exists(path):
-                raise RuntimeError(f"rank {r} exited with code {procs[r].exitcode} without a result")
-            with open(path, "rb") as f:
-                status, value = pickle.load(f)
-            if status != "ok":
-                raise RuntimeError(f"rank {r} failed: {value}")
-            results.append(value)
-        return results
+    """:func:`sharded_negcache.testing.run_ranks` with the benchmarks' default timeout (runs take minutes)."""
+    return testing.run_ranks(world, fn, *args, threads=threads, use_dist=use_dist, timeout=timeout)
 
 
 def in_fresh_process(fn: Callable, *args: Any, threads: int = 1, timeout: float = 900.0) -> Any:

@@ -13,8 +13,10 @@ quotes medians. ``overhead = cache - in-batch`` is what the cache costs beyond t
 ``fixed = overhead - score`` what it costs beyond that and its own scan (the handler's fixed cost). At W > 1
 each case runs with the eager fetch (rows ride with the partials: 3 collectives) and without it
 (``eager_fetch_bytes=0``: request/response, 6 collectives).
-Then a profiled run gives the handler's stages (its ``negcache/<stage>`` ranges), and the engine's own
-counters give the collectives launched per step (``Comm.calls``). On CUDA, host synchronisations per step
+The handler's stages (its ``negcache/<stage>`` ranges) are timed two ways: by the clock during the timed
+repeats (``sharded_negcache.stages.stage_times``: two clock reads per stage), and by a profiled run, which
+shows where the time goes but charges every tensor op the profiler's own few microseconds (a step at 16
+queries runs a few hundred ops, so the profiled totals run high). The engine's own counters give the collectives launched per step (``Comm.calls``). On CUDA, host synchronisations per step
 are counted with ``torch.cuda.set_sync_debug_mode("warn")``; on CPU there is no stream to stall, and
 ``docs/design.md`` lists the sync points a GPU step would have.
 
@@ -68,7 +70,7 @@ def _sync_count(fn) -> int:
 
 
 def _rank_main(rank: int, world: int, batch: int, cache_size: int, repeats: int, eager: bool) -> dict[str, Any]:
-    from sharded_negcache.handler import STAGE_PREFIX, STAGES
+    from sharded_negcache.stages import STAGE_PREFIX, STAGES, stage_times
 
     device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
     handler = make_handler(cache_size, DIM, FEAT, num_negatives=DRAWS, device=device,
@@ -106,10 +108,12 @@ def _rank_main(rank: int, world: int, batch: int, cache_size: int, repeats: int,
         timed(in_batch_step, s)
     cache_t, in_batch_t = [], []
     handler.comm.reset_counters()
-    for s in range(repeats):
-        cache_t.append(timed(cache_step, 100 + s))
-        in_batch_t.append(timed(in_batch_step, 100 + s))
+    with stage_times() as clock:  # the stages by the clock (two clock reads per stage; no per-op cost)
+        for s in range(repeats):
+            cache_t.append(timed(cache_step, 100 + s))
+            in_batch_t.append(timed(in_batch_step, 100 + s))
     calls = dict(handler.comm.calls)
+    clock = {k: clock.get(k, 0.0) / repeats for k in STAGES}
 
     stage_steps = max(5, repeats // 4)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -122,7 +126,7 @@ def _rank_main(rank: int, world: int, batch: int, cache_size: int, repeats: int,
 
     syncs = _sync_count(lambda: cache_step(2000)) if device.type == "cuda" else None
     return {
-        "cache_s": cache_t, "in_batch_s": in_batch_t, "stages_s": stages,
+        "cache_s": cache_t, "in_batch_s": in_batch_t, "stages_s": stages, "clock_s": clock,
         "collective_calls": {k: v / repeats for k, v in calls.items()}, "cuda_syncs_per_step": syncs,
     }
 
@@ -135,12 +139,14 @@ def run_case(world: int, batch: int, cache_size: int, repeats: int, eager: bool 
     overhead = [c - b for c, b in zip(cache, in_batch)]
     stages = per_rank[0]["stages_s"]
     return {
-        "world": world, "fetch": "eager" if eager and world > 1 else ("requested" if world > 1 else "local"),
+        "world": world, "rows_by": "eager" if eager and world > 1 else ("request" if world > 1 else "local"),
         "queries_per_rank": batch, "cache_rows": cache_size, "repeats": repeats,
         "cache_ms": 1e3 * statistics.median(cache), "in_batch_ms": 1e3 * statistics.median(in_batch),
         "overhead_ms": 1e3 * statistics.median(overhead),
         "stages_ms": {k: 1e3 * v for k, v in stages.items()},
         "stages_total_ms": 1e3 * sum(stages.values()),
+        "clock_ms": {k: 1e3 * v for k, v in per_rank[0]["clock_s"].items()},
+        "clock_total_ms": 1e3 * sum(per_rank[0]["clock_s"].values()),
         "score_ms": 1e3 * stages["score"],
         "collectives_per_step": sum(per_rank[0]["collective_calls"].values()),
         "collective_calls": per_rank[0]["collective_calls"],
@@ -167,18 +173,23 @@ def main() -> None:
                 r["fixed_ms"] = r["overhead_ms"] - r["score_ms"]
                 r["fixed_vs_score"] = r["fixed_ms"] / r["score_ms"] if r["score_ms"] else float("nan")
                 rows.append(r)
-                print(f"W={world} B={batch} rows={rows_n} fetch={r['fetch']}: cache {r['cache_ms']:.2f} ms, in-batch "
+                print(f"W={world} B={batch} rows={rows_n} rows_by={r['rows_by']}: cache {r['cache_ms']:.2f} ms, in-batch "
                       f"{r['in_batch_ms']:.2f} ms, overhead {r['overhead_ms']:.2f} ms, "
                       f"{r['collectives_per_step']:.0f} collectives", flush=True)
     print()
-    print(table(rows, ["world", "fetch", "queries_per_rank", "cache_rows", "cache_ms", "in_batch_ms", "overhead_ms",
-                       "stages_total_ms", "score_ms", "fixed_ms", "fixed_vs_score", "collectives_per_step"],
+    print(table(rows, ["world", "rows_by", "queries_per_rank", "cache_rows", "cache_ms", "in_batch_ms", "overhead_ms",
+                       "stages_total_ms", "clock_total_ms", "score_ms", "fixed_ms", "fixed_vs_score", "collectives_per_step"],
                 title="cache step vs in-batch step (medians over interleaved repeats; slowest rank per repeat)"))
-    stage_rows = [{"world": r["world"], "fetch": r["fetch"], "B": r["queries_per_rank"], "rows": r["cache_rows"],
+    stage_rows = [{"world": r["world"], "rows_by": r["rows_by"], "B": r["queries_per_rank"], "rows": r["cache_rows"],
                    **{k: v for k, v in r["stages_ms"].items()}} for r in rows]
     print()
-    print(table(stage_rows, ["world", "fetch", "B", "rows", *rows[0]["stages_ms"]],
-                title="handler stages, ms per step (rank 0)"))
+    print(table(stage_rows, ["world", "rows_by", "B", "rows", *rows[0]["stages_ms"]],
+                title="handler stages by the profiler, ms per step (rank 0; each op pays the profiler's cost)"))
+    clock_rows = [{"world": r["world"], "rows_by": r["rows_by"], "B": r["queries_per_rank"], "rows": r["cache_rows"],
+                   **r["clock_ms"]} for r in rows]
+    print()
+    print(table(clock_rows, ["world", "rows_by", "B", "rows", *rows[0]["clock_ms"]],
+                title="handler stages by the clock, ms per step (rank 0, the timed repeats)"))
     info = machine_info()
     info["loadavg_1m_before"] = load_before
     write_json(__import__("pathlib").Path(args.out), {"machine": info, "dim": DIM, "draws": DRAWS, "rows": rows})

@@ -53,12 +53,6 @@ TARGET_SCORING_MB = 256  # extra peak memory of scoring at 1M rows
 SWEEP_CODEC = "bf16"  # the chunk sweep's rows: decoded chunk by chunk (fp32 rows are scanned in place)
 
 
-def _chunk_rows(handler, queries: int) -> int:
-    """The handler's chunk (rows), as ``score_shard`` rounds it (whole sampling blocks)."""
-    bs = handler.layout.block_size
-    return max(bs, handler._chunk_rows(queries) // bs * bs)
-
-
 def _bare_full(q: torch.Tensor, emb: torch.Tensor) -> None:
     out = q @ emb.t()
     del out
@@ -123,8 +117,8 @@ def _score_directly(handler, q: torch.Tensor):
 
     with torch.no_grad():
         return score_shard(handler.store, handler.layout, q.float(), handler.score_fn, num_draws=handler.num_negatives,
-                           top_k=handler.top_k, seed=0, step=0, chunk_rows=handler._chunk_rows(q.shape[0]),
-                           backend=handler._scoring_backend())
+                           top_k=handler.top_k, seed=0, step=0, chunk_rows=handler.chunk_rows(q.shape[0]),
+                           backend=handler.scan_backend)
 
 
 def single_child(rank: int, world: int, rows: int, cfg: dict) -> dict:
@@ -135,7 +129,7 @@ def single_child(rank: int, world: int, rows: int, cfg: dict) -> dict:
     emb = handler.store.embeddings  # fp32 codec: the stored rows are what scoring multiplies
     assert emb.dtype == torch.float32 and bool(handler.store.filled.all())
     cache_mb = sum(t.numel() * t.element_size() for t in handler.store.buffers()) / MB
-    chunk = _chunk_rows(handler, b)
+    chunk = handler.chunk_rows(b)
     sec = Sections()
     net = sec.wrap("reencode", tower)  # the user's tower, wrapped: its time is subtracted from the step
     batches = [make_batch(b, d, tower, seed=1000 + i) for i in range(reps + 4)]
@@ -188,7 +182,7 @@ def single_child(rank: int, world: int, rows: int, cfg: dict) -> dict:
     return {
         "rows": rows, "batch": b, "dim": d, "threads": torch.get_num_threads(),
         "chunk_bytes": handler.chunk_bytes, "chunk_rows": chunk, "cache_mb": cache_mb,
-        "scoring_backend": handler._scoring_backend(), "native_kernel": native_scan.build_info(),
+        "scoring_backend": handler.scan_backend, "native_kernel": native_scan.build_info(),
         "first_step_s": first_step_s,
         "handler_s": t_step, "reencode_s": t_reenc, "handler_net_s": t_net,
         "bare_s": t_full, "bare_chunked_s": t_chunked, "split_ms_profiled_step": split,
@@ -234,7 +228,7 @@ def sweep_child(rank: int, world: int, rows: int, chunk_mbs: list[float], cfg: d
     return {
         "rows": rows, "batch": b, "dim": d, "threads": torch.get_num_threads(), "codec": SWEEP_CODEC,
         "points": [
-            {"chunk_mb": mb, "chunk_rows": _chunk_rows(handlers[mb], b), "step_s": times[mb],
+            {"chunk_mb": mb, "chunk_rows": handlers[mb].chunk_rows(b), "step_s": times[mb],
              "scoring_s_profiled": scoring[mb], "scoring_extra_peak_mb": peaks[mb]}
             for mb in chunk_mbs
         ],
@@ -254,7 +248,7 @@ def topk_child(rank: int, world: int, rows: int, ks: list[int], cfg: dict) -> di
     handler = make_handler(rows, d, f, chunk_bytes=cfg["chunk_bytes"], device="cpu")
     handler.load_global_rows(synthetic_rows(0, rows, d, f))
     q = make_batch(b, d, CheapTower(f, d), seed=3000)[0].detach()
-    chunk = handler._chunk_rows(b)
+    chunk = handler.chunk_rows(b)
 
     def scan(k: int | None) -> None:
         score_shard(handler.store, handler.layout, q, handler.score_fn, num_draws=handler.num_negatives, top_k=k,

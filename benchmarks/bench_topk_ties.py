@@ -1,5 +1,5 @@
 """Cost of top-k mode's tie rule (the lower global row wins) on the torch path: a chunk's k best with the rule
-(``scoring._chunk_top_k``: top-(k+1), ties at the k-th redone) and by a stable sort, against ``torch.topk``
+(``scoring.chunk_top_k``: top-(k+1), ties at the k-th redone) and by a stable sort, against ``torch.topk``
 (which leaves ties unspecified); and the whole top-k scan, torch path and fused C++ kernel.
 
 One process, one thread by default; prints a table and writes ``results/topk_ties.json``.
@@ -34,12 +34,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from sharded_negcache.scoring import _chunk_top_k, score_shard
+    from sharded_negcache.scoring import chunk_top_k, score_shard
 
     handler = make_handler(args.rows, args.dim, 16, device="cpu")
     handler.load_global_rows(synthetic_rows(0, args.rows, args.dim, 16))
     q = torch.randn(args.batch, args.dim, generator=torch.Generator().manual_seed(0))
-    chunk = handler._chunk_rows(args.batch)
+    chunk = handler.chunk_rows(args.batch)
     scores = q @ handler.store.decode(0, min(chunk, args.rows)).t()
     out = []
     print(f"{args.rows} rows, B = {args.batch}, d = {args.dim}, chunk {scores.shape[1]} rows, {args.threads} thread(s)")
@@ -47,7 +47,7 @@ def main() -> None:
           f"{'fused scan ms':>14}")
     for k in map(int, args.ks.split(",")):
         topk = best_of(lambda: scores.topk(k, dim=1), args.reps)
-        rule = best_of(lambda: _chunk_top_k(scores, k), args.reps)
+        rule = best_of(lambda: chunk_top_k(scores, k), args.reps)
         stable = best_of(lambda: scores.sort(dim=1, descending=True, stable=True), args.reps)
         scan = {be: best_of(lambda: score_shard(handler.store, handler.layout, q, handler.score_fn, num_draws=1,
                                                 top_k=k, seed=0, step=0, chunk_rows=chunk, backend=be), args.reps)

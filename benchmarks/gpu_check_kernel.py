@@ -127,7 +127,7 @@ def run(device: str, rows: int, dim: int, batches: list[int], reps: int, gpu_key
     """Per codec and batch: the self-check's verdict, the kernel against torch (exact operands on a slice, then
     the whole scan: LSE within the stated bound, sampled rows), the block-LSE kernel's time against the
     roofline, and score_shard's time on both backends next to the bare bf16 product."""
-    from sharded_negcache import scoring, triton_scan
+    from sharded_negcache import triton_scan
     from sharded_negcache.scoring import score_shard
 
     gpu = GPUS[gpu_key]
@@ -142,13 +142,13 @@ def run(device: str, rows: int, dim: int, batches: list[int], reps: int, gpu_key
         h.store.filled.fill_(True)
         for b in batches:
             q = torch.nn.functional.normalize(torch.randn(b, dim, generator=g, device=device), dim=1)
-            chunk = h._chunk_rows(b)
+            chunk = h.chunk_rows(b)
             kw = dict(num_draws=2, top_k=None, seed=1, step=0, chunk_rows=chunk)
             with torch.no_grad():
                 scan = {be: (lambda be=be: score_shard(h.store, h.layout, q, h.score_fn, backend=be, **kw))
                         for be in ("torch", "triton")}
                 res = {be: fn() for be, fn in scan.items()}
-                trusted = scoring._TRITON_CHECKED.get((str(q.device), codec, dim, bs), False)
+                trusted = triton_scan.TRUSTED.get((str(q.device), codec, dim, bs), False)
                 qs = h.score_fn.prepare_queries(q)
                 st = triton_scan.StoredRows.of(h.store.embeddings, codec, dim, h.store.filled, None)
                 t_kernel = _best(lambda: triton_scan.block_lse(qs, st, bs, None), device, reps) if b else 0.0

@@ -93,7 +93,7 @@ def cache_digest(handler: ShardedCacheLossHandler) -> int:
     local = [store.embeddings, store.age, store.filled] + [store.feature(k) for k in sorted(store.feature_specs)]
     total = row_hashes(local, handler.layout.row_offset).sum().reshape(1)
     if handler.comm.active:
-        dist.all_reduce(total, group=handler.comm.group)
+        dist.all_reduce(total, group=handler.comm.shard_group)
     return int(total.item())
 
 

@@ -3,8 +3,8 @@
 A plain ``handler.state_dict()`` holds this rank's shard only, so it reloads only on the same world
 size. :class:`CacheCheckpoint` presents the cache in DCP's native sharded form instead: every per-row
 tensor (stored embeddings, ages, filled flags, each feature field, a per-row content hash) is a
-``DTensor`` of global shape ``[cache_size, ...]`` placed ``Shard(0)`` over a 1-D mesh of the handler's
-process group (a jagged field is written padded, ``[cache_size, max_length]`` plus lengths), next to
+``DTensor`` of global shape ``[cache_size, ...]`` placed ``Shard(0)`` over the topology's 1-D mesh of
+the handler's shard group (a jagged field is written padded, ``[cache_size, max_length]`` plus lengths), next to
 a small JSON record (specs, cache size, codec, block size, step, seed). DCP writes each rank's rows
 once and, on load, every rank reads exactly the rows of its new slice, so a cache saved by W ranks
 loads on W' ranks (W' must divide ``cache_size``).
@@ -32,6 +32,12 @@ under the flat layout's, group g > 0 under ``groups.<g>.``), sharded over the gr
 with n' groups, new group j reads saved group ``j mod n`` (:func:`source_group`): growing copies
 caches round-robin, shrinking keeps groups 0..n'-1. A flat checkpoint is a one-group checkpoint.
 
+Collectives: a save or load runs over the caches' handler's topology (its whole job) and through its
+collective layer (``exchange.Comm.run``) with its ``collective_timeout_s``, so a rank that stalls or
+dies fails every rank with the engine's :class:`CollectiveFailed` naming the step and the collective.
+The collectives inside ``dcp.save``/``dcp.load`` are DCP's own: they are bounded by the process
+group's timeout (``init_process_group(timeout=...)``), and a peer that dies there raises the same error.
+
 ``CacheCheckpoint`` also works with a bare ``dcp.save``/``dcp.load``; it then still refuses
 mismatched or corrupted caches without touching the live one, but size mismatches surface as DCP's own
 error and a partly written checkpoint is only caught when DCP fails to read it.
@@ -56,11 +62,12 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata
 
-from .exchange import CollectiveFailed
+from .exchange import CollectiveFailed, Comm
 from .handler import ShardedCacheLossHandler
 from .jagged import JaggedFieldSpec
 from .specs import AnySpec
 from .store import ShardStore
+from .topology import Topology, is_distributed
 
 __all__ = [
     "CacheCheckpoint",
@@ -70,7 +77,6 @@ __all__ = [
     "verify_checkpoint",
     "latest_checkpoint",
     "row_hashes",
-    "shard_rows",
     "cache_record",
     "parse_record",
     "file_sha256",
@@ -164,9 +170,9 @@ def cache_record(handler: ShardedCacheLossHandler, checkpoint_id: str | None = N
         "block_size": handler.layout.block_size,
         "step": handler.steps_done,
         "seed": int(handler.seed),
-        "saved_world_size": handler.comm.outer_size,
-        "shard_group_size": handler.layout.world_size,  # free to change on load, like the world size
-        "num_groups": handler.layout.num_groups,
+        "saved_world_size": handler.topology.world_size,
+        "shard_group_size": handler.topology.shard_size,  # free to change on load, like the world size
+        "num_groups": handler.topology.num_groups,
         "settings": {  # free to change across a resume; recorded for reading only
             k: config.get(k) for k in
             ("top_k", "num_negatives", "use_lru", "in_batch_negatives", "score_transform", "host_features")
@@ -274,41 +280,27 @@ def _differences(
 
 
 # ---- the per-row tensors of a shard ----------------------------------------------------------
-def shard_rows(store: ShardStore) -> dict[str, torch.Tensor]:
-    """Copies of every per-row tensor of ``store`` by checkpoint name, in the fixed hashing order.
+def shard_rows_names(store: ShardStore) -> dict[str, str]:
+    """Checkpoint name of each :meth:`ShardStore.export_rows` entry, in the fixed hashing order.
 
     The stored (codec-encoded) embeddings, ages and filled flags, then each feature field in name
-    order: a fixed field as [rows, *shape], a jagged one as ``<key>.padded`` [rows, max_length] (zeros
-    past each length) and ``<key>.lengths`` [rows]. Host-resident fields stay on the host.
+    order: a fixed field as ``features.<key>``, a jagged one as ``features.<key>.padded`` [rows,
+    max_length] and ``features.<key>.lengths`` [rows] (int64).
     """
-    rows = {"embeddings": store.embeddings.detach().clone(), "age": store.age.detach().clone(),
-            "filled": store.filled.detach().clone()}
+    names = {"embedding": "embeddings", "age": "age", "filled": "filled"}
     for key in sorted(store.feature_specs):
-        column = store.feature(key)
         if isinstance(store.feature_specs[key], JaggedFieldSpec):
-            padded, lengths = column.padded()
-            rows[f"features.{key}.padded"], rows[f"features.{key}.lengths"] = padded, lengths.to(torch.int64)
+            names[key], names[key + ":lengths"] = f"features.{key}.padded", f"features.{key}.lengths"
         else:
-            rows[f"features.{key}"] = column.detach().clone()
-    return rows
+            names[key] = f"features.{key}"
+    return names
 
 
-def _write_rows(store: ShardStore, rows: Mapping[str, torch.Tensor]) -> None:
-    """Overwrites every local row from :func:`shard_rows`-shaped tensors; embeddings as stored bytes.
-
-    (``ShardStore.import_rows`` takes fp32 embeddings and would re-encode them: not bitwise for int8/int4.)
-    """
-    with torch.no_grad():
-        store.embeddings.copy_(rows["embeddings"])
-        store.age.copy_(rows["age"])
-        store.filled.copy_(rows["filled"])
-        for key in sorted(store.feature_specs):
-            column = store.feature(key)
-            if isinstance(store.feature_specs[key], JaggedFieldSpec):
-                where = column.lengths.device
-                column.load_padded(rows[f"features.{key}.padded"].to(where), rows[f"features.{key}.lengths"].to(where))
-            else:
-                column.copy_(rows[f"features.{key}"])
+def _checkpoint_rows(store: ShardStore) -> dict[str, torch.Tensor]:
+    """Copies of this shard's rows as stored, by checkpoint name (host-resident fields stay on the host)."""
+    rows = store.export_rows(as_stored=True)
+    return {name: rows[key].to(torch.int64) if key.endswith(":lengths") else rows[key]
+            for key, name in shard_rows_names(store).items()}
 
 
 # ---- the Stateful --------------------------------------------------------------------------
@@ -352,16 +344,15 @@ class CacheCheckpoint:
     def _global(self, local: torch.Tensor) -> torch.Tensor:
         """``local`` as a DTensor of global shape [cache_size, ...] (a plain tensor without torch.distributed).
 
-        The mesh is the handler's process group, on the tensor's own device type (host-resident
+        The mesh is the handler's shard group, on the tensor's own device type (host-resident
         feature fields stay on the host). DCP moves no tensor data through it: each rank writes and
         reads its rows itself.
         """
-        if not self.handler.comm.distributed:
+        if not self.handler.topology.distributed:
             return local
-        from torch.distributed.device_mesh import DeviceMesh
         from torch.distributed.tensor import DTensor, Shard
 
-        mesh = DeviceMesh.from_group(self.handler.comm.group or dist.group.WORLD, local.device.type)
+        mesh = self.handler.topology.shard_mesh(local.device.type)
         shape = torch.Size([self.handler.layout.cache_size, *local.shape[1:]])
         return DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=shape, stride=local.stride())
 
@@ -388,7 +379,7 @@ class CacheCheckpoint:
         The stored hashes are salted with the record's digest, binding every rank's rows to this record.
         No collective: DCP's planning is the only coordination.
         """
-        local = shard_rows(self.handler.store)
+        local = _checkpoint_rows(self.handler.store)
         meta = json.dumps(self.record(), sort_keys=True)
         hashes = (row_hashes(list(local.values()), self.handler.layout.row_offset) + _record_salt(meta)) % _P
         self.saved_meta = meta
@@ -408,14 +399,15 @@ class CacheCheckpoint:
         self.check_record(saved)
         state_dict = self._group_state(state_dict)
         local = {k: _to_local(v) for k, v in state_dict["rows"].items()}
-        order = list(shard_rows_names(self.handler.store))
+        names = shard_rows_names(self.handler.store)
+        order = list(names.values())
         if sorted(local) != sorted(order):
             raise CheckpointError(f"the checkpoint's rows have fields {sorted(local)}, expected {sorted(order)}")
         first = self.handler.layout.row_offset
         want = _to_local(state_dict["row_hash"])
         bad = (row_hashes([local[k] for k in order], first) + _record_salt(meta)) % _P != want
         self._agree_rows(bad, first, meta, int(saved["step"]))
-        _write_rows(self.handler.store, local)
+        self.handler.store.import_rows({key: local[name] for key, name in names.items()}, as_stored=True)
         # The counters go through the module's own load path, whose post-hook updates the host mirrors.
         self.handler.load_state_dict(
             {"step_count": torch.tensor(int(saved["step"])), "seed": torch.tensor(int(saved["seed"]))}, strict=False
@@ -426,16 +418,16 @@ class CacheCheckpoint:
         cache record (one per checkpoint: ranks that read different checkpoints differ in it): raise
         everywhere or nowhere."""
         comm = self.handler.comm  # over the whole job: every group's ranks raise together
-        table = torch.zeros(comm.outer_size, 5, dtype=torch.int64, device=self.handler.device)
+        table = torch.zeros(comm.world_size, 5, dtype=torch.int64, device=self.handler.device)
         count = int(bad.sum())
-        table[comm.outer_rank, 0] = count
-        table[comm.outer_rank, 1] = first + int(bad.nonzero()[0, 0]) if count else -1
-        table[comm.outer_rank, 2] = bad.numel()
-        table[comm.outer_rank, 3] = _record_salt(meta)
-        table[comm.outer_rank, 4] = saved_step
-        if comm.outer_size > 1:
-            _collective("verify rows", self.handler.steps_done, comm.outer_group,
-                        lambda: dist.all_reduce(table, group=comm.outer_group))
+        table[comm.rank, 0] = count
+        table[comm.rank, 1] = first + int(bad.nonzero()[0, 0]) if count else -1
+        table[comm.rank, 2] = bad.numel()
+        table[comm.rank, 3] = _record_salt(meta)
+        table[comm.rank, 4] = saved_step
+        if comm.world_size > 1:
+            comm.run("verify rows", lambda: dist.all_reduce(table, group=comm.world_group, async_op=True),
+                     step=self.handler.steps_done, kind=_KIND)
         if len(set(table[:, 3].tolist())) > 1:
             raise CheckpointError("ranks read different checkpoints (their cache records differ), nothing was "
                                   "loaded: " + "; ".join(f"rank {r}: step {s}" for r, s in enumerate(table[:, 4].tolist())))
@@ -452,24 +444,26 @@ class CacheCheckpoint:
             )
 
 
-def shard_rows_names(store: ShardStore) -> list[str]:
-    """The names :func:`shard_rows` produces, in order, without copying anything."""
-    names = ["embeddings", "age", "filled"]
-    for key in sorted(store.feature_specs):
-        if isinstance(store.feature_specs[key], JaggedFieldSpec):
-            names += [f"features.{key}.padded", f"features.{key}.lengths"]
-        else:
-            names.append(f"features.{key}")
-    return names
-
-
 def _to_local(t: Any) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
 # ---- whole checkpoints: manifest, verification, save / load ------------------------------
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+_KIND = "checkpoint collective"  # how a checkpoint's collective names itself when it fails
+
+
+def _comm(caches: Mapping[str, CacheCheckpoint], process_group: dist.ProcessGroup | None) -> Comm:
+    """The collective layer a save or load runs through: the first cache's handler's (its topology and its
+    collective timeout), or, for a state without a cache, one over ``process_group`` with the default timeout."""
+    if not caches:
+        return Comm(Topology.build(None, process_group))
+    comm = next(iter(caches.values())).handler.comm
+    if process_group is not None and comm.distributed and \
+            dist.get_process_group_ranks(process_group) != dist.get_process_group_ranks(comm.world_group):
+        raise ValueError("process_group must be the process group of the cache's handler (its ranks: "
+                         f"{dist.get_process_group_ranks(comm.world_group)}), got ranks "
+                         f"{dist.get_process_group_ranks(process_group)}; or leave it out")
+    return comm
 
 
 def _raised_by_collective(exc: BaseException) -> bool:
@@ -484,47 +478,34 @@ def _raised_by_collective(exc: BaseException) -> bool:
     return tb is not None and tb.tb_frame.f_code.co_filename.endswith("distributed_c10d.py")
 
 
-def _collective(name: str, step: int | None, group: dist.ProcessGroup | None, fn: Any) -> Any:
-    """Runs a checkpoint collective; a peer that died or disconnected becomes :class:`CollectiveFailed`
-    naming the step, the collective and this rank, instead of the backend's own error."""
+def _dcp(name: str, step: int | None, comm: Comm, fn: Any) -> Any:
+    """Runs a DCP call: its collectives are DCP's own, bounded by the process group's timeout (not the
+    engine's), and a peer that died or disconnected becomes the engine's :class:`CollectiveFailed`."""
     try:
-        return fn()
+        with _quiet_single_process():
+            return fn()
     except RuntimeError as exc:
         if isinstance(exc, CollectiveFailed) or not _raised_by_collective(exc):
             raise
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-        raise CollectiveFailed(
-            f"step {step}: checkpoint collective '{name}' on rank {rank} of {world} did not complete "
-            f"(a rank died, stalled or disconnected): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-        ) from exc
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise comm.failure(name, first, step=step, kind=_KIND, timed=False) from exc
 
 
-def _gather_objects(obj: Any, group: dist.ProcessGroup | None, step: int | None, name: str) -> list[Any]:
-    """Every rank's ``obj``, by rank (``[obj]`` without torch.distributed)."""
-    if not _distributed():
-        return [obj]
-    entries: list[Any] = [None] * dist.get_world_size(group)
-    _collective(name, step, group, lambda: dist.all_gather_object(entries, obj, group=group))
-    return entries
-
-
-def _agree_on_checkpoint(path: str, manifest: Mapping[str, Any], group: dist.ProcessGroup | None,
-                         step: int | None) -> None:
+def _agree_on_checkpoint(path: str, manifest: Mapping[str, Any], comm: Comm, step: int | None) -> None:
     """Every rank must have found the same checkpoint (id and step) before any rank reads a row: ranks that
     read different ones (a "latest checkpoint" lookup racing a save, nodes with different views of a
     filesystem) would each verify and load a consistent slice of a different cache."""
-    views = _gather_objects((path, manifest["checkpoint_id"], manifest["step"]), group, step, f"load {path}: agree")
+    views = comm.gather_objects((path, manifest["checkpoint_id"], manifest["step"]), f"load {path}: agree",
+                                step=step, kind=_KIND)
     if len({(ckpt, at) for _, ckpt, at in views}) > 1:
         raise CheckpointError("ranks read different checkpoints, nothing was loaded: " + "; ".join(
             f"rank {r}: {p} (checkpoint {ckpt}, step {at})" for r, (p, ckpt, at) in enumerate(views)))
 
 
-def _agree(
-    problem: str | None, group: dist.ProcessGroup | None, step: int | None, name: str, payload: Any = None
-) -> Any:
+def _agree(problem: str | None, comm: Comm, step: int | None, name: str, payload: Any = None) -> Any:
     """Raises CheckpointError on every rank if any rank has a problem (message per distinct problem);
     otherwise returns rank 0's ``payload`` on every rank."""
-    entries = _gather_objects((problem, payload), group, step, name)
+    entries = comm.gather_objects((problem, payload), name, step=step, kind=_KIND)
     found = [(r, p) for r, (p, _) in enumerate(entries) if p]
     if found:
         seen: dict[str, list[int]] = {}
@@ -540,18 +521,9 @@ def _agree(
 def _quiet_single_process():
     """DCP warns that it runs in one process when torch.distributed is not initialised: that is intended here."""
     with warnings.catch_warnings():
-        if not _distributed():
+        if not is_distributed():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
-
-
-def _is_coordinator(group: dist.ProcessGroup | None) -> bool:
-    return not _distributed() or dist.get_rank(group) == 0
-
-
-def _share(group: dist.ProcessGroup | None) -> tuple[int, int]:
-    """(rank, world size): files are digested round robin, so each rank reads 1/W of the checkpoint."""
-    return (dist.get_rank(group), dist.get_world_size(group)) if _distributed() else (0, 1)
 
 
 def _failures(exc: CheckpointException) -> str:
@@ -680,32 +652,34 @@ def save(
 ) -> Metadata:
     """``dcp.save(state)`` into the directory ``checkpoint_id``, then the manifest, written last by rank 0.
 
-    Collective over ``process_group`` (default: the world). ``step`` is recorded for
+    Collective over the caches' handler's process group (``process_group``, if given, must be that one;
+    it is the group of a state without a cache, default the world). ``step`` is recorded for
     :func:`latest_checkpoint` (default: the step counter of the first :class:`CacheCheckpoint` in
     ``state``). A manifest left from an earlier save into the same directory is removed first, so an
     overwrite that fails midway is never taken for complete. Rank 0 draws a checkpoint id that goes
     into every cache record and the manifest; each rank digests a share of the written files. A rank
-    that died raises :class:`CollectiveFailed` (naming the step) on the others.
+    that died or stalled raises :class:`CollectiveFailed` (naming the step and the collective) on the
+    others: the save's own collectives run under the handler's ``collective_timeout_s``.
     """
     root = Path(checkpoint_id)
     caches = _caches(state)
+    comm = _comm(caches, process_group)
     if step is None:
         step = _current_step(caches)
     problem, new_id = None, None
-    if _is_coordinator(process_group):
+    if comm.rank == 0:
         new_id = uuid.uuid4().hex
         try:
             root.mkdir(parents=True, exist_ok=True)
             (root / MANIFEST_NAME).unlink(missing_ok=True)
         except OSError as exc:
             problem = f"cannot prepare {root}: {exc}"
-    ckpt_id = _agree(problem, process_group, step, f"save {root}: prepare", new_id)
+    ckpt_id = _agree(problem, comm, step, f"save {root}: prepare", new_id)
     for cache in caches.values():
         cache.checkpoint_id, cache.saved_meta = ckpt_id, None
     try:
-        with _quiet_single_process():
-            metadata = _collective(f"save {root}: dcp.save", step, process_group,
-                                   lambda: dcp.save(state, checkpoint_id=str(root), process_group=process_group))
+        metadata = _dcp(f"save {root}: dcp.save", step, comm,
+                        lambda: dcp.save(state, checkpoint_id=str(root), process_group=comm.world_group))
     except CheckpointException as exc:  # a BaseException in DCP: surface it as an ordinary error
         raise CheckpointError(f"writing checkpoint {root} failed, it has no manifest: {_failures(exc)}") from None
     finally:
@@ -715,19 +689,15 @@ def save(
     # its metadata (every file name) is the same on every rank.
     names = sorted({n for n in (getattr(i, "relative_path", None) for i in metadata.storage_data.values()) if n}
                    | {".metadata"})
-    rank, world = _share(process_group)
+    rank, world = comm.rank, comm.world_size
     problem, digests = None, {}
     try:
         digests = {n: file_sha256(root / n) for i, n in enumerate(names) if i % world == rank}
     except OSError as exc:
         problem = f"cannot read back {root}: {exc}"
-    shares = [(problem, digests)]
-    if _distributed():
-        shares = [None] * world
-        _collective(f"save {root}: digests", step, process_group,
-                    lambda: dist.all_gather_object(shares, (problem, digests), group=process_group))
+    shares = comm.gather_objects((problem, digests), f"save {root}: digests", step=step, kind=_KIND)
     problem = "; ".join(p for p, _ in shares if p) or None
-    if problem is None and _is_coordinator(process_group):
+    if problem is None and rank == 0:
         try:
             manifest = {
                 "format": MANIFEST_FORMAT,
@@ -747,18 +717,17 @@ def save(
             os.replace(tmp, root / MANIFEST_NAME)
         except OSError as exc:
             problem = f"cannot write the manifest of {root}: {exc}"
-    _agree(problem, process_group, step, f"save {root}: manifest")
+    _agree(problem, comm, step, f"save {root}: manifest")
     return metadata
 
 
-def _read_meta(checkpoint_id: str, key: str, group: dist.ProcessGroup | None, step: int | None) -> str | None:
+def _read_meta(checkpoint_id: str, key: str, comm: Comm, step: int | None) -> str | None:
     """The JSON text of the cache record saved under ``key`` (only that small entry is read), or None."""
     probe: dict[str, Any] = {key: {"meta": _UNREAD}}
     try:
-        with _quiet_single_process():
-            _collective(f"load {checkpoint_id}: read record", step, group, lambda: dcp.load(
-                probe, checkpoint_id=checkpoint_id, process_group=group,
-                planner=DefaultLoadPlanner(allow_partial_load=True)))
+        _dcp(f"load {checkpoint_id}: read record", step, comm, lambda: dcp.load(
+            probe, checkpoint_id=checkpoint_id, process_group=comm.world_group,
+            planner=DefaultLoadPlanner(allow_partial_load=True)))
     except CheckpointException as exc:
         raise CheckpointError(f"cannot read the cache record of {checkpoint_id}: {_failures(exc)}") from None
     meta = probe[key]["meta"]
@@ -792,30 +761,31 @@ def load(
     """Verified ``dcp.load(state)``: refuses incomplete, damaged or mixed checkpoints and mismatched caches
     before reading rows.
 
-    Collective over ``process_group``. Raises :class:`CheckpointError` on every rank when the manifest
+    Collective over the caches' handler's process group (see :func:`save` for ``process_group``). Raises :class:`CheckpointError` on every rank when the manifest
     is missing or damaged, a file is missing or has another size or digest, a cache record does not
     match the manifest (its digest, its checkpoint id) or differs from its handler (each difference
     named), DCP fails to read, or a row fails its hash; :class:`CollectiveFailed` when a rank died. The
     checks before DCP runs leave every object in ``state`` untouched; a :class:`CacheCheckpoint` is
-    untouched in every case. Each rank digests 1/W of the files.
+    untouched in every case. Each rank digests 1/W of the files. The load's own collectives run under the
+    handler's ``collective_timeout_s``, as :func:`save`'s do.
     """
     path = str(checkpoint_id)
     caches = _caches(state)
+    comm = _comm(caches, process_group)
     step = _current_step(caches)
     manifest, problems = _read_manifest(Path(path))
     if manifest is not None:
-        problems = _file_problems(Path(path), manifest, True, _share(process_group))
-    _agree(f"refusing checkpoint {path}: " + "; ".join(problems) if problems else None, process_group, step,
+        problems = _file_problems(Path(path), manifest, True, (comm.rank, comm.world_size))
+    _agree(f"refusing checkpoint {path}: " + "; ".join(problems) if problems else None, comm, step,
            f"load {path}: verify files")
-    _agree_on_checkpoint(path, manifest, process_group, step)
+    _agree_on_checkpoint(path, manifest, comm, step)
     for key, cache in caches.items():
-        meta = _read_meta(path, key, process_group, step)
-        _agree(_record_problem(path, key, meta, manifest, cache), process_group, step, f"load {path}: check record")
+        meta = _read_meta(path, key, comm, step)
+        _agree(_record_problem(path, key, meta, manifest, cache), comm, step, f"load {path}: check record")
         cache.source_group = source_group(cache.handler.layout.group, parse_record(meta).get("num_groups", 1))
     try:
-        with _quiet_single_process():
-            _collective(f"load {path}: dcp.load", step, process_group,
-                        lambda: dcp.load(state, checkpoint_id=path, process_group=process_group))
+        _dcp(f"load {path}: dcp.load", step, comm,
+             lambda: dcp.load(state, checkpoint_id=path, process_group=comm.world_group))
     except CheckpointException as exc:
         raise CheckpointError(f"reading checkpoint {path} failed, the cache is unchanged: {_failures(exc)}") from None
     finally:

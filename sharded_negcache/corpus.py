@@ -15,7 +15,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from .jagged import Jagged, JaggedFieldSpec, to_jagged
-from .keyed_random import _M32, _mix
+from .keyed_random import MASK32, mix32
 from .specs import AnySpec
 
 __all__ = ["CORPUS_KEY", "CorpusIndex", "place", "corpus_columns", "row_batches", "content_keys", "ids_checksum",
@@ -152,8 +152,8 @@ def content_keys(columns: Mapping[str, torch.Tensor | Jagged], doc_ids: torch.Te
     low = high = torch.zeros(n, dtype=torch.int64)
     for j in range(words.shape[1]):
         w = words[:, j]
-        low = _mix(low ^ _mix(w & _M32))
-        high = _mix(high ^ _mix(((w >> 32) & _M32) ^ 0x5BD1E995))
+        low = mix32(low ^ mix32(w & MASK32))
+        high = mix32(high ^ mix32(((w >> 32) & MASK32) ^ 0x5BD1E995))
     _, group = torch.unique((low << 30) ^ high, return_inverse=True)
     ids = doc_ids.cpu().to(torch.int64)
     first = torch.full((n,), n, dtype=torch.int64).scatter_reduce_(0, group, torch.arange(n), reduce="amin")

@@ -1,17 +1,18 @@
 """Every collective the engine calls, and nothing else: the only layer that can hang.
 
-A ``Comm`` wraps one process group (or no group: one process holds the whole cache and every
-collective is the identity). It also counts the bytes this rank sends, per collective, so that the
-benchmarks measure communication instead of estimating it. Counting rule: all_gather and
+A ``Comm`` runs over one :class:`~sharded_negcache.topology.Topology` (or none: one process holds the
+whole cache and every collective is the identity). It also counts the bytes this rank sends, per
+collective, so that the benchmarks measure communication instead of estimating it. Counting rule: all_gather and
 all_to_all count the payload this rank hands to *other* ranks; all_reduce counts the tensor once.
 
-Two-level layout: ``group`` is this rank's shard group (queries, partials, rows move only inside
-it) and ``outer_group`` the whole job: the agreement, the config check and the statistics run over
+Two-level layout: ``shard_group`` is this rank's shard group (queries, partials, rows move only inside
+it) and ``world_group`` the whole job: the agreement, the config check and the statistics run over
 it, so a rejected batch or a non-finite row on any rank raises on every rank of the job.
 """
 from __future__ import annotations
 
 import math
+import pickle
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import timedelta
@@ -19,6 +20,8 @@ from typing import Callable, NoReturn, Sequence
 
 import torch
 import torch.distributed as dist
+
+from .topology import Topology
 
 __all__ = ["Comm", "RowRoute", "BatchRejected", "CollectiveFailed", "DEFAULT_TIMEOUT_S"]
 
@@ -51,31 +54,19 @@ class RowRoute:
 
 
 class Comm:
-    """Collectives over one process group (and the job around it), with per-collective byte counters.
+    """Collectives over one topology's process groups, with per-collective byte counters.
 
-    ``world_size`` and ``rank`` are those of ``group`` (the cache's ranks); ``outer_size``,
-    ``outer_rank`` and ``members`` (the outer ranks of ``group``, in order) those of ``outer_group``,
-    which defaults to ``group`` itself (the flat layout).
+    ``shard_size``/``shard_rank`` (G) are those of ``shard_group`` (the cache's ranks: data movement);
+    ``world_size``/``rank`` (W) those of ``world_group`` (agreement, config checks, statistics);
+    ``members``: the world ranks of ``shard_group``, in order. In the flat layout both groups are one.
     """
 
-    def __init__(
-        self,
-        group: dist.ProcessGroup | None = None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        *,
-        outer_group: dist.ProcessGroup | None = None,
-    ) -> None:
-        self.distributed = dist.is_available() and dist.is_initialized()
-        self.group = group
-        self.world_size = dist.get_world_size(group) if self.distributed else 1
-        self.rank = dist.get_rank(group) if self.distributed else 0
-        self.two_level = outer_group is not None and self.distributed
-        self.outer_group = outer_group if self.two_level else group
-        if self.two_level:
-            self.outer_size, self.outer_rank = dist.get_world_size(outer_group), dist.get_rank(outer_group)
-            self.members = [dist.get_group_rank(outer_group, g) for g in dist.get_process_group_ranks(group)]
-        else:
-            self.outer_size, self.outer_rank, self.members = self.world_size, self.rank, list(range(self.world_size))
+    def __init__(self, topology: Topology | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.topology = topology = topology or Topology(1, 0, 1, 0, 0)  # None: one process, no collectives
+        self.distributed, self.two_level = topology.distributed, topology.two_level
+        self.world_group, self.world_size, self.rank = topology.world_group, topology.world_size, topology.rank
+        self.shard_group, self.shard_size, self.shard_rank = topology.shard_group, topology.shard_size, topology.shard_rank
+        self.members = list(topology.members)
         self.bytes_sent: dict[str, int] = defaultdict(int)
         self.calls: dict[str, int] = defaultdict(int)  # collectives launched, by name (read by the benchmarks)
         if not timeout_s > 0:
@@ -86,22 +77,51 @@ class Comm:
 
     def _run(self, name: str, launch: Callable[[], "dist.Work"]) -> None:
         """Launches an async collective and waits at most ``timeout_s``; failures name the step and collective."""
+        self.run(name, launch)
+
+    def run(self, name: str, launch: Callable[[], "dist.Work"], *, step: int | None = None,
+            kind: str = "collective") -> None:
+        """Launches an async collective and waits at most ``timeout_s``: every collective of the engine and of
+        its checkpoints goes through here, so a stalled or dead rank fails the same way everywhere
+        (:class:`CollectiveFailed` naming the step, the collective and this rank)."""
         self.calls[name] += 1
         try:
             work = launch()
             work.wait(timedelta(seconds=self.timeout_s))
         except Exception as exc:  # gloo/NCCL raise RuntimeError subclasses with transport details
-            where = f"rank {self.rank} of {self.world_size}"
-            if self.two_level:
-                where = f"rank {self.outer_rank} of {self.outer_size} (rank {self.rank} of its shard group)"
-            raise CollectiveFailed(
-                f"step {self.step}: collective '{name}' on {where} did not complete "
-                f"within {self.timeout_s:g} s (a rank died, stalled or disconnected): {exc}"
-            ) from exc
+            raise self.failure(name, exc, step=step, kind=kind) from exc
+
+    def failure(self, name: str, exc: BaseException | str, *, step: int | None = None, kind: str = "collective",
+                timed: bool = True) -> CollectiveFailed:
+        """The error for collective ``name`` that failed with ``exc`` (``timed``: it ran under ``timeout_s``)."""
+        within = f" within {self.timeout_s:g} s" if timed else ""
+        return CollectiveFailed(
+            f"step {self.step if step is None else step}: {kind} '{name}' on {self.topology.where()} did not "
+            f"complete{within} (a rank died, stalled or disconnected): {exc}"
+        )
+
+    def gather_objects(self, obj: object, name: str, *, step: int | None = None, kind: str = "collective") -> list:
+        """Every world rank's picklable ``obj``, by rank, under the collective timeout (two all-gathers:
+        the sizes, then the padded bytes)."""
+        if self.world_size == 1:
+            return [obj]
+        nccl = dist.get_backend(self.world_group) == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
+        size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
+        sizes = torch.empty(self.world_size, dtype=torch.int64, device=device)
+        self.run(name, lambda: _all_gather_concat(sizes, size, group=self.world_group, async_op=True), step=step, kind=kind)
+        counts = sizes.tolist()
+        buf = torch.zeros(max(counts), dtype=torch.uint8, device=device)
+        buf[: data.numel()] = data
+        out = torch.empty(self.world_size * buf.numel(), dtype=torch.uint8, device=device)
+        self.run(name, lambda: _all_gather_concat(out, buf, group=self.world_group, async_op=True), step=step, kind=kind)
+        out = out.view(self.world_size, buf.numel()).cpu()
+        return [pickle.loads(out[r, : counts[r]].numpy().tobytes()) for r in range(self.world_size)]
 
     @property
     def active(self) -> bool:
-        return self.world_size > 1
+        return self.shard_size > 1
 
     def reset_counters(self) -> None:
         self.bytes_sent.clear()
@@ -114,27 +134,27 @@ class Comm:
         describe: Callable[[int], str | None],
         rows: Sequence[torch.Tensor] = (),
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """All-gathers an int64 ``status`` row [code, batch, *stats] over the outer group; raises on every rank
+        """All-gathers an int64 ``status`` row [code, batch, *stats] over the world group; raises on every rank
         if any code != 0. ``describe(code)`` turns this rank's code into its message.
 
         ``rows``: tensors with ``status[1]`` rows each (the queries, the positives' ids) that
         :meth:`gather_agreed` will gather over the shard group; in the flat layout they ride in this same
         all-gather when every batch fits the padded capacity (:meth:`_agree_with_rows`). Returns the status
-        table [outer_size, len(status)] on host (``table[comm.members]`` are the rows of this rank's shard
+        table [world_size, len(status)] on host (``table[comm.members]`` are the rows of this rank's shard
         group) and the gathered rows as bytes, or None when :meth:`gather_agreed` must gather them itself.
         """
-        if self.outer_size > 1 and not self.two_level and rows:
+        if self.world_size > 1 and not self.two_level and rows:
             table, payload = self._agree_with_rows(status, rows)
-        elif self.outer_size > 1:
-            out = torch.empty(self.outer_size, status.numel(), dtype=status.dtype, device=status.device)
-            self._run("agree", lambda: _all_gather_concat(out, status.unsqueeze(0), group=self.outer_group, async_op=True))
-            self.bytes_sent["agree"] += _nbytes(status) * (self.outer_size - 1)
+        elif self.world_size > 1:
+            out = torch.empty(self.world_size, status.numel(), dtype=status.dtype, device=status.device)
+            self._run("agree", lambda: _all_gather_concat(out, status.unsqueeze(0), group=self.world_group, async_op=True))
+            self.bytes_sent["agree"] += _nbytes(status) * (self.world_size - 1)
             table, payload = out.cpu(), None
         else:
             table, payload = status.unsqueeze(0).cpu(), None
         codes = table[:, 0].tolist()
         if any(codes):
-            mine = describe(codes[self.outer_rank]) if codes[self.outer_rank] else None
+            mine = describe(codes[self.rank]) if codes[self.rank] else None
             self.raise_together(mine, BatchRejected, "batch rejected, cache unchanged; ")
         return table, payload
 
@@ -148,10 +168,10 @@ class Comm:
         if not self.active:
             return list(rows)
         if payload is None:
-            packed = self.gather_rows(_rows_as_bytes(rows, sizes[self.rank]), sizes)
+            packed = self.gather_rows(_rows_as_bytes(rows, sizes[self.shard_rank]), sizes)
             self.gather_capacity = max(self.gather_capacity, max(sizes))
         else:
-            packed = torch.cat([payload[r, : sizes[r]] for r in range(self.world_size)])
+            packed = torch.cat([payload[r, : sizes[r]] for r in range(self.shard_size)])
         return _rows_from_bytes(packed, rows)
 
     def _agree_with_rows(self, status: torch.Tensor, rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -164,15 +184,15 @@ class Comm:
         buf[: 8 * status.numel()] = status.view(torch.uint8)
         if 0 < own <= cap:
             buf[8 * status.numel(): 8 * status.numel() + own * row_bytes] = _rows_as_bytes(rows, own).reshape(-1)
-        out = torch.empty(self.outer_size * buf.numel(), dtype=torch.uint8, device=buf.device)
-        self._run("agree", lambda: _all_gather_concat(out, buf, group=self.outer_group, async_op=True))
-        self.bytes_sent["agree"] += 8 * status.numel() * (self.outer_size - 1)
-        self.bytes_sent["gather_queries"] += cap * row_bytes * (self.outer_size - 1)
-        out = out.view(self.outer_size, buf.numel())
+        out = torch.empty(self.world_size * buf.numel(), dtype=torch.uint8, device=buf.device)
+        self._run("agree", lambda: _all_gather_concat(out, buf, group=self.world_group, async_op=True))
+        self.bytes_sent["agree"] += 8 * status.numel() * (self.world_size - 1)
+        self.bytes_sent["gather_queries"] += cap * row_bytes * (self.world_size - 1)
+        out = out.view(self.world_size, buf.numel())
         table = out[:, : 8 * status.numel()].contiguous().view(torch.int64).cpu()
         if max(table[:, 1].tolist()) > cap or table[:, 0].any():
             return table, None
-        return table, out[:, 8 * status.numel():].view(self.outer_size, cap, row_bytes)
+        return table, out[:, 8 * status.numel():].view(self.world_size, cap, row_bytes)
 
     def raise_together(
         self, mine: str | None, error: type[Exception], header: str, footer: str = "",
@@ -188,11 +208,11 @@ class Comm:
         raise error(header + bad + footer) from cause
 
     def all_gather_object(self, obj: object) -> list:
-        """Every outer rank's ``obj`` (for error messages: runs over the outer group)."""
-        if self.outer_size == 1:
+        """Every world rank's ``obj`` (for error messages: runs over the world group)."""
+        if self.world_size == 1:
             return [obj]
-        out: list = [None] * self.outer_size
-        dist.all_gather_object(out, obj, group=self.outer_group)
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.world_group)
         return out
 
     # ---- queries and partials --------------------------------------------------------------
@@ -203,12 +223,12 @@ class Comm:
         pad = max(sizes)
         buf = x.new_zeros(pad, *x.shape[1:])
         buf[: x.shape[0]] = x
-        out = x.new_empty(self.world_size * pad, *x.shape[1:])
+        out = x.new_empty(self.shard_size * pad, *x.shape[1:])
         buf = buf.contiguous()
-        self._run(tag, lambda: _all_gather_concat(out, buf, group=self.group, async_op=True))
-        self.bytes_sent[tag] += _nbytes(buf) * (self.world_size - 1)
-        out = out.view(self.world_size, pad, *x.shape[1:])
-        return torch.cat([out[r, : sizes[r]] for r in range(self.world_size)])
+        self._run(tag, lambda: _all_gather_concat(out, buf, group=self.shard_group, async_op=True))
+        self.bytes_sent[tag] += _nbytes(buf) * (self.shard_size - 1)
+        out = out.view(self.shard_size, pad, *x.shape[1:])
+        return torch.cat([out[r, : sizes[r]] for r in range(self.shard_size)])
 
     def gather_rows_with_grad(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """Like :meth:`gather_rows`, differentiable: the backward sums every rank's gradient (all-reduce)."""
@@ -217,15 +237,15 @@ class Comm:
         return _GatherRowsWithGrad.apply(x, self, sizes)
 
     def all_to_all(self, x: torch.Tensor, send_counts: list[int], recv_counts: list[int], tag: str) -> torch.Tensor:
-        """Rows of ``x`` split by ``send_counts`` go to ranks 0..W-1; returns the rows received."""
+        """Rows of ``x`` split by ``send_counts`` go to shard ranks 0..G-1; returns the rows received."""
         if not self.active:
             return x
         out = x.new_empty(sum(recv_counts), *x.shape[1:])
         x = x.contiguous()
         self._run(tag, lambda: dist.all_to_all_single(
-            out, x, recv_counts, send_counts, group=self.group, async_op=True))
+            out, x, recv_counts, send_counts, group=self.shard_group, async_op=True))
         row = _nbytes(x[:1]) if x.shape[0] else 0
-        self.bytes_sent[tag] += row * (sum(send_counts) - send_counts[self.rank])
+        self.bytes_sent[tag] += row * (sum(send_counts) - send_counts[self.shard_rank])
         return out
 
     def partials_to_home(self, partials: torch.Tensor, sizes: list[int],
@@ -234,7 +254,7 @@ class Comm:
 
         ``rows`` [B_g, n, row bytes] uint8 (the eager fetch): each query's n local candidates' packed rows, sent
         in the same all-to-all; returned as [W, B_own, n, row bytes] (None without)."""
-        own, w = sizes[self.rank], self.world_size
+        own, w = sizes[self.shard_rank], self.shard_size
         if rows is None:
             return self.all_to_all(partials, sizes, [own] * w, "partials").view(w, own, partials.shape[1]), None
         cols, n, row_bytes = partials.shape[1], rows.shape[1], rows.shape[2]
@@ -250,8 +270,8 @@ class Comm:
             return list(send_counts)
         send = torch.tensor(send_counts, dtype=torch.int64, device=device)
         recv = torch.empty_like(send)
-        self._run("row_counts", lambda: dist.all_to_all_single(recv, send, group=self.group, async_op=True))
-        self.bytes_sent["row_counts"] += 8 * (self.world_size - 1)
+        self._run("row_counts", lambda: dist.all_to_all_single(recv, send, group=self.shard_group, async_op=True))
+        self.bytes_sent["row_counts"] += 8 * (self.shard_size - 1)
         return recv.tolist()
 
     def fetch_rows(
@@ -270,15 +290,15 @@ class Comm:
         (one more all-to-all per field, sized from the lengths inside the packed rows), and the route for
         :meth:`write_back`.
         """
-        send_counts = torch.bincount(owners, minlength=self.world_size).tolist()
+        send_counts = torch.bincount(owners, minlength=self.shard_size).tolist()
         if not self.active:
             served, recv_counts = local_slots, list(send_counts)
         else:
-            cap = capacity[self.rank]
+            cap = capacity[self.shard_rank]
             starts = torch.tensor([0] + send_counts[:-1], device=owners.device).cumsum(0)
-            requests = torch.full((self.world_size, cap), -1, dtype=local_slots.dtype, device=local_slots.device)
+            requests = torch.full((self.shard_size, cap), -1, dtype=local_slots.dtype, device=local_slots.device)
             requests[owners, torch.arange(owners.numel(), device=owners.device) - starts[owners]] = local_slots
-            got = self.all_to_all(requests.view(-1), [cap] * self.world_size, list(capacity), "row_ids")
+            got = self.all_to_all(requests.view(-1), [cap] * self.shard_size, list(capacity), "row_ids")
             valid = got >= 0
             recv_counts = _segment_sums(valid.long(), list(capacity))
             served = got[valid]
@@ -303,7 +323,7 @@ class Comm:
         """Sends ``rows`` [k, ...] to the ranks ``owners`` [k] that hold their ``local_slots``; returns the
         (local slots, rows) this rank received, in rank order (the corpus positives' refresh)."""
         order = torch.argsort(owners, stable=True)
-        send_counts = torch.bincount(owners, minlength=self.world_size).tolist()
+        send_counts = torch.bincount(owners, minlength=self.shard_size).tolist()
         recv_counts = self.exchange_counts(send_counts, local_slots.device)
         slots = self.all_to_all(local_slots[order], send_counts, recv_counts, f"{tag}_ids")
         return slots, self.all_to_all(rows[order], send_counts, recv_counts, tag)
@@ -320,8 +340,8 @@ class Comm:
         one owner, the same on every rank) with slot -1, so no size needs a host read or a count exchange.
         Returns (summed stats, local slots, rows) received, in rank order then the sender's order.
         """
-        w, c = self.world_size, rows.shape[1]
-        cap = capacity[self.rank]
+        w, c = self.shard_size, rows.shape[1]
+        cap = capacity[self.shard_rank]
         first = torch.searchsorted(owners, owners)  # owners are sorted: where each owner's rows start
         place = torch.arange(owners.numel(), device=owners.device) - first
         slots = torch.full((w, cap), -1, dtype=torch.int64, device=rows.device)
@@ -332,7 +352,7 @@ class Comm:
         parts = [header.contiguous().view(torch.uint8), slots.view(torch.uint8), table.reshape(w, cap * c).view(torch.uint8)]
         send = torch.cat(parts, 1)
         size = [8 * stats.numel() + r * (8 + 4 * c) for r in capacity]  # bytes of rank r's message
-        got = self.all_to_all(send.reshape(-1), [size[self.rank]] * w, size, "stats")
+        got = self.all_to_all(send.reshape(-1), [size[self.shard_rank]] * w, size, "stats")
         total, got_slots, got_rows, at = None, [], [], 0
         for r in range(w):
             msg = got[at: at + size[r]].clone()
@@ -347,9 +367,9 @@ class Comm:
 
     # ---- statistics ------------------------------------------------------------------------
     def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum over the outer group: statistics are global, and every rank learns of every rank's faults."""
-        if self.outer_size > 1:
-            self._run("stats", lambda: dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.outer_group, async_op=True))
+        """Sum over the world group: statistics are global, and every rank learns of every rank's faults."""
+        if self.world_size > 1:
+            self._run("stats", lambda: dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.world_group, async_op=True))
             self.bytes_sent["stats"] += _nbytes(x)
         return x
 
@@ -375,10 +395,10 @@ class _GatherRowsWithGrad(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         comm, sizes = ctx.comm, ctx.sizes
         grad = grad.contiguous().clone()
-        comm._run("gather_grad", lambda: dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=comm.group, async_op=True))
+        comm._run("gather_grad", lambda: dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=comm.shard_group, async_op=True))
         comm.bytes_sent["gather_grad"] += _nbytes(grad)
-        start = sum(sizes[: comm.rank])
-        return grad[start : start + sizes[comm.rank]], None, None
+        start = sum(sizes[: comm.shard_rank])
+        return grad[start : start + sizes[comm.shard_rank]], None, None
 
 
 def _row_nbytes(t: torch.Tensor) -> int:

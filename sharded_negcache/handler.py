@@ -15,15 +15,13 @@ from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.profiler import record_function
 
-from . import metrics, native_scan
+from . import metrics
 from .codecs import EmbeddingCodec, finite_rows, make_codec
 from .combine import HomePartials, merge_partials, own_partials, pack_partials
 from .corpus import (CORPUS_KEY, CorpusIndex, content_keys, corpus_columns, ids_checksum, place, row_batches,
                      select_rows)
 from .exchange import DEFAULT_TIMEOUT_S, BatchRejected, CollectiveFailed, Comm, RowRoute
-from .groups import ShardGroups
 from .jagged import Jagged, JaggedColumn
 from .keyed_random import Stream, draw_keys, uniform
 from .layout import ShardLayout
@@ -33,7 +31,10 @@ from .loss import (
 )
 from .scoring import LocalPartials, ScoreFn, make_score_fn, resolve_backend, score_shard
 from .specs import CacheSchema, FieldSpec
+from .stages import STAGE_PREFIX, STAGES  # noqa: F401  (re-exported: the stage names)
+from .stages import stage as _stage
 from .store import CacheTooLarge, FetchedRows, ShardStore, check_capacity, first_occurrence
+from .topology import Topology
 
 __all__ = [
     "ShardedCacheLossHandler", "StepResult", "BatchRejected", "NonFiniteRows", "NonFiniteLoss", "DocumentNetworkFailed",
@@ -46,9 +47,6 @@ _log = logging.getLogger("sharded_negcache")
 # (2-8 MB measured best, 32 MB 35-45% slower); a GPU wants few, large kernels.
 DEFAULT_CHUNK_BYTES = {"cpu": 8 << 20, "cuda": 256 << 20}
 
-# Profiler range names of the protocol steps, in order (``negcache/agree`` ... ``negcache/insert``).
-STAGE_PREFIX = "negcache/"
-STAGES = ("agree", "gather", "score", "partials", "fetch", "reencode", "losses", "stats", "write_back", "insert")
 
 Reduction = Literal["mean", "global_mean", "sum"]
 CacheMode = Literal["stream", "corpus"]
@@ -152,9 +150,11 @@ class ShardedCacheLossHandler(nn.Module):
         CPU, 256 MB on CUDA. The fused CPU scan (float scale) writes no score matrix: there it bounds only
         the decoded rows of non-fp32 codecs (fp32 rows are scanned in place).
       scoring_backend: 'auto' (the fused Triton kernel on CUDA when triton imports, sampling mode and a
-        float score transform; the C++ kernel on CPU where it builds; else torch ops), 'torch' (torch ops
-        only), 'native' (the C++ kernel) or 'triton'. ``SHARDED_NEGCACHE_NATIVE=0`` overrides the C++ kernel
-        (``config()`` reports it). The choice is logged once.
+        float score transform; the C++ kernel on CPU where it builds, except top-k mode with a callable
+        transform; else torch ops), 'torch' (torch ops only), 'native' (the C++ kernel) or 'triton'; a
+        requested kernel that cannot run raises ValueError. ``SHARDED_NEGCACHE_NATIVE=0`` overrides the C++
+        kernel. ``config()`` reports what was requested, what runs and why (``scan_backend``: what runs);
+        the choice is logged once.
       reduction: 'mean' over this rank's queries (the reference), 'global_mean' (scaled so that DDP's
         gradient average equals the mean over the global batch) or 'sum'.
       in_batch_negatives: also use the other positives of the global batch as fresh candidates (design
@@ -241,10 +241,10 @@ class ShardedCacheLossHandler(nn.Module):
             raise ValueError(f"eager_fetch_bytes must be an int >= 0, got {eager_fetch_bytes!r}")
         self.eager_fetch_bytes = eager_fetch_bytes
         self.schema = CacheSchema(specs, embedding_key, data_keys, doc_id_key)
-        groups = ShardGroups.build(shard_group_size, process_group)
-        self.comm = Comm(groups.shard, collective_timeout_s, outer_group=groups.outer)
+        self.topology = Topology.build(shard_group_size, process_group)  # the ranks, built once, shared below
+        self.comm = Comm(self.topology, collective_timeout_s)
         self.nonfinite = nonfinite
-        self.layout = ShardLayout.build(cache_size, groups.shard, block_size, groups.index, groups.count)
+        self.layout = ShardLayout.build(cache_size, self.topology, block_size)
         self.score_fn: ScoreFn = make_score_fn(score_transform)
         if scoring_backend != "auto":  # refuse an impossible request now (the device may come later)
             known = torch.device(device) if device is not None else None
@@ -293,7 +293,7 @@ class ShardedCacheLossHandler(nn.Module):
             "data_keys": self.schema.data_keys,
             "doc_id_key": self.schema.doc_id_key,
             "cache_size": self.layout.cache_size,
-            "shard_group_size": self.layout.world_size,
+            "shard_group_size": self.layout.shard_size,
             "block_size": self.layout.block_size,
             "seed": self._seed,
             "step": self._step,
@@ -307,7 +307,7 @@ class ShardedCacheLossHandler(nn.Module):
             "nonfinite": self.nonfinite,
             "reduction": self.reduction,
             "reencode_on_every_rank": self.reencode_on_every_rank,
-            "scoring_backend": self._requested_backend(),
+            "scoring_backend": self._backend_report(),
             "cache_mode": self.cache_mode,
             "reencode_negatives": self.reencode_negatives,
             "refresh_budget": self.refresh_budget,
@@ -315,12 +315,12 @@ class ShardedCacheLossHandler(nn.Module):
             "eager_fetch_bytes": self.eager_fetch_bytes,
         }
 
-    def _requested_backend(self) -> str:
-        """``scoring_backend``, with the environment's override of the C++ kernel where it applies: ranks that
-        disagree on it would score with different exp implementations, so it is part of the configuration."""
-        if self.scoring_backend in ("auto", "native") and not native_scan.enabled():
-            return f"{self.scoring_backend} ({native_scan.ENV_NATIVE} off)"
-        return self.scoring_backend
+    def _backend_report(self) -> dict[str, str]:
+        """The scan's backend as ``config()`` reports it: what was requested, what runs on the current device and
+        why (e.g. ``SHARDED_NEGCACHE_NATIVE=0`` overriding the C++ kernel). Ranks compare it: ranks running
+        different kernels (different exp implementations) would not sample alike."""
+        runs, why = self._resolved_backend()
+        return {"requested": self.scoring_backend, "runs": runs, "why": why}
 
     def named_modules(  # type: ignore[override]
         self, memo: set[nn.Module] | None = None, prefix: str = "", remove_duplicate: bool = True
@@ -347,7 +347,7 @@ class ShardedCacheLossHandler(nn.Module):
         """The whole cache in global row order, on every rank (see :meth:`ShardStore.export_rows`): copies, so a
         snapshot stays as it was while later steps write (in one process the gather would return the rows' storage)."""
         local = self.store.export_rows()
-        sizes = [self.layout.rows_per_rank] * self.comm.world_size
+        sizes = [self.layout.rows_per_rank] * self.comm.shard_size
         return {k: self.comm.gather_rows(v, sizes, tag="gather_cache").clone() for k, v in local.items()}
 
     def load_global_rows(self, rows: Mapping[str, torch.Tensor]) -> None:
@@ -479,7 +479,7 @@ class ShardedCacheLossHandler(nn.Module):
                 self._write(result, batch, document_data, document_embeddings, budget)
             self._advance_step()
         log_to, log_step = metrics.resolve_writer(writer, step)
-        metrics.write_scalars(log_to, log_step, result.metrics, self.comm.outer_rank)  # one writer per job
+        metrics.write_scalars(log_to, log_step, result.metrics, self.comm.rank)  # one writer per job
         self.last_step = result
         return result
 
@@ -498,7 +498,7 @@ class ShardedCacheLossHandler(nn.Module):
         sizes, features, positive_ok, to_gather, payload = self._agree_on_inputs(
             query_embeddings, document_embeddings, document_data, settings, corpus,
             lambda: self._check_step_extras(document_data, query_embeddings, extra_negatives, corpus))
-        own, first = sizes[self.comm.rank], sum(sizes[: self.comm.rank])
+        own, first = sizes[self.comm.shard_rank], sum(sizes[: self.comm.shard_rank])
         return _Batch(
             step=step, sizes=sizes, own=own, first=first,
             query_pos=torch.arange(first, first + own, device=self.device), features=features,
@@ -516,12 +516,12 @@ class ShardedCacheLossHandler(nn.Module):
             queries, *ids = self.comm.gather_agreed(batch.to_gather, batch.sizes, batch.payload)
             batch.exclude = ids[0] if ids else None
         # 2. score them against the local rows, chunk by chunk.
-        seed, backend = self.layout.stream_seed(self._seed), self._scoring_backend()  # resolved (built) before the scan
+        seed, backend = self.layout.stream_seed(self._seed), self.scan_backend  # resolved (built) before the scan
         with _stage("score"):
             partials = score_shard(
                 self.store, self.layout, queries, self.score_fn,
                 num_draws=self.num_negatives, top_k=self.top_k, seed=seed, step=batch.step,
-                chunk_rows=self._chunk_rows(sum(batch.sizes)),
+                chunk_rows=self.chunk_rows(sum(batch.sizes)),
                 exclude_key=CORPUS_KEY if batch.corpus is not None else self.schema.doc_id_key,
                 exclude_ids=batch.exclude, backend=backend,
             )
@@ -604,7 +604,7 @@ class ShardedCacheLossHandler(nn.Module):
                   stale, self.score_fn.on_dots, batch_positives, batch_mask)
         losses = query_losses(*inputs, leave_out=~positive_ok, own_negatives=own_negatives)
         bad = nonfinite_queries(losses, home.lse, positive_ok)
-        reduced = (self.reduction, self.comm.outer_size, self._global_batch)
+        reduced = (self.reduction, self.comm.world_size, self._global_batch)
         bad |= overflowing(losses.training, bad, *reduced) & positive_ok
         if self.nonfinite == "skip" and bool(bad.any()):
             losses = query_losses(*inputs, leave_out=~positive_ok | bad, own_negatives=own_negatives)
@@ -709,7 +709,7 @@ class ShardedCacheLossHandler(nn.Module):
             problem = extra_check()
         batch = query_embeddings.shape[0] if problem is None else 0
         # alone, a rank has no one to disagree with: the checksum (a repr of every setting) is skipped
-        config_crc = zlib.crc32(repr(sorted(settings.items())).encode()) if self.comm.outer_size > 1 else 0
+        config_crc = zlib.crc32(repr(sorted(settings.items())).encode()) if self.comm.world_size > 1 else 0
         status = torch.tensor([_ERR_INPUT if problem else 0, batch, config_crc], device=self.device)
         positive_ok = None
         if problem is None:
@@ -800,13 +800,13 @@ class ShardedCacheLossHandler(nn.Module):
         if len({tuple(r) for r in table[:, 1:].tolist()}) > 1:
             raise ValueError("prefill: ranks passed different doc_ids (every rank must pass the same whole corpus); "
                              "cache unchanged")
-        rank, group = self.comm.rank, self.layout.world_size
+        rank, group = self.comm.shard_rank, self.layout.shard_size
         rows = place(ids.numel(), group, self.layout.rows_per_rank)
         keys = content_keys(columns, ids) if self.exclude_duplicates else ids
         mine = torch.arange(rank, ids.numel(), group)  # this rank's documents (``place``)
         own = {k: select_rows(v, mine) for k, v in columns.items()}
         embeddings, failure = [], None
-        bar = _progress(progress and self.comm.outer_rank == 0 and ids.numel() >= _PREFILL_BAR_MIN_DOCS,
+        bar = _progress(progress and self.comm.rank == 0 and ids.numel() >= _PREFILL_BAR_MIN_DOCS,
                         mine.numel(), "negcache prefill (rank 0's share)")
         with torch.inference_mode():
             for start, end, batch in row_batches(own, mine.numel(), batch_size):
@@ -841,7 +841,7 @@ class ShardedCacheLossHandler(nn.Module):
         if self._corpus is None:
             local = torch.stack([self.store.feature(self.schema.doc_id_key).reshape(-1).to(torch.int64),
                                  self.store.feature(CORPUS_KEY).reshape(-1), self.store.filled.to(torch.int64)], 1)
-            every = self.comm.gather_rows(local, [self.layout.rows_per_rank] * self.comm.world_size, "corpus_index")
+            every = self.comm.gather_rows(local, [self.layout.rows_per_rank] * self.comm.shard_size, "corpus_index")
             filled = every[:, 2] > 0
             rows = torch.arange(every.shape[0], device=self.device)[filled]
             self._corpus = CorpusIndex.build(every[filled, 0], rows, every[filled, 1])
@@ -923,17 +923,26 @@ class ShardedCacheLossHandler(nn.Module):
         written.append(self.store.refresh(slots, emb, True))
         return self.layout.to_global(torch.unique(torch.cat(written)))
 
-    def _scoring_backend(self) -> str:
-        """The scan's backend, resolved on the first step on a device (known then); logged once per device."""
+    @property
+    def scan_backend(self) -> str:
+        """The scan backend that runs on the current device: 'torch', 'native' or 'triton' (``scoring_backend``
+        as :func:`scoring.resolve_backend` resolves it; ``config()`` says why)."""
+        return self._resolved_backend()[0]
+
+    def _resolved_backend(self) -> tuple[str, str]:
+        """(backend, reason), resolved once per device (the device is known at the first step); logged once."""
         if self._backend is None or self._backend[0] != self.device:
             backend, why = resolve_backend(self.scoring_backend, self.device, self.score_fn, self.top_k)
-            self._backend = (self.device, backend)
+            self._backend = (self.device, backend, why)
             _log.info("sharded_negcache: scoring backend %s (%s)", backend, why)
-        return self._backend[1]
+        return self._backend[1], self._backend[2]
 
-    def _chunk_rows(self, num_queries: int) -> int:
+    def chunk_rows(self, num_queries: int) -> int:
+        """Rows scored per chunk in a scan of ``num_queries`` queries: ``chunk_bytes / (4 · queries)`` in whole
+        sampling blocks (at least one), the chunk budget of the device when ``chunk_bytes`` is None."""
+        bs = self.layout.block_size
         budget = self.chunk_bytes or DEFAULT_CHUNK_BYTES.get(self.device.type, DEFAULT_CHUNK_BYTES["cpu"])
-        return max(self.layout.block_size, budget // (4 * max(num_queries, 1)))
+        return max(bs, budget // (4 * max(num_queries, 1)) // bs * bs)
 
     def _reencode(
         self,
@@ -974,7 +983,7 @@ class ShardedCacheLossHandler(nn.Module):
         if not self.comm.active or self.comm.two_level or self.store.jagged_fields:
             return False
         candidates = sum(sizes) * (self.top_k or self.num_negatives) * self.store.row_bytes()
-        write_back = self.comm.world_size * max(min(s * self.num_negatives, self.layout.rows_per_rank) for s in sizes)
+        write_back = self.comm.shard_size * max(min(s * self.num_negatives, self.layout.rows_per_rank) for s in sizes)
         return max(candidates, write_back * (8 + 4 * (self.schema.dim + 1))) <= self.eager_fetch_bytes
 
     def _candidate_rows(self, partials: LocalPartials) -> torch.Tensor:
@@ -1004,25 +1013,20 @@ class ShardedCacheLossHandler(nn.Module):
         tower_failed: bool,
         nonfinite: torch.Tensor,
     ) -> torch.Tensor:
-        """This rank's sums behind the global metrics (float64), summed over the job before any write."""
+        """This rank's sums behind the global metrics (float64), summed over the job before any write: the finite
+        interpretable losses and their count, the drawn rows' staleness, count and age, the filled rows after the
+        insert, rejected rows, non-finite queries, whether the tower failed. (Stacked, then one masked sum per
+        group: a few ops instead of one per value.)"""
         drawn = torch.isfinite(result.staleness)
         ages = spread(fetched.ages.double(), result.sampled_rows, which, 0.0)
-        filled = self.store.filled.sum()
-        filled_after = filled + torch.minimum(inserting, self.layout.rows_per_rank - filled)
         il = result.interpretable_loss.double()
         il_ok = torch.isfinite(il)
-        sums = torch.stack([
-            torch.where(il_ok, il, 0.0).sum(),
-            il_ok.sum().double(),
-            torch.where(drawn, result.staleness.double(), 0.0).sum(),
-            drawn.sum().double(),
-            torch.where(drawn, ages, 0.0).sum(),
-            filled_after.double(),
-            rejected.double(),
-            nonfinite.double(),
-            torch.tensor(float(tower_failed), dtype=torch.float64, device=il.device),
-        ])
-        return sums
+        per_query = torch.stack([il, torch.ones_like(il)]).where(il_ok, 0.0).sum(1)
+        per_draw = torch.stack([result.staleness.double(), torch.ones_like(ages), ages]).where(drawn, 0.0).sum((1, 2))
+        filled = self.store.filled.sum()
+        counts = torch.stack([filled + torch.minimum(inserting, self.layout.rows_per_rank - filled), rejected, nonfinite,
+                              torch.tensor(int(tower_failed), device=filled.device)]).double()
+        return torch.cat([per_query, per_draw, counts])
 
     def _global_metrics(self, sums: torch.Tensor) -> tuple[dict[str, float], float]:
         """Global means from the job's summed :meth:`_metric_sums` (the same on every rank), and the number of
@@ -1050,11 +1054,6 @@ def _first_copies(received: torch.Tensor, home: Any, sampled: torch.Tensor, whic
     first = torch.full((count,), which.numel(), dtype=torch.int64, device=which.device)
     first.scatter_reduce_(0, which, torch.arange(which.numel(), device=which.device), reduce="amin")
     return copies[first]
-
-
-def _stage(name: str) -> record_function:
-    """A profiler range named ``negcache/<name>``: users' traces (Chrome, TensorBoard) show each protocol step."""
-    return record_function(f"{STAGE_PREFIX}{name}")
 
 
 def _engine_precision(device: torch.device) -> contextlib.AbstractContextManager:

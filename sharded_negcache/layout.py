@@ -4,10 +4,11 @@ Rank r of W owns global rows [r*n, (r+1)*n) with n = cache_size / W. Blocks of `
 consecutive global rows never straddle two shards, so a block id means the same rows for any W
 that keeps ``block_size`` (the sampler keys its randomness by global block id).
 
-Two-level layout (``groups.ShardGroups``): the W ranks form W/G groups of G consecutive ranks; each group
-holds an independent cache of ``cache_size`` rows sharded over its G ranks, so "rank" and "world
-size" above are the rank in the group and G. Row ids are group-local (the same ids in every group);
-each group draws from its own random stream (:func:`stream_seed`).
+Two-level layout (``topology.Topology``): the W ranks form W/G groups of G consecutive ranks; each group
+holds an independent cache of ``cache_size`` rows sharded over its G ranks, so the partition above is
+over the shard group: ``shard_rank`` r of ``shard_size`` G owns rows [r*n, (r+1)*n) with n = cache_size / G
+(flat layout: G = W). Row ids are group-local (the same ids in every group); each group draws from its
+own random stream (:func:`stream_seed`).
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
+
+from .topology import Topology
 
 __all__ = ["ShardLayout", "stream_seed", "DEFAULT_BLOCK_SIZE"]
 
@@ -37,35 +39,25 @@ class ShardLayout:
     """Facts of the partition for one rank; pure arithmetic, no communication."""
 
     cache_size: int
-    world_size: int
-    rank: int
+    shard_size: int  # G: the ranks sharing this cache (W in the flat layout)
+    shard_rank: int  # this rank's place among them
     block_size: int
-    group: int = 0  # this rank's group (two-level layout); rank and world_size are within the group
+    group: int = 0  # this rank's shard group (two-level layout)
     num_groups: int = 1
 
     @staticmethod
-    def build(
-        cache_size: int,
-        process_group: dist.ProcessGroup | None = None,
-        block_size: int | None = None,
-        group: int = 0,
-        num_groups: int = 1,
-    ) -> "ShardLayout":
-        """Reads rank and world size from the (shard) process group (one process when not initialised)."""
-        if dist.is_available() and dist.is_initialized():
-            world_size = dist.get_world_size(process_group)
-            rank = dist.get_rank(process_group)
-        else:
-            world_size, rank = 1, 0
+    def build(cache_size: int, topology: Topology, block_size: int | None = None) -> "ShardLayout":
+        """The partition of ``cache_size`` rows over ``topology``'s shard group; checks the sizes divide."""
+        shard_size, num_groups = topology.shard_size, topology.num_groups
         if not isinstance(cache_size, int) or cache_size <= 0:
             raise ValueError(f"cache_size must be a positive int, got {cache_size!r}")
-        if cache_size % world_size:
+        if cache_size % shard_size:
             size = "world size" if num_groups == 1 else "shard_group_size"
             raise ValueError(
-                f"cache_size={cache_size} does not divide by the {size} {world_size}: each rank "
-                f"holds cache_size / {size.replace(' ', '_')} rows; use a multiple of {world_size}"
+                f"cache_size={cache_size} does not divide by the {size} {shard_size}: each rank "
+                f"holds cache_size / {size.replace(' ', '_')} rows; use a multiple of {shard_size}"
             )
-        rows = cache_size // world_size
+        rows = cache_size // shard_size
         if block_size is None:
             block_size = math.gcd(DEFAULT_BLOCK_SIZE, rows)
         if block_size <= 0 or rows % block_size:
@@ -73,11 +65,11 @@ class ShardLayout:
                 f"block_size={block_size} must be positive and divide the rows per rank ({rows}) so that "
                 "no sampling block straddles two shards"
             )
-        return ShardLayout(cache_size, world_size, rank, block_size, group, num_groups)
+        return ShardLayout(cache_size, shard_size, topology.shard_rank, block_size, topology.group, num_groups)
 
     @property
     def rows_per_rank(self) -> int:
-        return self.cache_size // self.world_size
+        return self.cache_size // self.shard_size
 
     @property
     def total_rows(self) -> int:
@@ -91,7 +83,7 @@ class ShardLayout:
     @property
     def row_offset(self) -> int:
         """Global id of this rank's first row."""
-        return self.rank * self.rows_per_rank
+        return self.shard_rank * self.rows_per_rank
 
     @property
     def blocks_per_rank(self) -> int:

@@ -1,44 +1,43 @@
-"""Chunked scoring of all gathered queries against this rank's rows, producing per-query partials.
+"""Scoring all gathered queries against this rank's rows: the scan's inputs, the choice of backend, and the
+torch backend.
 
-Never materialises [queries, shard rows]: rows are decoded and scored ``chunk_rows`` at a time
-(design §3 step 2). Per chunk: the product (one matmul), then the block log-sum-exp written into
-[queries, blocks] partials (B_g × rows / block_size floats) and stage 1 below; on CPU one call of the
-native kernel (:mod:`native_scan`) does both in one pass, and with a float scale it computes the product
-too, so no score chunk exists (the fused scan); elsewhere (or without a compiler) torch ops do. Then:
+Never materialises [queries, shard rows]: rows are decoded and scored ``chunk_rows`` at a time (design §3
+step 2). Per chunk: the product, then the block log-sum-exp written into [queries, blocks] partials and
+stage 1 below. Then:
 
-* sampling mode: ``lse`` over the blocks, and for each draw the two-stage Gumbel sampler: stage 1
-  picks a global block with probability Z_b / Z (a Gumbel keyed by the block id on the block LSEs,
-  a running best over the chunks); stage 2 picks a row inside the block by inverse CDF with a
-  uniform keyed by the query and draw. The CPU kernel and the torch path copy the winning block's
-  scores out of the chunk for the draws whose winner the chunk changed (no re-scoring) and the inverse
-  CDF runs once, after the scan, on the final winners; the Triton kernel, which never writes scores,
-  re-scores each winning block;
+* sampling mode: ``lse`` over the blocks, and for each draw the two-stage Gumbel sampler: stage 1 picks a
+  global block with probability Z_b / Z (a Gumbel keyed by the block id on the block LSEs, a running best
+  over the chunks); stage 2 picks a row inside the winning block by inverse CDF with a uniform keyed by the
+  query and draw;
 * top-k mode: the exact local top-k scores and their global row ids (kept running per chunk).
 
-Every random number is keyed by (seed, step, global query position, global block id, draw), so the
-partials, once combined, do not depend on the world size or the chunk size. Few, large tensor ops
-per chunk also keep the loop cheap when the CPU is oversubscribed (each op is an OpenMP region).
+A scan is one :class:`ScanInputs` (prepared queries, settings, exclusions; chunk masks and the sampler's
+state are cut from it in one way) handed to one backend: ``sample`` or ``topk`` of :class:`ScanBackend`.
+Three backends exist, one module each: torch ops (here, any device), the C++ kernel (:mod:`native_backend`,
+CPU) and the Triton kernels (:mod:`triton_scan`, CUDA); :func:`resolve_backend` is the one place that
+chooses among them. Every random number is keyed by (seed, step, global query position, global block id,
+draw), so the partials, once combined, do not depend on the world size, the chunk size or the backend's
+order of work.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from functools import cached_property
+from typing import Callable, Iterator, Protocol
 
 import torch
-from torch.profiler import record_function
 
 from . import keyed_random, native_scan
 from .keyed_random import Stream
 from .layout import ShardLayout
 from .store import ShardStore
 
-__all__ = ["ScoreFn", "LocalPartials", "score_shard", "make_score_fn", "block_lse", "pick_in_block", "resolve_backend",
-           "BACKENDS", "top_k_lower_row_wins"]
+__all__ = ["ScoreFn", "LocalPartials", "ScanInputs", "Draws", "ScanBackend", "TorchScan", "TORCH", "BACKENDS",
+           "resolve_backend", "scan_backend", "score_shard", "make_score_fn", "block_lse", "pick_in_block",
+           "mask_chunk", "chunk_top_k", "top_k_lower_row_wins", "KERNEL_RANGE"]
 
 _NEG_INF = float("-inf")
 KERNEL_RANGE = "negcache/score.kernel"  # profiler range of each native kernel call, inside negcache/score
-log = logging.getLogger("sharded_negcache")
 
 
 class ScoreFn:
@@ -92,73 +91,254 @@ class LocalPartials:
     topk_row: torch.Tensor | None = None  # [B, k] int64, -1 padding
 
 
+# ---- choosing the backend -------------------------------------------------------------------------------------
 BACKENDS = ("auto", "torch", "native", "triton")
+_AUTO_REASON = {"native": "CPU device and the C++ kernel loaded", "triton": "CUDA device and triton available"}
 
 
 def resolve_backend(requested: str, device: torch.device | None, score_fn: ScoreFn,
                     top_k: int | None) -> tuple[str, str]:
-    """(backend, reason) for ``scoring_backend``: 'torch' runs torch ops only; 'native' the C++ kernel of
-    :mod:`native_scan` (CPU); 'triton' the fused Triton kernel (CUDA, sampling mode, a float scale); 'auto'
-    takes Triton on CUDA where it can, the C++ kernel on CPU where it builds, else torch ops. Where a requested
-    kernel is impossible: ValueError. ``SHARDED_NEGCACHE_NATIVE=0`` overrides a C++ kernel request (torch ops).
-    ``device`` None (not known yet, at construction): only what does not depend on it is checked."""
+    """(backend, reason): the one place where ``scoring_backend`` becomes what runs. 'torch' runs torch ops
+    only; 'native' the C++ kernel (CPU); 'triton' the Triton kernels (CUDA, sampling mode, a float scale);
+    'auto' the C++ kernel on CPU and Triton on CUDA where each is possible, else torch ops. A requested kernel
+    that is impossible here raises ValueError naming why; ``SHARDED_NEGCACHE_NATIVE=0`` overrides a request
+    of the C++ kernel (torch ops, the reason says so). ``device`` None (not known yet, at construction): only
+    what does not depend on it is checked."""
     if requested not in BACKENDS:
         raise ValueError(f"scoring_backend must be one of {BACKENDS}, got {requested!r}")
     if requested == "torch":
         return "torch", "requested"
     if requested == "native" or (requested == "auto" and device is not None and device.type == "cpu"):
-        return _resolve_native(requested, device)
-    why_not = None
-    if top_k:
-        why_not = "top_k mode runs on the torch path"
-    elif score_fn.fn is not None:
-        why_not = "a callable score_transform runs on the torch path (the kernel folds a float scale into the queries)"
-    elif requested == "auto" and device is not None and device.type != "cuda":
-        why_not = f"device is {device.type}, the kernel is for CUDA"
+        if not native_scan.enabled():
+            return "torch", f"{native_scan.ENV_NATIVE} turns the C++ kernel off"
+        kernel, why_not = "native", _why_not_native(device, score_fn, top_k)
     else:
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            why_not = "triton is not installed"
+        kernel, why_not = "triton", _why_not_triton(requested, device, score_fn, top_k)
     if why_not is None:
-        return "triton", "requested" if requested == "triton" else "CUDA device and triton available"
-    if requested == "triton":
-        raise ValueError(f"scoring_backend='triton' is not possible here: {why_not}")
+        return kernel, "requested" if requested == kernel else _AUTO_REASON[kernel]
+    if requested == kernel:
+        raise ValueError(f"scoring_backend={kernel!r} is not possible here: {why_not}")
     return "torch", why_not
 
 
-def _resolve_native(requested: str, device: torch.device | None) -> tuple[str, str]:
-    """'native' (or 'torch' with the reason) for a request of the C++ kernel ('native', or 'auto' on CPU)."""
-    if not native_scan.enabled():
-        return "torch", f"{native_scan.ENV_NATIVE} turns the C++ kernel off"
+def _why_not_native(device: torch.device | None, score_fn: ScoreFn, top_k: int | None) -> str | None:
     if device is not None and device.type != "cpu":
-        why_not = f"device is {device.type}, the C++ kernel is for CPU"
-    elif not native_scan.available(torch.device("cpu")):
-        why_not = "the C++ kernel did not build or load (see the warning)"
-    else:
-        return "native", "requested" if requested == "native" else "CPU device and the C++ kernel loaded"
-    if requested == "native":
-        raise ValueError(f"scoring_backend='native' is not possible here: {why_not}")
-    return "torch", why_not
+        return f"device is {device.type}, the C++ kernel is for CPU"
+    if top_k and score_fn.fn is not None:
+        return "top_k mode with a callable score_transform has no C++ kernel (its top-k folds a float scale)"
+    if not native_scan.available(torch.device("cpu")):
+        return "the C++ kernel did not build or load (see the warning)"
+    return None
 
 
-def _mask_chunk(
-    scores: torch.Tensor,
+def _why_not_triton(requested: str, device: torch.device | None, score_fn: ScoreFn,
+                    top_k: int | None) -> str | None:
+    if top_k:
+        return "top_k mode runs on the torch path"
+    if score_fn.fn is not None:
+        return "a callable score_transform runs on the torch path (the kernel folds a float scale into the queries)"
+    if requested == "auto" and device is not None and device.type != "cuda":
+        return f"device is {device.type}, the kernel is for CUDA"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    return None
+
+
+class ScanBackend(Protocol):
+    """One way to run a scan: both modes over the same :class:`ScanInputs`, returning the rank's partials."""
+
+    name: str
+
+    def sample(self, scan: ScanInputs) -> LocalPartials:
+        """Sampling mode: every query's LSE over the local rows and its m stage-1 winners with their rows."""
+        ...
+
+    def topk(self, scan: ScanInputs) -> LocalPartials:
+        """Top-k mode: every query's exact local top-k (value, global row), best first, lower row on ties."""
+        ...
+
+
+def scan_backend(name: str) -> ScanBackend:
+    """The backend :func:`resolve_backend` named, its module imported on first use (triton only where chosen)."""
+    if name == "native":
+        from .native_backend import NATIVE
+
+        return NATIVE
+    if name == "triton":
+        from .triton_scan import TRITON
+
+        return TRITON
+    return TORCH
+
+
+def score_shard(
     store: ShardStore,
-    start: int,
-    end: int,
-    filled: int,
-    exclude_key: str | None,
-    exclude_ids: torch.Tensor | None,
-) -> None:
-    """-inf (in place) for empty rows and rows holding the query's own positive."""
-    if filled < end - start:
-        scores.masked_fill_(~store.filled[start:end][None, :], _NEG_INF)
-    if exclude_ids is not None:
-        row_ids = store.feature(exclude_key)[start:end].reshape(-1)
-        scores.masked_fill_(row_ids[None, :] == exclude_ids[:, None], _NEG_INF)
+    layout: ShardLayout,
+    queries: torch.Tensor,
+    score_fn: ScoreFn,
+    *,
+    num_draws: int,
+    top_k: int | None,
+    seed: int,
+    step: int,
+    chunk_rows: int,
+    exclude_key: str | None = None,
+    exclude_ids: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> LocalPartials:
+    """Scores ``queries`` [B, d] (global batch order) against every filled local row, on ``backend`` (a
+    ``scoring_backend`` value, resolved by :func:`resolve_backend`); rows whose ``exclude_key`` field equals a
+    query's ``exclude_ids`` entry are not its candidates."""
+    name, _ = resolve_backend(backend, queries.device, score_fn, top_k)
+    scan = ScanInputs.build(store, layout, queries, score_fn, num_draws=num_draws, top_k=top_k, seed=seed,
+                            step=step, chunk_rows=chunk_rows, exclude_key=exclude_key, exclude_ids=exclude_ids)
+    if scan.b == 0:
+        return scan.no_queries()
+    runner = scan_backend(name)
+    return runner.topk(scan) if top_k else runner.sample(scan)
 
 
+# ---- the inputs of a scan -------------------------------------------------------------------------------------
+@dataclass
+class ScanInputs:
+    """What every backend reads, built once per scan by :meth:`build`: the prepared queries, the settings, and
+    the exclusions as int64 (each row's doc id, each query's own positive), from which :meth:`masks` cuts
+    every chunk's masks and :class:`Draws` the sampler's state."""
+
+    store: ShardStore
+    layout: ShardLayout
+    q: torch.Tensor  # [B, d] float32, the float scale folded in, no gradient (the partials carry none)
+    score_fn: ScoreFn
+    num_draws: int
+    top_k: int | None
+    seed: int
+    step: int
+    chunk_rows: int  # rows per chunk: whole sampling blocks, at least one
+    row_ids: torch.Tensor | None = None  # [rows] int64: each local row's doc id (None: nothing excluded)
+    exclude_ids: torch.Tensor | None = None  # [B] int64: each query's own positive
+
+    @staticmethod
+    def build(store: ShardStore, layout: ShardLayout, queries: torch.Tensor, score_fn: ScoreFn, *, num_draws: int,
+              top_k: int | None, seed: int, step: int, chunk_rows: int, exclude_key: str | None = None,
+              exclude_ids: torch.Tensor | None = None) -> ScanInputs:
+        """The inputs of :func:`score_shard`; int32 doc ids are widened here, once per scan (O(rows))."""
+        row_ids = ids = None
+        if exclude_ids is not None:
+            if exclude_key is None:
+                raise ValueError("exclude_ids needs exclude_key, the feature field holding each row's doc id")
+            row_ids = store.feature(exclude_key).reshape(-1).to(torch.int64).contiguous()
+            ids = exclude_ids.reshape(-1).to(torch.int64)
+        bs = layout.block_size
+        q = score_fn.prepare_queries(queries.detach().float())
+        return ScanInputs(store, layout, q, score_fn, num_draws, top_k, seed, step, max(bs, chunk_rows // bs * bs),
+                          row_ids, ids)
+
+    @property
+    def b(self) -> int:
+        return self.q.shape[0]
+
+    def chunks(self, rows: int | None = None) -> Iterator[tuple[int, int, int]]:
+        """(start, end, filled rows) of every chunk of ``rows`` rows (default ``chunk_rows``) holding a row."""
+        n, total = rows or self.chunk_rows, self.store.rows
+        for start, filled in zip(range(0, total, n), self.store.filled_per_chunk(n)):
+            if filled:
+                yield start, min(start + n, total), filled
+
+    @cached_property
+    def _excluded_sorted(self) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, order = torch.sort(self.exclude_ids)
+        return ids.contiguous(), order.contiguous()
+
+    def masks(self, start: int, end: int, filled: int) -> native_scan.ChunkMasks:
+        """What local rows [start, end), holding ``filled`` rows, mask: empty rows (None for a full chunk) and
+        each query's own positive (the rows' ids, the excluded ids ascending and the query of each)."""
+        full = self.store.filled[start:end] if filled < end - start else None
+        if self.row_ids is None:
+            return native_scan.ChunkMasks(filled=full)
+        return native_scan.ChunkMasks(full, self.row_ids[start:end], *self._excluded_sorted)
+
+    def scores(self, start: int, end: int, buf: torch.Tensor) -> torch.Tensor:
+        """T(q · rows[start:end]) [B, end - start], the product written into ``buf`` (one buffer per scan: no
+        allocation, no fresh pages per chunk); unmasked."""
+        out = buf[: self.b * (end - start)].view(self.b, -1)
+        return self.score_fn.on_prepared(torch.mm(self.q, self.store.decode(start, end).t(), out=out)).contiguous()
+
+    def no_queries(self) -> LocalPartials:
+        """The partials of a scan without queries (both modes)."""
+        m, k, dev = self.num_draws, self.top_k or 0, self.q.device
+        if self.top_k:
+            return LocalPartials(topk_val=torch.full((0, k), _NEG_INF, device=dev),
+                                 topk_row=torch.full((0, k), -1, dtype=torch.int64, device=dev))
+        return LocalPartials(lse=torch.empty(0, device=dev), win_key=torch.empty((0, m), device=dev),
+                             win_row=torch.empty((0, m), dtype=torch.int64, device=dev))
+
+
+class Draws:
+    """Running stage-1 winners of the m draws of every query: a Gumbel keyed by (query, global block, draw) on
+    each block's LSE; ties keep the lower block (strict ``>`` in increasing block order). ``native``: the keys
+    and uniforms in one kernel call instead of ~40 int64 tensor ops (the same bits).
+
+    The Gumbel grid is computed for ``span`` blocks at a time (several chunks' worth: a dozen hash ops per
+    call), bounded like a chunk: ~4 int64 temporaries per element while it is built.
+    """
+
+    def __init__(self, scan: ScanInputs, native: bool) -> None:
+        b, m, device, layout = scan.b, scan.num_draws, scan.q.device, scan.layout
+        if native:
+            self.keys, self.u = native_scan.draws(keyed_random.stream_base(scan.seed, scan.step, Stream.BLOCK_GUMBEL),
+                                                  keyed_random.stream_base(scan.seed, scan.step, Stream.ROW_UNIFORM),
+                                                  b, m)
+        else:
+            pos = torch.arange(b, device=device, dtype=torch.int64)
+            self.keys = keyed_random.draw_keys(scan.seed, scan.step, Stream.BLOCK_GUMBEL, pos, m)
+            self.u = keyed_random.uniform(keyed_random.draw_keys(scan.seed, scan.step, Stream.ROW_UNIFORM, pos, m))
+        self.first_block, self.blocks = layout.row_offset // layout.block_size, layout.blocks_per_rank
+        self.span = max(1, scan.chunk_rows // (8 * max(m, 1)))  # chunk budget / (32 bytes x B x m)
+        self.grid, self.grid_lo = torch.empty(b, m, 0, device=device), 0
+        self.best_key = torch.full((b, m), _NEG_INF, device=device)
+        self.best_row = torch.full((b, m), -1, dtype=torch.int64, device=device)  # local row (or block)
+
+    def _gumbel(self, lo: int, hi: int) -> torch.Tensor:
+        """[B, m, hi - lo] Gumbels of local blocks [lo, hi)."""
+        if not (self.grid_lo <= lo and hi <= self.grid_lo + self.grid.shape[2]):
+            top = min(max(hi, lo + self.span), self.blocks)
+            ids = torch.arange(lo, top, device=self.keys.device) + self.first_block
+            self.grid, self.grid_lo = keyed_random.gumbel(self.keys, ids), lo
+        return self.grid[:, :, lo - self.grid_lo : hi - self.grid_lo]
+
+    def offer(self, lse: torch.Tensor, lo: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Blocks ``lo, lo + 1, ...`` (local) with LSEs ``lse`` [B, n]: updates the best keys and
+        returns the (query, draw) pairs they improved and their winning block (relative to ``lo``)."""
+        key, blk = (self._gumbel(lo, lo + lse.shape[1]) + lse.unsqueeze(1)).max(dim=-1)
+        better = key > self.best_key
+        qi, ti = better.nonzero(as_tuple=True)
+        self.best_key[qi, ti] = key[qi, ti]
+        return qi, ti, blk[qi, ti]
+
+    def deferred(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Buffers for the current winners' block scores [B·m, bs] and LSEs [B·m]: stage 2 after the scan."""
+        b, m = self.best_key.shape
+        return torch.empty((b * m, bs), device=self.keys.device), torch.empty(b * m, device=self.keys.device)
+
+    def pick_deferred(self, win_scores: torch.Tensor, win_lse: torch.Tensor) -> None:
+        """Stage 2 for the final winners: the row inside each winning block (``best_row`` holds its first row)."""
+        found = torch.isfinite(self.best_key).view(-1).nonzero().squeeze(1)
+        if found.numel() == win_lse.numel():
+            self.best_row.view(-1).add_(pick_in_block(win_scores, win_lse, self.u.view(-1)))
+        elif found.numel():
+            within = pick_in_block(win_scores.index_select(0, found), win_lse.index_select(0, found),
+                                   self.u.reshape(-1).index_select(0, found))
+            self.best_row.view(-1).index_add_(0, found, within)
+
+    def partials(self, lse: torch.Tensor, layout: ShardLayout) -> LocalPartials:
+        found = torch.isfinite(self.best_key)
+        rows = torch.where(found, layout.to_global(self.best_row), torch.full_like(self.best_row, -1))
+        return LocalPartials(lse=lse, win_key=self.best_key, win_row=rows)
+
+
+# ---- the torch backend ----------------------------------------------------------------------------------------
 def block_lse(scores: torch.Tensor, block: int) -> torch.Tensor:
     """[B, n·block] scores (-inf for non-candidates) -> [B, n] log Σ exp per block (-inf if none), in torch
     ops (the kernel of :mod:`native_scan` computes the same on CPU in one pass).
@@ -188,308 +368,72 @@ def pick_in_block(scores: torch.Tensor, block_lse: torch.Tensor, u: torch.Tensor
     return torch.minimum(within, last).squeeze(1)
 
 
-class _Draws:
-    """Running stage-1 winners of the m draws of every query: a Gumbel keyed by (query, global
-    block, draw) on each block's LSE; ties keep the lower block (strict ``>`` in increasing block order).
-
-    The Gumbel grid is computed for ``span`` blocks at a time (several chunks' worth: a dozen hash
-    ops per call), bounded like a chunk: ~4 int64 temporaries per element while it is built.
-    """
-
-    def __init__(self, seed: int, step: int, b: int, m: int, layout: ShardLayout, budget_rows: int,
-                 device: torch.device, native: bool) -> None:
-        if native:  # one call instead of ~40 int64 tensor ops
-            self.keys, self.u = native_scan.draws(keyed_random.stream_base(seed, step, Stream.BLOCK_GUMBEL),
-                                                  keyed_random.stream_base(seed, step, Stream.ROW_UNIFORM), b, m)
-        else:
-            pos = torch.arange(b, device=device, dtype=torch.int64)
-            self.keys = keyed_random.draw_keys(seed, step, Stream.BLOCK_GUMBEL, pos, m)
-            self.u = keyed_random.uniform(keyed_random.draw_keys(seed, step, Stream.ROW_UNIFORM, pos, m))
-        self.first_block, self.blocks = layout.row_offset // layout.block_size, layout.blocks_per_rank
-        self.span = max(1, budget_rows // (8 * max(m, 1)))  # chunk budget / (32 bytes x B x m)
-        self.grid, self.grid_lo = torch.empty(b, m, 0, device=device), 0
-        self.best_key = torch.full((b, m), _NEG_INF, device=device)
-        self.best_row = torch.full((b, m), -1, dtype=torch.int64, device=device)  # local row (or block)
-
-    def _gumbel(self, lo: int, hi: int) -> torch.Tensor:
-        """[B, m, hi - lo] Gumbels of local blocks [lo, hi)."""
-        if not (self.grid_lo <= lo and hi <= self.grid_lo + self.grid.shape[2]):
-            top = min(max(hi, lo + self.span), self.blocks)
-            ids = torch.arange(lo, top, device=self.keys.device) + self.first_block
-            self.grid, self.grid_lo = keyed_random.gumbel(self.keys, ids), lo
-        return self.grid[:, :, lo - self.grid_lo : hi - self.grid_lo]
-
-    def offer(self, lse: torch.Tensor, lo: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Blocks ``lo, lo + 1, ...`` (local) with LSEs ``lse`` [B, n]: updates the best keys and
-        returns the (query, draw) pairs they improved and their winning block (relative to ``lo``)."""
-        key, blk = (self._gumbel(lo, lo + lse.shape[1]) + lse.unsqueeze(1)).max(dim=-1)
-        better = key > self.best_key
-        qi, ti = better.nonzero(as_tuple=True)
-        self.best_key[qi, ti] = key[qi, ti]
-        return qi, ti, blk[qi, ti]
-
-    def partials(self, lse: torch.Tensor, layout: ShardLayout) -> LocalPartials:
-        found = torch.isfinite(self.best_key)
-        rows = torch.where(found, layout.to_global(self.best_row), torch.full_like(self.best_row, -1))
-        return LocalPartials(lse=lse, win_key=self.best_key, win_row=rows)
+def mask_chunk(scores: torch.Tensor, masks: native_scan.ChunkMasks, exclude_ids: torch.Tensor | None) -> None:
+    """-inf (in place) in ``scores`` [B, n] for the chunk's empty rows and each query's own positive."""
+    if masks.filled is not None:
+        scores.masked_fill_(~masks.filled[None, :], _NEG_INF)
+    if masks.row_ids is not None:
+        scores.masked_fill_(masks.row_ids[None, :] == exclude_ids[:, None], _NEG_INF)
 
 
-def score_shard(
-    store: ShardStore,
-    layout: ShardLayout,
-    queries: torch.Tensor,
-    score_fn: ScoreFn,
-    *,
-    num_draws: int,
-    top_k: int | None,
-    seed: int,
-    step: int,
-    chunk_rows: int,
-    exclude_key: str | None = None,
-    exclude_ids: torch.Tensor | None = None,
-    backend: str | None = None,
-) -> LocalPartials:
-    """Scores ``queries`` [B, d] (global batch order) against every filled local row.
-
-    ``backend`` (as :func:`resolve_backend` resolves it): 'torch' (torch ops, chunks of ``chunk_rows`` rows),
-    'native' (the C++ kernel, CPU) or 'triton' (the fused kernel of :mod:`triton_scan`, no score matrix at all;
-    sampling mode with a float scale only); None: 'native' where the kernel is available, else 'torch'.
-    """
-    b, device = queries.shape[0], queries.device
-    native = backend in (None, "native") and native_scan.available(device)
-    q = score_fn.prepare_queries(queries.detach().float())  # the partials carry no gradient
-    bs = layout.block_size
-    if top_k:
-        return _scan_topk(store, layout, q, score_fn, top_k, max(bs, chunk_rows // bs * bs), exclude_key, exclude_ids,
-                          native)
-    draws = _Draws(seed, step, b, num_draws, layout, chunk_rows, device, native)
-    if b == 0:
-        return draws.partials(torch.empty(0, device=device), layout)
-    if backend == "triton" and _triton_trusted(store, bs, device):
-        return _sample_triton(store, layout, q, draws, chunk_rows, exclude_key, exclude_ids)
-    chunk_rows = max(bs, chunk_rows // bs * bs)
-    # Stage 2 deferred: the current winners' block scores are kept ([B·m, block] floats, at most one
-    # chunk's worth) and the inverse CDF runs once, after the scan, on the final winners only; the first
-    # chunks replace most of their winners, so resolving at once did ~(1 + ln chunks)x the work. Same
-    # inputs per pair, row-wise ops: the same rows either way. Above the budget: resolved per chunk.
-    if num_draws * bs <= chunk_rows and native:
-        return _sample_native(store, layout, q, score_fn, draws, chunk_rows, exclude_key, exclude_ids)
-    return _sample_torch(store, layout, q, score_fn, draws, chunk_rows, exclude_key, exclude_ids)
-
-
-def _chunks(store: ShardStore, chunk_rows: int) -> Iterator[tuple[int, int, int]]:
-    """(start, end, filled rows) of every scoring chunk that holds at least one row."""
-    for start, filled in zip(range(0, store.rows, chunk_rows), store.filled_per_chunk(chunk_rows)):
-        if filled:
-            yield start, min(start + chunk_rows, store.rows), filled
-
-
-def _chunk_scores(store: ShardStore, q: torch.Tensor, score_fn: ScoreFn, start: int, end: int,
-                  buf: torch.Tensor) -> torch.Tensor:
-    """T(q · rows[start:end]) [B, end - start], the product written into ``buf`` (one buffer per scan: no
-    allocation, no fresh pages per chunk)."""
-    out = buf[: q.shape[0] * (end - start)].view(q.shape[0], -1)
-    return score_fn.on_prepared(torch.mm(q, store.decode(start, end).t(), out=out)).contiguous()
-
-
-def _deferred_buffers(draws: _Draws, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
-    b, m = draws.best_key.shape
-    return torch.empty((b * m, bs), device=draws.keys.device), torch.empty(b * m, device=draws.keys.device)
-
-
-def _pick_deferred(draws: _Draws, win_scores: torch.Tensor, win_lse: torch.Tensor) -> None:
-    """Stage 2 for the final winners: the row inside each winning block (``best_row`` holds its first row)."""
-    found = torch.isfinite(draws.best_key).view(-1).nonzero().squeeze(1)
-    if found.numel() == win_lse.numel():
-        draws.best_row.view(-1).add_(pick_in_block(win_scores, win_lse, draws.u.view(-1)))
-    elif found.numel():
-        within = pick_in_block(win_scores.index_select(0, found), win_lse.index_select(0, found),
-                               draws.u.reshape(-1).index_select(0, found))
-        draws.best_row.view(-1).index_add_(0, found, within)
-
-
-def _sample_torch(
-    store: ShardStore,
-    layout: ShardLayout,
-    q: torch.Tensor,
-    score_fn: ScoreFn,
-    draws: _Draws,
-    chunk_rows: int,
-    exclude_key: str | None,
-    exclude_ids: torch.Tensor | None,
-) -> LocalPartials:
-    """The scan in torch ops (any device): block LSEs by :func:`block_lse`, stage 1 by :meth:`_Draws.offer`,
+class TorchScan:
+    """The scan in torch ops, on any device: block LSEs by :func:`block_lse`, stage 1 by :meth:`Draws.offer`,
     stage 2 from the scores still in memory (no re-scoring, no gathered copy of embeddings)."""
-    (b, m), bs, device = draws.best_key.shape, layout.block_size, q.device
-    lse_all = torch.full((b, layout.blocks_per_rank), _NEG_INF, device=device)
-    buf = torch.empty(b * min(chunk_rows, store.rows), device=device)
-    defer = m * bs <= chunk_rows
-    if defer:
-        win_scores, win_lse = _deferred_buffers(draws, bs)
-    for start, end, filled in _chunks(store, chunk_rows):
-        scores = _chunk_scores(store, q, score_fn, start, end, buf)
-        _mask_chunk(scores, store, start, end, filled, exclude_key, exclude_ids)
-        lse_c = block_lse(scores, bs)
-        s3 = scores.view(b, -1, bs)
-        lse_all[:, start // bs : end // bs] = lse_c
-        # stage 1 for this chunk's blocks; stage 2 for the draws whose winner changed
-        qi, ti, blk = draws.offer(lse_c, start // bs)
-        if qi.numel():
-            pair = qi * s3.shape[1] + blk  # (query, block) as a row of [B * blocks, block]: a contiguous gather
-            pair_scores, pair_lse = s3.reshape(-1, bs).index_select(0, pair), lse_c.reshape(-1).index_select(0, pair)
-            if defer:
-                slot = qi * m + ti
-                win_scores.index_copy_(0, slot, pair_scores)
-                win_lse.index_copy_(0, slot, pair_lse)
-                draws.best_row[qi, ti] = start + blk * bs  # the block's first row; + the pick after the scan
-            else:
-                draws.best_row[qi, ti] = start + blk * bs + pick_in_block(pair_scores, pair_lse, draws.u[qi, ti])
-    if defer:
-        _pick_deferred(draws, win_scores, win_lse)
-    return draws.partials(torch.logsumexp(lse_all, dim=1), layout)
 
+    name = "torch"
 
-def _native_exclusions(store: ShardStore, exclude_key: str | None, exclude_ids: torch.Tensor | None):
-    """(row ids [rows], excluded ids ascending, their queries) as int64 for the kernel, or None when there is
-    nothing to exclude. int32 ids are widened once per step (O(rows), not O(B x rows) per chunk)."""
-    if exclude_ids is None:
-        return None
-    row_ids = store.feature(exclude_key).reshape(-1).to(torch.int64).contiguous()
-    ids, order = torch.sort(exclude_ids.to(torch.int64))
-    return row_ids, ids.contiguous(), order.contiguous()
+    def sample(self, scan: ScanInputs) -> LocalPartials:
+        # Stage 2 deferred: the current winners' block scores are kept ([B·m, block] floats, at most one chunk's
+        # worth) and the inverse CDF runs once, after the scan, on the final winners only; the first chunks
+        # replace most of their winners, so resolving at once did ~(1 + ln chunks)x the work. Same inputs per
+        # pair, row-wise ops: the same rows either way. Above the budget: resolved per chunk.
+        draws, layout, store = Draws(scan, native=False), scan.layout, scan.store
+        (b, m), bs, device = draws.best_key.shape, layout.block_size, scan.q.device
+        lse_all = torch.full((b, layout.blocks_per_rank), _NEG_INF, device=device)
+        buf = torch.empty(b * min(scan.chunk_rows, store.rows), device=device)
+        defer = m * bs <= scan.chunk_rows
+        if defer:
+            win_scores, win_lse = draws.deferred(bs)
+        for start, end, filled in scan.chunks():
+            scores = scan.scores(start, end, buf)
+            mask_chunk(scores, scan.masks(start, end, filled), scan.exclude_ids)
+            lse_c = block_lse(scores, bs)
+            s3 = scores.view(b, -1, bs)
+            lse_all[:, start // bs : end // bs] = lse_c
+            # stage 1 for this chunk's blocks; stage 2 for the draws whose winner changed
+            qi, ti, blk = draws.offer(lse_c, start // bs)
+            if qi.numel():
+                pair = qi * s3.shape[1] + blk  # (query, block) as a row of [B * blocks, block]: a contiguous gather
+                pair_scores, pair_lse = s3.reshape(-1, bs).index_select(0, pair), lse_c.reshape(-1).index_select(0, pair)
+                if defer:
+                    slot = qi * m + ti
+                    win_scores.index_copy_(0, slot, pair_scores)
+                    win_lse.index_copy_(0, slot, pair_lse)
+                    draws.best_row[qi, ti] = start + blk * bs  # the block's first row; + the pick after the scan
+                else:
+                    draws.best_row[qi, ti] = start + blk * bs + pick_in_block(pair_scores, pair_lse, draws.u[qi, ti])
+        if defer:
+            draws.pick_deferred(win_scores, win_lse)
+        return draws.partials(torch.logsumexp(lse_all, dim=1), layout)
 
-
-def _native_masks(store: ShardStore, excl, start: int, end: int, filled: int) -> native_scan.ChunkMasks:
-    """The kernel's masks for local rows [start, end) holding ``filled`` rows (``excl``: :func:`_native_exclusions`)."""
-    return native_scan.ChunkMasks(
-        filled=store.filled[start:end] if filled < end - start else None,
-        row_ids=None if excl is None else excl[0][start:end],
-        excl_sorted=None if excl is None else excl[1], excl_query=None if excl is None else excl[2])
-
-
-def _fused_chunk_rows(store: ShardStore, chunk_rows: int) -> int:
-    """Rows per call of a fused kernel: fp32 rows are scanned where they lie (no buffer to bound: one call),
-    other codecs are decoded ``chunk_rows`` at a time."""
-    return store.rows if store.codec.storage_dtype == torch.float32 else chunk_rows
-
-
-def _sample_native(
-    store: ShardStore,
-    layout: ShardLayout,
-    q: torch.Tensor,
-    score_fn: ScoreFn,
-    draws: _Draws,
-    chunk_rows: int,
-    exclude_key: str | None,
-    exclude_ids: torch.Tensor | None,
-) -> LocalPartials:
-    """The CPU scan: one kernel call per chunk (:mod:`native_scan`) that masks, writes the block LSEs, runs
-    stage 1 and copies each new winner's block scores for the deferred stage 2. With a float scale (folded
-    into ``q``) the kernel also computes the product, block by block, so no score chunk is ever written
-    (the fused scan); a callable transform needs the scores, so ``torch.mm`` and the transform run first."""
-    b, bs = draws.best_key.shape[0], layout.block_size
-    lse_all = torch.full((b, layout.blocks_per_rank), _NEG_INF)
-    win_scores, win_lse = _deferred_buffers(draws, bs)
-    state = native_scan.Stage1(draws.keys, draws.best_key, draws.best_row, win_scores, win_lse)
-    excl = _native_exclusions(store, exclude_key, exclude_ids)
-    fused = score_fn.fn is None
-    if fused:
-        packed, chunk_rows = native_scan.pack_queries(q), _fused_chunk_rows(store, chunk_rows)
-    else:
-        buf = torch.empty(b * min(chunk_rows, store.rows))
-    for start, end, filled in _chunks(store, chunk_rows):
-        masks = _native_masks(store, excl, start, end, filled)
-        where = dict(first_block=draws.first_block + start // bs, row0=start)
-        lse_out = lse_all[:, start // bs : end // bs]
-        if fused:
-            rows = store.decode(start, end)
-            with record_function(KERNEL_RANGE):  # a trace shows the kernel apart from the decode
-                native_scan.fused_scan(packed, b, rows, bs, lse_out, masks, state, **where)
-        else:
-            scores = _chunk_scores(store, q, score_fn, start, end, buf)
-            with record_function(KERNEL_RANGE):  # a trace shows the kernel apart from the product
-                native_scan.scan_chunk(scores, bs, lse_out, masks, state, **where)
-    native_scan.pick(win_scores, win_lse, draws.u.view(-1), draws.best_key.view(-1), draws.best_row.view(-1),
-                     layout.row_offset)  # global rows, -1 where nothing was found: the partials as they are
-    return LocalPartials(lse=native_scan.row_lse(lse_all), win_key=draws.best_key, win_row=draws.best_row)
-
-
-_TRITON_CHECKED: dict[tuple[str, str, int, int], bool] = {}
-
-
-def _triton_trusted(store: ShardStore, bs: int, device: torch.device) -> bool:
-    """The kernels' self-check (once per process, device, codec, width and block size: each compiles its own
-    variant): where either kernel fails to compile or disagrees with torch, one warning naming the check that
-    disagreed, and the torch scan from then on."""
-    key = (str(device), store.codec.name, store.dim, bs)
-    if key not in _TRITON_CHECKED:
-        from . import triton_scan
-
-        problem = triton_scan.self_check(store.codec, store.dim, bs, device)
-        if problem is not None:
-            log.warning("sharded_negcache: the Triton scan failed its self-check on %s with %s rows (%s); "
-                        "scoring runs the torch scan", device, store.codec.name, problem)
-        _TRITON_CHECKED[key] = problem is None
-    return _TRITON_CHECKED[key]
-
-
-def _sample_triton(
-    store: ShardStore,
-    layout: ShardLayout,
-    q: torch.Tensor,
-    draws: _Draws,
-    chunk_rows: int,
-    exclude_key: str | None,
-    exclude_ids: torch.Tensor | None,
-) -> LocalPartials:
-    """The fused kernel writes only [B, blocks] LSEs; stage 1 walks them in ranges whose Gumbel grid
-    stays within the chunk budget; stage 2 re-scores each winning block inside a second kernel."""
-    from . import triton_scan
-
-    row_ids = store.feature(exclude_key).reshape(-1) if exclude_ids is not None else None
-    rows = triton_scan.StoredRows.of(store.embeddings, store.codec.name, store.dim, store.filled, row_ids)
-    bs, (b, m) = layout.block_size, draws.best_key.shape
-    lse_all = triton_scan.block_lse(q, rows, bs, exclude_ids)
-    best_blk = torch.zeros((b, m), dtype=torch.int64, device=q.device)
-    for lo in range(0, layout.blocks_per_rank, draws.span):
-        qi, ti, blk = draws.offer(lse_all[:, lo : lo + draws.span], lo)
-        best_blk[qi, ti] = blk + lo
-    found = torch.isfinite(draws.best_key)
-    win_lse = lse_all.gather(1, best_blk)
-    draws.best_row = triton_scan.pick_rows(q, rows, bs, best_blk, win_lse, draws.u, found, exclude_ids)
-    return draws.partials(torch.logsumexp(lse_all, dim=1), layout)
-
-
-def _scan_topk(
-    store: ShardStore,
-    layout: ShardLayout,
-    q: torch.Tensor,
-    score_fn: ScoreFn,
-    k: int,
-    chunk_rows: int,
-    exclude_key: str | None,
-    exclude_ids: torch.Tensor | None,
-    native: bool,
-) -> LocalPartials:
-    """The exact local top-k (value, global row), kept running chunk by chunk (on CPU with a float scale: in the
-    fused kernel, which never writes a score chunk)."""
-    b, device = q.shape[0], q.device
-    best_val = torch.full((b, k), _NEG_INF, device=device)
-    best_row = torch.full((b, k), -1, dtype=torch.int64, device=device)
-    if b == 0:
+    def topk(self, scan: ScanInputs) -> LocalPartials:
+        """The exact local top-k, kept running chunk by chunk (:func:`chunk_top_k`, :func:`top_k_lower_row_wins`)."""
+        b, k, device, offset = scan.b, scan.top_k, scan.q.device, scan.layout.row_offset
+        best_val = torch.full((b, k), _NEG_INF, device=device)
+        best_row = torch.full((b, k), -1, dtype=torch.int64, device=device)
+        for start, end, filled in scan.chunks():
+            scores = scan.score_fn.on_prepared(scan.q @ scan.store.decode(start, end).t())
+            mask_chunk(scores, scan.masks(start, end, filled), scan.exclude_ids)
+            val, idx = chunk_top_k(scores, min(k, end - start))
+            row = torch.where(torch.isfinite(val), idx + (offset + start), torch.full_like(idx, -1))
+            best_val, best_row = top_k_lower_row_wins(torch.cat([best_val, val], 1), torch.cat([best_row, row], 1), k)
         return LocalPartials(topk_val=best_val, topk_row=best_row)
-    if score_fn.fn is None and native:
-        return _topk_native(store, layout, q, best_val, best_row, chunk_rows, exclude_key, exclude_ids)
-    for start, end, filled in _chunks(store, chunk_rows):
-        scores = score_fn.on_prepared(q @ store.decode(start, end).t())
-        _mask_chunk(scores, store, start, end, filled, exclude_key, exclude_ids)
-        val, idx = _chunk_top_k(scores, min(k, end - start))
-        row = torch.where(torch.isfinite(val), idx + (layout.row_offset + start), torch.full_like(idx, -1))
-        best_val, best_row = top_k_lower_row_wins(torch.cat([best_val, val], 1), torch.cat([best_row, row], 1), k)
-    return LocalPartials(topk_val=best_val, topk_row=best_row)
 
 
-def _chunk_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+TORCH = TorchScan()
+
+
+def chunk_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best of each row of ``scores`` [B, n] (values, indices; unordered), equal values at the k-th
     going to the lower index. ``torch.topk`` picks among ties at the k-th value arbitrarily: it runs for
     k + 1, and only rows whose (k+1)-th value equals the k-th (duplicated rows: rare otherwise) are
@@ -521,21 +465,3 @@ def top_k_lower_row_wins(vals: torch.Tensor, rows: torch.Tensor, k: int) -> torc
     vals, rows = vals.gather(1, by_row), rows.gather(1, by_row)
     order = vals.argsort(dim=1, descending=True, stable=True)[:, :k]
     return vals.gather(1, order), rows.gather(1, order)
-
-
-TOPK_TILE_ROWS = 192  # rows the fused top-k scores per (query group, tile): a multiple of every micro-tile
-
-
-def _topk_native(store: ShardStore, layout: ShardLayout, q: torch.Tensor, best_val: torch.Tensor,
-                 best_row: torch.Tensor, chunk_rows: int, exclude_key: str | None,
-                 exclude_ids: torch.Tensor | None) -> LocalPartials:
-    """Top-k mode in the fused kernel: each query's running top-k as a heap per lane, a row entering only when
-    above the k-th value (rare after the first rows); sorted once at the end. fp32 rows in one call."""
-    packed, excl = native_scan.pack_queries(q), _native_exclusions(store, exclude_key, exclude_ids)
-    for start, end, filled in _chunks(store, _fused_chunk_rows(store, chunk_rows)):
-        masks = _native_masks(store, excl, start, end, filled)
-        with record_function(KERNEL_RANGE):
-            native_scan.fused_topk(packed, q.shape[0], store.decode(start, end), TOPK_TILE_ROWS, best_val, best_row,
-                                   masks, row0=layout.row_offset + start)
-    best_val, best_row = top_k_lower_row_wins(best_val, best_row, best_val.shape[1])  # the heaps, in order
-    return LocalPartials(topk_val=best_val, topk_row=best_row)

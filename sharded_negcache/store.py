@@ -308,27 +308,41 @@ class ShardStore(nn.Module):
         return sum(p[3] for p in self._parts())
 
     # ---- whole-shard views (tests, resharding, checkpoints; not the hot path) -----------------
-    def export_rows(self) -> dict[str, torch.Tensor]:
-        """Every local row: fp32 'embedding', 'age', 'filled', each fixed field, and each jagged field
-        as padded [rows, max_length] plus '<key>:lengths'."""
-        out = {"embedding": self.codec.decode(self.embeddings, self.dim), "age": self.age.clone(), "filled": self.filled.clone()}
+    def export_rows(self, *, as_stored: bool = False) -> dict[str, torch.Tensor]:
+        """Copies of every local row: 'embedding', 'age', 'filled', each fixed field, and each jagged field as
+        padded [rows, max_length] (zeros past each length) plus '<key>:lengths'.
+
+        By default the embeddings are decoded to fp32 and every tensor is on the cache device (what
+        :meth:`ShardedCacheLossHandler.gather_global_rows` moves). ``as_stored=True``: the embeddings as
+        stored (codec-encoded, bit for bit) and each field where it lives (host-resident fields stay on
+        the host): what a checkpoint writes and :meth:`import_rows` takes back with ``as_stored=True``.
+        """
+        embedding = self.embeddings.detach().clone() if as_stored else self.codec.decode(self.embeddings, self.dim)
+        out = {"embedding": embedding, "age": self.age.clone(), "filled": self.filled.clone()}
         for key, spec in self.feature_specs.items():
+            where = self.feature(key).lengths.device if isinstance(spec, JaggedFieldSpec) else self.feature(key).device
+            where = where if as_stored else self.device
             if isinstance(spec, JaggedFieldSpec):
-                out[key], out[key + ":lengths"] = (t.to(self.device) for t in self.feature(key).padded())
+                out[key], out[key + ":lengths"] = (t.to(where) for t in self.feature(key).padded())
             else:
-                out[key] = self.feature(key).to(self.device, copy=True)
+                out[key] = self.feature(key).detach().to(where, copy=True)
         return out
 
     @torch.no_grad()
-    def import_rows(self, rows: Mapping[str, torch.Tensor]) -> None:
-        """Overwrites every local row from :meth:`export_rows`-shaped tensors (checked before writing)."""
+    def import_rows(self, rows: Mapping[str, torch.Tensor], *, as_stored: bool = False) -> None:
+        """Overwrites every local row from :meth:`export_rows`-shaped tensors (checked before writing).
+
+        ``as_stored=True``: 'embedding' holds stored (codec-encoded) rows, copied bit for bit instead of
+        encoded (re-encoding decoded int8/int4 rows would not give the same bytes).
+        """
         expected = {"embedding", "age", "filled", *self.feature_specs, *(k + ":lengths" for k in self._jagged())}
         if set(rows) != expected:
             raise ValueError(f"rows must have exactly the keys {sorted(expected)}, got {sorted(rows)}")
         for key, t in rows.items():
             if t.shape[0] != self.rows:
                 raise ValueError(f"rows[{key!r}] has {t.shape[0]} rows, the shard has {self.rows}")
-        self.embeddings.copy_(self.codec.encode(rows["embedding"].to(self.device)))
+        embedding = rows["embedding"].to(self.device)
+        self.embeddings.copy_(embedding if as_stored else self.codec.encode(embedding))
         self.age.copy_(rows["age"])
         self.filled.copy_(rows["filled"])
         for key, spec in self.feature_specs.items():

@@ -1,4 +1,4 @@
-"""Fused Triton kernels of the scan (GPU): scores never reach memory.
+"""The Triton backend of the scan (GPU): :class:`TritonScan` and its fused kernels; scores never reach memory.
 
 ``block_lse``: one program owns a tile of ``BLOCK_Q`` queries and a slab of consecutive sampling blocks. It
 loads the query tile once (in the rows' compute dtype) and keeps it on chip while it streams the slab's
@@ -28,6 +28,7 @@ how the tests check them without a GPU.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -36,8 +37,13 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["StoredRows", "Tiles", "tiles", "block_lse", "pick_rows", "lse_launch", "pick_launch", "self_check",
-           "CODECS", "score_error_bound"]
+from .scoring import TORCH, Draws, LocalPartials, ScanInputs, pick_in_block
+
+log = logging.getLogger("sharded_negcache")
+
+__all__ = ["TritonScan", "TRITON", "TRUSTED", "trusted", "StoredRows", "Tiles", "tiles", "block_lse", "pick_rows",
+           "lse_launch", "pick_launch", "block_lse_kernel", "pick_rows_kernel", "self_check", "CODECS",
+           "score_error_bound"]
 
 CODECS = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3, "int4": 4}
 # one rounding to the compute dtype: bf16 2^-8 to nearest; 2^-7 also covers truncation (the interpreter's cast)
@@ -50,6 +56,54 @@ def score_error_bound(codec: str, dim: int) -> float:
     (2u + u²) plus fp32 accumulation of ``dim`` terms in two different orders (2 · dim · 2^-24)."""
     u = _UNIT_ROUNDOFF[codec]
     return 2 * u + u * u + 2 * dim * 2.0**-24
+
+
+class TritonScan:
+    """The scan in the Triton kernels: the fused kernel writes only the [B, blocks] LSEs; stage 1 walks them in
+    ranges whose Gumbel grid stays within the chunk budget; stage 2 re-scores each winning block inside a second
+    kernel. Sampling mode with a float scale only (:func:`scoring.resolve_backend`)."""
+
+    name = "triton"
+
+    def sample(self, scan: ScanInputs) -> LocalPartials:
+        store, layout, q = scan.store, scan.layout, scan.q
+        bs = layout.block_size
+        if not trusted(store.codec, store.dim, bs, q.device):
+            return TORCH.sample(scan)
+        draws, (b, m) = Draws(scan, native=False), (scan.b, scan.num_draws)
+        rows = StoredRows.of(store.embeddings, store.codec.name, store.dim, store.filled, scan.row_ids)
+        lse_all = block_lse(q, rows, bs, scan.exclude_ids)
+        best_blk = torch.zeros((b, m), dtype=torch.int64, device=q.device)
+        for lo in range(0, layout.blocks_per_rank, draws.span):
+            qi, ti, blk = draws.offer(lse_all[:, lo : lo + draws.span], lo)
+            best_blk[qi, ti] = blk + lo
+        found = torch.isfinite(draws.best_key)
+        win_lse = lse_all.gather(1, best_blk)
+        draws.best_row = pick_rows(q, rows, bs, best_blk, win_lse, draws.u, found, scan.exclude_ids)
+        return draws.partials(torch.logsumexp(lse_all, dim=1), layout)
+
+    def topk(self, scan: ScanInputs) -> LocalPartials:
+        raise ValueError("top_k mode has no Triton kernel: use scoring_backend 'torch' (or 'auto')")
+
+
+TRITON = TritonScan()
+
+# The self-check's verdict per (device, codec name, width, block size): each compiles its own kernel variant.
+TRUSTED: dict[tuple[str, str, int, int], bool] = {}
+
+
+def trusted(codec, dim: int, bs: int, device: torch.device) -> bool:
+    """Whether the kernels passed :func:`self_check` for rows of ``codec`` (checked once per process, device,
+    codec, width and block size); where either fails to compile or disagrees with torch, one warning naming
+    the check that disagreed, and the torch scan from then on."""
+    key = (str(device), codec.name, dim, bs)
+    if key not in TRUSTED:
+        problem = self_check(codec, dim, bs, device)
+        if problem is not None:
+            log.warning("sharded_negcache: the Triton scan failed its self-check on %s with %s rows (%s); "
+                        "scoring runs the torch scan", device, codec.name, problem)
+        TRUSTED[key] = problem is None
+    return TRUSTED[key]
 
 
 @dataclass(frozen=True)
@@ -175,7 +229,7 @@ def _dot(q, ct, acc, CODEC: tl.constexpr, UPCAST: tl.constexpr):
 
 # sizes are not specialised (divisibility, == 1): the self-check then runs the very binary the engine launches
 @triton.jit(do_not_specialize=["B", "n_blocks", "blocks_per_prog"])
-def _block_lse_kernel(q_ptr, data_ptr, sb_ptr, filled_ptr, rid_ptr, qid_ptr, out_ptr,
+def block_lse_kernel(q_ptr, data_ptr, sb_ptr, filled_ptr, rid_ptr, qid_ptr, out_ptr,
                       B, n_blocks, blocks_per_prog, stride_q, stride_row, stride_sb,
                       D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, BS: tl.constexpr,
                       CODEC: tl.constexpr, HAS_EXCL: tl.constexpr, UPCAST: tl.constexpr, ALIGN: tl.constexpr,
@@ -249,7 +303,7 @@ def _block_scores(q_ptr, data_ptr, sb_ptr, filled_ptr, rid_ptr, qi, qid, rows, r
 
 
 @triton.jit(do_not_specialize=["m"])
-def _pick_rows_kernel(q_ptr, data_ptr, sb_ptr, filled_ptr, rid_ptr, qid_ptr, blk_ptr, lse_ptr, u_ptr, out_ptr,
+def pick_rows_kernel(q_ptr, data_ptr, sb_ptr, filled_ptr, rid_ptr, qid_ptr, blk_ptr, lse_ptr, u_ptr, out_ptr,
                       m, stride_q, stride_row, stride_sb,
                       D: tl.constexpr, BS: tl.constexpr, CODEC: tl.constexpr, HAS_EXCL: tl.constexpr,
                       ALIGN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -342,7 +396,7 @@ def block_lse(q: torch.Tensor, rows: StoredRows, bs: int, exclude_ids: torch.Ten
     out = torch.empty((q.shape[0], rows.data.shape[0] // bs), dtype=torch.float32, device=q.device)
     if out.numel():
         grid, args, meta = lse_launch(q, rows, bs, exclude_ids, out)
-        _block_lse_kernel[grid](*args, **meta)
+        block_lse_kernel[grid](*args, **meta)
     return out
 
 
@@ -370,7 +424,7 @@ def pick_rows(q: torch.Tensor, rows: StoredRows, bs: int, blocks: torch.Tensor, 
     blk = torch.where(found, blocks, torch.zeros_like(blocks)).to(torch.int64).contiguous()
     lse = torch.where(found, block_lse, torch.zeros_like(block_lse)).float().contiguous()
     grid, args, meta = pick_launch(q, rows, bs, blk, lse, u.float().contiguous(), exclude_ids, out)
-    _pick_rows_kernel[grid](*args, **meta)
+    pick_rows_kernel[grid](*args, **meta)
     return torch.where(found, out.view(b, m), torch.full_like(blk, -1))
 
 
@@ -439,11 +493,9 @@ def self_check(codec, dim: int, bs: int, device: torch.device) -> str | None:
     2^-20 of the mass beside a CDF step (a score error that moves the step flips the row). A kernel that
     does not compile or launch is a disagreement too. The engine calls it once per process, device, codec,
     width and block size before trusting the kernels."""
-    from .scoring import pick_in_block
-
     try:
         for excl in (True, False):
-            problem = _check_once(codec, dim, bs, device, excl, pick_in_block)
+            problem = _check_once(codec, dim, bs, device, excl)
             if problem:
                 return f"{problem} ({'with' if excl else 'without'} exclusions)"
     except Exception as exc:  # noqa: BLE001 - a kernel that does not compile or launch here
@@ -451,7 +503,7 @@ def self_check(codec, dim: int, bs: int, device: torch.device) -> str | None:
     return None
 
 
-def _check_once(codec, dim: int, bs: int, device: torch.device, excl: bool, pick_in_block) -> str | None:
+def _check_once(codec, dim: int, bs: int, device: torch.device, excl: bool) -> str | None:
     b = tiles(codec.name, dim, bs).block_q + 3  # a full query tile and a ragged one
     stored, decoded, filled, row_ids, q, qids = _exact_case(codec, dim, bs, b, device)
     nb = CHECK_BLOCKS

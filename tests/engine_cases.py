@@ -61,6 +61,12 @@ def global_batch(size: int, tower: Tower, seed: int = 11, with_ids: bool = False
     return batch
 
 
+def rank_batch(rank: int, step: int, n: int = 3) -> tuple[torch.Tensor, dict]:
+    """(queries [n, DIM], document data) of one rank at one step: different on every rank and step."""
+    g = torch.Generator().manual_seed(100 * step + rank)
+    return torch.randn(n, DIM, generator=g), {"x": torch.randn(n, FEAT, generator=g)}
+
+
 def run_step(handler: ShardedCacheLossHandler, tower: Tower, batch: dict, lo: int, hi: int, with_ids: bool = False):
     """One step on this rank's slice [lo, hi) of the global batch; returns the loss and gradient norms."""
     q = batch["q"][lo:hi].clone().requires_grad_(True)
@@ -71,3 +77,17 @@ def run_step(handler: ShardedCacheLossHandler, tower: Tower, batch: dict, lo: in
     loss = handler.update_cache_and_compute_loss(tower, q, tower(data), data)
     loss.backward()
     return loss.detach(), q.grad
+
+
+def cache_state(h: ShardedCacheLossHandler) -> dict:
+    """A copy of this rank's shard (rows, ages, fill flags), step counter and seed: what a refused call keeps."""
+    state = {k: v.clone() for k, v in h.store.export_rows().items()}
+    state["step"] = torch.tensor(h.steps_done)
+    state["seed"] = h.seed.clone()
+    return state
+
+
+def changed(before: dict, h: ShardedCacheLossHandler) -> list[str]:
+    """The entries of :func:`cache_state` that differ from ``before`` (empty: the cache is exactly as it was)."""
+    after = cache_state(h)
+    return sorted(set(before) ^ set(after)) + [k for k in before if k in after and not torch.equal(before[k], after[k])]

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from dist_utils import run_ranks
+from sharded_negcache.testing import run_ranks
 from sharded_negcache.compat import handlers, losses
 from sharded_negcache.compat.negative_cache import CacheManager, FixedLenFeature
 

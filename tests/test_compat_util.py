@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_utils import run_ranks
+from sharded_negcache.testing import run_ranks
 from sharded_negcache.compat import util
 
 INF = float("inf")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from corpus_cases import N_DOCS, Tower, corpus, corpus_layouts, extra_inputs, positives_of, rows_by_id
-from dist_utils import run_ranks
+from sharded_negcache.testing import run_ranks
 
 GROUPS = {"w1": [[0]], "w2": [[0, 1]], "w4": [[0, 1, 2, 3]], "2x2": [[0, 1], [2, 3]]}
 

@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("sentence_transformers")
 
-from dist_utils import free_port  # noqa: E402
+from sharded_negcache.testing import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:

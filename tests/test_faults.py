@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from dist_utils import run_ranks
+from sharded_negcache.testing import run_ranks
 from engine_cases import DIM, FEAT, Tower, global_cache, make_handler
 from sharded_negcache import CacheTooLarge, CollectiveFailed, FieldSpec, NonFiniteRows, ShardedCacheLossHandler
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 import sharded_negcache
-from dist_utils import free_port
+from sharded_negcache.testing import free_port
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_utils import run_ranks
+from sharded_negcache.testing import run_ranks
 from engine_cases import DIM, FEAT, Tower, make_handler
 
 CACHE, SCALE, DRAWS = 12, 2.0, 2

@@ -20,7 +20,7 @@ from sharded_negcache import keyed_random, native_scan
 from sharded_negcache.keyed_random import Stream
 from sharded_negcache.scoring import block_lse
 
-from test_hardening_sampling import EDGE, _keys_for
+from test_keyed_random import EDGE, keys_for
 
 NEG_INF, INF, NAN = float("-inf"), float("inf"), float("nan")
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ def test_gumbel_matches_keyed_random_including_the_extreme_hash_levels():
     torch.testing.assert_close(native_scan.gumbel(keys, items), keyed_random.gumbel(keys, items).view(256, 300),
                                rtol=0, atol=GUMBEL_ABS)
     # keys whose hash is each of the 512 lowest and highest 32-bit values against item 12345
-    edge_keys = _keys_for(EDGE, 12345)
+    edge_keys = keys_for(EDGE, 12345)
     got = native_scan.gumbel(edge_keys, torch.tensor([12345]))
     want = keyed_random.gumbel(edge_keys, torch.tensor([12345])).view(-1, 1)
     assert bool(torch.isfinite(got).all())
@@ -645,7 +645,7 @@ def test_int32_document_ids_are_masked_in_the_kernel_as_int64_ones(monkeypatch):
     from sharded_negcache import FieldSpec, ShardedCacheLossHandler, scoring
 
     torch_masks = []
-    monkeypatch.setattr(scoring, "_mask_chunk", lambda *a, **k: torch_masks.append(a))
+    monkeypatch.setattr(scoring, "mask_chunk", lambda *a, **k: torch_masks.append(a))
     tower, got = Tower(), {}
     for dtype in (torch.int64, torch.int32):
         sp = specs(with_ids=True)

@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from dist_utils import run_ranks
+from sharded_negcache.testing import run_ranks
 from engine_cases import DIM, FEAT
 from sharded_negcache import BatchRejected, CollectiveFailed, FieldSpec, ShardedCacheLossHandler
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_utils import run_ranks
+from sharded_negcache.testing import run_ranks
 from engine_cases import Tower, global_batch, global_cache, make_handler, run_step
 
 RECORD = Path(__file__).parent / "data" / "recorded_steps.json"

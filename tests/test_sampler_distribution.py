@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_utils import run_ranks
 from engine_cases import DIM, Tower, global_cache, make_handler
+from sharded_negcache.testing import run_ranks
 
 CACHE, DRAWS, QUERIES = 64, 6000, 3
 SCALE = 0.3  # flat enough that 17 to 49 rows carry real probability

@@ -2,7 +2,9 @@
 independence, the inverse CDF at the edges of (0, 1), and the scoring_backend option."""
 from __future__ import annotations
 
+import importlib.util
 import logging
+from collections import Counter
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ import torch
 from engine_cases import Tower, global_cache, make_handler
 from sharded_negcache import keyed_random, native_scan
 from sharded_negcache.keyed_random import Stream
-from sharded_negcache.scoring import make_score_fn, pick_in_block, score_shard
+from sharded_negcache.scoring import make_score_fn, pick_in_block, resolve_backend, score_shard
 
 NEG_INF = float("-inf")
 
@@ -116,13 +118,15 @@ def test_scoring_backend_option_is_checked_resolved_and_logged_once(caplog):
     with pytest.raises(ValueError, match="callable score_transform"):
         make_handler(16, scoring_backend="triton", score_transform=torch.tanh)
     tower = Tower()
-    h = make_handler(16)
-    assert h.config()["scoring_backend"] == "auto"
-    h.load_global_rows(global_cache(16, tower))
     x = torch.randn(3, 6)
     with caplog.at_level(logging.INFO, logger="sharded_negcache"):
+        h = make_handler(16)
+        h.load_global_rows(global_cache(16, tower))
         for _ in range(2):
             h.update_cache_and_compute_loss(tower, torch.randn(3, 8), tower({"x": x}), {"x": x})
+        assert h.config()["scoring_backend"] == {"requested": "auto", "runs": "native",
+                                                 "why": "CPU device and the C++ kernel loaded"}
+        assert h.scan_backend == "native"
     chosen = [r.getMessage() for r in caplog.records if "scoring backend" in r.getMessage()]
     assert chosen == ["sharded_negcache: scoring backend native (CPU device and the C++ kernel loaded)"]
 
@@ -165,27 +169,167 @@ def test_scoring_backend_torch_never_calls_the_cpp_kernel_and_native_does(top_k,
                 h.update_cache_and_compute_loss(tower, torch.randn(3, 8, generator=g), tower({"x": x}), {"x": x})
             sampled.append(h.last_step.sampled_rows)
         calls[backend], rows[backend] = counter.calls, torch.stack(sampled)
-        assert h.config()["scoring_backend"] == backend
+        assert h.config()["scoring_backend"]["requested"] == backend and h.scan_backend == {"torch": "torch"}.get(
+            backend, "native")
     assert calls["torch"] == 0 and calls["native"] > 0 and calls["auto"] == calls["native"], calls
     assert torch.equal(rows["native"], rows["auto"])
     assert bool((rows["torch"] >= 0).any())  # the torch ops did sample
 
 
+def test_resolve_backend_is_the_one_choice():
+    """The table of scoring_backend x device x mode x transform (devices by name only: no GPU needed)."""
+    assert native_scan.available(torch.device("cpu")), "the C++ kernel is needed for this test"
+    scale, fn = make_score_fn(3.0), make_score_fn(torch.tanh)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_backend("auto", cpu, scale, None) == ("native", "CPU device and the C++ kernel loaded")
+    assert resolve_backend("auto", cpu, fn, None)[0] == "native"  # the kernel scans torch's score chunk
+    assert resolve_backend("auto", cpu, scale, 3)[0] == "native"
+    assert resolve_backend("auto", cpu, fn, 3) == ("torch", "top_k mode with a callable score_transform has no C++ "
+                                                   "kernel (its top-k folds a float scale)")
+    assert resolve_backend("auto", cuda, scale, 3) == ("torch", "top_k mode runs on the torch path")
+    assert resolve_backend("auto", cuda, fn, None)[0] == "torch"
+    if importlib.util.find_spec("triton") is not None:
+        assert resolve_backend("auto", cuda, scale, None) == ("triton", "CUDA device and triton available")
+        assert resolve_backend("triton", None, scale, None) == ("triton", "requested")
+    for requested in ("torch", "native"):
+        assert resolve_backend(requested, cpu, fn, None) == (requested, "requested")
+    assert resolve_backend("torch", cuda, fn, 3) == ("torch", "requested")
+    with pytest.raises(ValueError, match="scoring_backend='native' is not possible here: device is cuda"):
+        resolve_backend("native", cuda, scale, None)
+    with pytest.raises(ValueError, match="scoring_backend='native' is not possible here: top_k mode with a callable"):
+        resolve_backend("native", cpu, fn, 3)
+    with pytest.raises(ValueError, match="scoring_backend='triton' is not possible here: top_k"):
+        resolve_backend("triton", cuda, scale, 3)
+
+
+def test_exclusions_need_the_field_that_holds_the_rows_ids():
+    h = make_handler(16, with_ids=True)
+    with pytest.raises(ValueError, match="exclude_ids needs exclude_key"):
+        score_shard(h.store, h.layout, torch.randn(2, 8), h.score_fn, num_draws=1, top_k=None, seed=0, step=0,
+                    chunk_rows=8, exclude_ids=torch.tensor([1, 2]))
+
+
+# every entry point of the C++ kernel (each calls into the loaded library) and the Triton kernels' launches
+NATIVE_CALLS = ("scan_chunk", "pack_queries", "fused_scan", "fused_topk", "pick", "row_lse", "draws", "gumbel",
+                "exp_nonpositive")
+TRITON_LAUNCHES = ("block_lse", "pick_rows", "lse_launch", "pick_launch", "self_check")
+
+
+def count_kernel_calls(monkeypatch) -> Counter:
+    """Wraps each kernel entry point with a counter (the real function still runs): module.name -> calls.
+    The Triton launches are counted where triton imports (here they must stay at 0: CPU tensors)."""
+    calls: Counter = Counter()
+    modules = [(native_scan, NATIVE_CALLS)]
+    try:
+        from sharded_negcache import triton_scan
+        modules.append((triton_scan, TRITON_LAUNCHES))
+    except ImportError:
+        pass
+    for module, names in modules:
+        for name in names:
+            real, key = getattr(module, name), f"{module.__name__.rsplit('.', 1)[1]}.{name}"
+            monkeypatch.setattr(module, name, lambda *a, _real=real, _key=key, **k: calls.update([_key]) or _real(*a, **k))
+    return calls
+
+
+def _steps(h, tower, steps: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs ``steps`` training steps; (sampled rows or top-k rows, losses) of each step."""
+    sampled, losses = [], []
+    for step in range(steps):
+        g = torch.Generator().manual_seed(step)
+        x = torch.randn(3, 6, generator=g)
+        loss = h.update_cache_and_compute_loss(tower, torch.randn(3, 8, generator=g), tower({"x": x}), {"x": x})
+        sampled.append(h.last_step.sampled_rows)
+        losses.append(loss.detach())
+    return torch.stack(sampled), torch.stack(losses)
+
+
+@pytest.mark.parametrize("transform", ["scale", "callable"])
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_scoring_backend_runs_exactly_the_kernels_it_names(top_k, transform, monkeypatch):
+    """Counted at the kernels' entry points: 'torch' calls no kernel at all, 'native' the C++ kernel's scan
+    (fused with a float scale, on the score chunk with a callable), 'auto' on CPU the same calls as 'native'
+    where the C++ kernel can run (top-k with a callable transform: torch ops, and 'native' is refused); no
+    Triton launch on CPU. The samples and losses agree across backends."""
+    assert native_scan.available(torch.device("cpu")), "the C++ kernel is needed for this test"
+    monkeypatch.delenv(native_scan.ENV_NATIVE, raising=False)
+    fn = 3.0 if transform == "scale" else (lambda dots: dots * 3.0)
+    calls = count_kernel_calls(monkeypatch)
+    tower, counts, out = Tower(), {}, {}
+    backends = ("torch", "auto") if top_k and transform == "callable" else ("torch", "native", "auto")
+    for backend in backends:
+        h = make_handler(16, num_negatives=2, top_k=top_k, score_transform=fn, scoring_backend=backend)
+        h.load_global_rows(global_cache(16, tower))
+        calls.clear()
+        out[backend] = _steps(h, tower)
+        counts[backend] = dict(calls)
+    assert counts["torch"] == {}, counts  # not one kernel call, not even the draws
+    if "native" not in counts:  # top-k with a callable transform: no C++ kernel exists for it
+        with pytest.raises(ValueError, match="scoring_backend='native' is not possible here: top_k mode with a "
+                                             "callable score_transform"):
+            make_handler(16, top_k=top_k, score_transform=fn, scoring_backend="native")
+        assert counts["auto"] == {} and h.config()["scoring_backend"]["runs"] == "torch"
+    else:
+        scan = "native_scan.fused_topk" if top_k else (
+            "native_scan.fused_scan" if transform == "scale" else "native_scan.scan_chunk")
+        assert counts["native"].get(scan, 0) >= 3, counts  # one call per step at least
+        if not top_k:
+            assert counts["native"]["native_scan.pick"] == counts["native"]["native_scan.draws"] == 3, counts
+        assert counts["auto"] == counts["native"]
+        assert not any(k.startswith("triton_scan") for k in counts["native"])
+    for backend in backends[1:]:
+        assert torch.equal(out[backend][0], out["torch"][0]), backend  # the same rows drawn
+        torch.testing.assert_close(out[backend][1], out["torch"][1], rtol=1e-5, atol=1e-5)
+    assert bool((out["torch"][0] >= 0).any())  # rows were drawn: the comparison is not vacuous
+
+
 def test_the_environment_overrides_a_native_request_and_config_reports_it(monkeypatch, caplog):
     monkeypatch.setenv(native_scan.ENV_NATIVE, "0")
-    h = make_handler(16, scoring_backend="native")
-    assert h.config()["scoring_backend"] == f"native ({native_scan.ENV_NATIVE} off)"
-    assert make_handler(16).config()["scoring_backend"] == f"auto ({native_scan.ENV_NATIVE} off)"
-    assert make_handler(16, scoring_backend="torch").config()["scoring_backend"] == "torch"
+    off = f"{native_scan.ENV_NATIVE} turns the C++ kernel off"
     tower = Tower()
     x = torch.randn(3, 6)
     with caplog.at_level(logging.INFO, logger="sharded_negcache"):
+        h = make_handler(16, scoring_backend="native")
         h.update_cache_and_compute_loss(tower, torch.randn(3, 8), tower({"x": x}), {"x": x})
+        assert h.config()["scoring_backend"] == {"requested": "native", "runs": "torch", "why": off}
     chosen = [r.getMessage() for r in caplog.records if "scoring backend" in r.getMessage()]
-    assert chosen == [f"sharded_negcache: scoring backend torch ({native_scan.ENV_NATIVE} turns the C++ kernel off)"]
+    assert chosen == [f"sharded_negcache: scoring backend torch ({off})"]
+    assert make_handler(16).config()["scoring_backend"] == {"requested": "auto", "runs": "torch", "why": off}
+    assert make_handler(16, scoring_backend="torch").config()["scoring_backend"] == {
+        "requested": "torch", "runs": "torch", "why": "requested"}
     monkeypatch.delenv(native_scan.ENV_NATIVE)
     with pytest.raises(ValueError, match="scoring_backend='native' is not possible here: device is meta"):
         make_handler(16, scoring_backend="native", device="meta")
+
+
+def _backend_disagreement(rank: int, world_size: int) -> str | None:
+    """Rank 1 turns the C++ kernel off (same requested 'auto'): the step is refused on every rank."""
+    import os
+
+    from sharded_negcache import BatchRejected
+
+    if rank == 1:
+        os.environ[native_scan.ENV_NATIVE] = "0"
+    h = make_handler(16, collective_timeout_s=30.0)
+    tower = Tower()
+    x = torch.randn(2, 6)
+    try:
+        h.update_cache_and_compute_loss(tower, torch.randn(2, 8), tower({"x": x}), {"x": x})
+    except BatchRejected as exc:
+        return str(exc)
+    return None
+
+
+def test_ranks_running_different_kernels_are_refused_naming_the_backend():
+    """What runs is part of the configuration: a rank whose C++ kernel is off (or did not build) would sample
+    with other exp bits, so the step is refused on every rank, naming what each runs and why."""
+    from dist_utils import run_ranks
+
+    messages = run_ranks(2, _backend_disagreement, timeout=120)
+    off = f"{native_scan.ENV_NATIVE} turns the C++ kernel off"
+    for msg in messages:
+        assert msg is not None and "scoring_backend: rank 0=" in msg, msg
+        assert "'runs': 'native'" in msg and f"'runs': 'torch', 'why': '{off}'" in msg, msg
 
 
 # ---- top-k mode: one tie rule -------------------------------------------------------------------------

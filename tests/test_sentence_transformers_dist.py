@@ -25,7 +25,7 @@ import torch
 pytest.importorskip("sentence_transformers")
 pytest.importorskip("datasets")
 
-from dist_utils import free_port, run_ranks  # noqa: E402
+from sharded_negcache.testing import free_port, run_ranks  # noqa: E402
 from st_fixtures import pairs, tiny_model  # noqa: E402
 
 HERE = Path(__file__).parent

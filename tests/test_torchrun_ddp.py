@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dist_utils import free_port
+from sharded_negcache.testing import free_port
 
 HERE = Path(__file__).parent
 

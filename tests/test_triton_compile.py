@@ -86,11 +86,11 @@ def _engine_launch(v: Variant):
     q, qids = torch.randn(3, v.dim), (torch.arange(3) if v.excl else None)
     if v.kernel == "lse":
         _, args, meta = T.lse_launch(q, rows, v.bs, qids, torch.empty(3, 2))
-        return T._block_lse_kernel, args, meta
+        return T.block_lse_kernel, args, meta
     blk = torch.zeros(3, 2, dtype=torch.int64)
     _, args, meta = T.pick_launch(q, rows, v.bs, blk, torch.zeros(3, 2), torch.rand(3, 2), qids,
                                   torch.empty(6, dtype=torch.int64))
-    return T._pick_rows_kernel, args, meta
+    return T.pick_rows_kernel, args, meta
 
 
 @functools.lru_cache(maxsize=None)

@@ -9,13 +9,16 @@ all four ranks with every cache unchanged.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+import sharded_negcache
 import two_level_cases
 from engine_cases import DIM, make_handler
-from sharded_negcache.groups import ShardGroups
 from sharded_negcache.layout import stream_seed
+from sharded_negcache.topology import Topology
 from two_level_cases import CACHE, G, SPLITS
 
 
@@ -29,6 +32,8 @@ def test_layout_facts(runs):
     for rank, r in enumerate(two):
         g = rank // G
         assert r["facts"] == (g, 2, G, rank % G, CACHE // G, [2 * g, 2 * g + 1], G)
+        # one topology: W and the world rank, G and the shard rank, named as such by the topology and the comm
+        assert r["topology"] == (4, rank, G, rank % G, g, 2, (2 * g, 2 * g + 1), [2 * g, 2 * g + 1], 4, rank, G, rank % G)
 
 
 def test_each_group_equals_a_two_rank_run(runs):
@@ -120,9 +125,21 @@ def test_seed_derivation_and_validation():
     assert stream_seed(5, 3) == (5 + 3 * 0x9E3779B9) % 2**32
     for seed in (0, 5, 2**32 - 1, 2**40):
         assert len({stream_seed(seed, g) % 2**32 for g in range(4096)}) == 4096  # the sampler reads 32 bits
-    assert ShardGroups.build(None).group_size == 1 and ShardGroups.build(1).count == 1
+    one = Topology.build(None)  # no torch.distributed: one process, one group, no process group
+    assert (one.world_size, one.rank, one.shard_size, one.shard_rank, one.group, one.num_groups, one.members) == \
+        (1, 0, 1, 0, 0, 1, (0,))
+    assert not one.distributed and not one.two_level and one.world_group is None
+    assert Topology.build(1).shard_size == 1 and Topology.build(1).num_groups == 1
     for bad in (0, 2, -1, 1.0, True):
         with pytest.raises(ValueError, match="shard_group_size must be a positive int dividing the world size 1"):
-            ShardGroups.build(bad)
+            Topology.build(bad)
     h = make_handler(CACHE, shard_group_size=1)
     assert h.config()["shard_group_size"] == 1 and h.layout.stream_seed(9) == 9
+
+
+def test_only_the_topology_reads_torch_distributed_state():
+    """Ranks and sizes come from one Topology: no other module asks torch.distributed whether it is initialised."""
+    package = Path(sharded_negcache.__file__).parent
+    readers = sorted(str(p.relative_to(package)) for p in package.rglob("*.py")
+                     if "is_initialized(" in p.read_text() or "dist.is_available(" in p.read_text())
+    assert readers == ["topology.py"], readers

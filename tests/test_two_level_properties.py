@@ -21,14 +21,14 @@ from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
 
 import test_properties as props
-from dist_utils import free_port
+from sharded_negcache.testing import free_port
 
 G = 2
 
 
 def _two_level(handler_class, *args, **kw):
     handler = handler_class(*args, shard_group_size=G, **kw)
-    assert (handler.layout.num_groups, handler.layout.world_size, handler.comm.outer_size) == (2, G, props.POOL)
+    assert (handler.layout.num_groups, handler.layout.shard_size, handler.comm.world_size) == (2, G, props.POOL)
     return handler
 
 

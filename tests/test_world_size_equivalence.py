@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_utils import run_ranks
+from sharded_negcache.testing import run_ranks
 from engine_cases import Tower, global_batch, global_cache, make_handler, run_step
 
 CACHE = 48  # divides by 1, 2, 3, 4; rows per rank a multiple of block_size=4

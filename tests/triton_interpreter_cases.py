@@ -17,6 +17,7 @@ from engine_cases import Tower, global_batch, global_cache, make_handler  # noqa
 from sharded_negcache import triton_scan  # noqa: E402
 from sharded_negcache.codecs import make_codec  # noqa: E402
 from sharded_negcache.scoring import pick_in_block, score_shard  # noqa: E402
+from test_scan import count_kernel_calls  # noqa: E402
 
 NEG_INF = float("-inf")
 
@@ -144,17 +145,28 @@ def test_score_shard_triton_backend_matches_torch(b):
     assert torch.equal(got.win_row, ref.win_row)  # no near ties in this fixed case (margins checked above)
 
 
-def test_handler_step_with_the_triton_backend():
+def test_handler_step_with_the_triton_backend(monkeypatch):
+    """One step per backend, the kernels' entry points counted: 'triton' launches each Triton kernel once and
+    calls no C++ kernel; 'torch' calls neither. Same loss, rows and LSEs."""
     tower = Tower()
     batch = global_batch(6, tower)
-    out = {}
+    out, counts = {}, {}
+    h = make_handler(48, num_negatives=2, scoring_backend="triton")
+    assert triton_scan.trusted(h.store.codec, h.store.dim, h.layout.block_size, h.device)  # checked before counting
+    calls = count_kernel_calls(monkeypatch)
     for backend in ("torch", "triton"):
         h = make_handler(48, num_negatives=2, scoring_backend=backend)
         h.load_global_rows(global_cache(48, tower))
         q = batch["q"].clone().requires_grad_(True)
         data = {"x": batch["x"]}
+        calls.clear()
         loss = h.update_cache_and_compute_loss(tower, q, tower(data), data)
+        counts[backend] = dict(calls)
         out[backend] = (loss.item(), h.last_step.sampled_rows.clone(), h.last_step.lse.clone())
+    assert counts["torch"] == {}, counts
+    assert counts["triton"] == {"triton_scan.block_lse": 1, "triton_scan.lse_launch": 1, "triton_scan.pick_rows": 1,
+                                "triton_scan.pick_launch": 1}, counts
+    assert h.scan_backend == "triton" and h.config()["scoring_backend"]["runs"] == "triton"
     assert out["triton"][0] == pytest.approx(out["torch"][0], rel=1e-5, abs=1e-6)
     assert torch.equal(out["triton"][1], out["torch"][1])
     torch.testing.assert_close(out["triton"][2], out["torch"][2], rtol=1e-5, atol=1e-5)
@@ -169,12 +181,10 @@ def test_a_failing_self_check_falls_back_to_the_torch_scan(monkeypatch, caplog):
     """A kernel that disagrees with torch (here: off by one in every LSE) is never used."""
     import logging
 
-    from sharded_negcache import scoring
-
     real = triton_scan.block_lse
     monkeypatch.setattr(triton_scan, "block_lse", lambda *a, **k: real(*a, **k) + 1.0)
     assert "differ from torch" in triton_scan.self_check(make_codec("fp32"), 16, 16, torch.device("cpu"))
-    monkeypatch.setattr(scoring, "_TRITON_CHECKED", {})
+    monkeypatch.setattr(triton_scan, "TRUSTED", {})
     tower = Tower()
     h = make_handler(48, num_negatives=2, block_size=16)
     h.load_global_rows(global_cache(48, tower))
@@ -236,7 +246,7 @@ FAULTS = [(c, k, f) for c in ("fp32", "bf16", "fp16", "int8", "int4") for k in (
 def test_the_self_check_refuses_an_injected_fault(monkeypatch, codec, kernel, fault):
     """Each fault, injected into one kernel, is refused, and the refusal names the check that disagreed.
     (TF32 rounds fp32 operands only: bf16/fp16/int8/int4 operands have at most 11 significant bits.)"""
-    name = "_block_lse_kernel" if kernel == "lse" else "_pick_rows_kernel"
+    name = "block_lse_kernel" if kernel == "lse" else "pick_rows_kernel"
     monkeypatch.setattr(triton_scan, name, FaultyKernel(getattr(triton_scan, name), fault))
     problem = triton_scan.self_check(make_codec(codec), 16, 16, torch.device("cpu"))
     assert problem is not None, f"{fault} in the {kernel} kernel passed the self-check"
@@ -246,10 +256,8 @@ def test_the_self_check_refuses_an_injected_fault(monkeypatch, codec, kernel, fa
 def test_a_pick_rows_that_does_not_compile_falls_back_to_the_torch_scan(monkeypatch, caplog):
     import logging
 
-    from sharded_negcache import scoring
-
-    monkeypatch.setattr(triton_scan, "_pick_rows_kernel", FaultyKernel(triton_scan._pick_rows_kernel, "raise"))
-    monkeypatch.setattr(scoring, "_TRITON_CHECKED", {})
+    monkeypatch.setattr(triton_scan, "pick_rows_kernel", FaultyKernel(triton_scan.pick_rows_kernel, "raise"))
+    monkeypatch.setattr(triton_scan, "TRUSTED", {})
     tower = Tower()
     h = make_handler(48, num_negatives=2, block_size=16)
     h.load_global_rows(global_cache(48, tower))

@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from dist_utils import run_ranks
+from sharded_negcache.testing import run_ranks
 from engine_cases import DIM, Tower, global_batch, global_cache, make_handler, run_step
 from sharded_negcache import BatchRejected, CollectiveFailed, NonFiniteRows
 from sharded_negcache.checkpoint import CacheCheckpoint, CheckpointError, load, save
@@ -87,8 +88,11 @@ class Recorder:
 def two_level(rank: int, world_size: int, root: str) -> dict:
     group, mine = rank // G, rank % G
     h = make_handler(CACHE, seed=SEED, shard_group_size=G, **CONFIG)
-    out = {"facts": (h.layout.group, h.layout.num_groups, h.layout.world_size, h.layout.rank, h.layout.rows_per_rank,
-                     h.comm.members, h.config()["shard_group_size"])}
+    t, c = h.topology, h.comm
+    out = {"facts": (h.layout.group, h.layout.num_groups, h.layout.shard_size, h.layout.shard_rank, h.layout.rows_per_rank,
+                     h.comm.members, h.config()["shard_group_size"]),
+           "topology": (t.world_size, t.rank, t.shard_size, t.shard_rank, t.group, t.num_groups, t.members,
+                        dist.get_process_group_ranks(t.shard_group), c.world_size, c.rank, c.shard_size, c.shard_rank)}
     out.update(run_group(h, group, mine))
     tower = Tower()
     x = torch.randn(2, 6, generator=torch.Generator().manual_seed(rank))

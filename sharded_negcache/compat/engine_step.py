@@ -26,6 +26,7 @@ import torch.distributed as dist
 from ..handler import ShardedCacheLossHandler
 from ..specs import FieldSpec
 from ..store import ShardStore
+from ..topology import is_distributed
 
 __all__ = ["EngineOutcome", "EngineStep", "ROW_ID"]
 
@@ -71,7 +72,7 @@ class _Tower:
 
 
 def world_size(group: dist.ProcessGroup | None) -> int:
-    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+    return dist.get_world_size(group) if is_distributed() else 1
 
 
 class EngineStep:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..topology import is_distributed
+
 __all__ = ["approximate_top_k_with_indices", "gather_nd", "cross_replica_concat"]
 
 
@@ -48,7 +50,7 @@ def cross_replica_concat(tensor: torch.Tensor, group: dist.ProcessGroup | None =
 
     Uses the tensor's own device (no hard-coded CUDA); without an initialised process group it is the identity.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+    if not is_distributed() or dist.get_world_size(group) == 1:
         return tensor
     world = dist.get_world_size(group)
     count = torch.tensor([tensor.shape[0]], device=tensor.device)

@@ -31,6 +31,7 @@ from ..handler import ShardedCacheLossHandler
 from ..jagged import JaggedFieldSpec
 from ..keyed_random import mix32
 from ..specs import FieldSpec
+from ..topology import is_distributed
 
 try:  # sentence-transformers is an optional dependency: `pip install sharded_negcache[sentence-transformers]`
     try:  # its loss modules moved in 6.0; the old path still imports there, with a deprecation warning
@@ -211,7 +212,7 @@ class CachedNegativesRankingLoss(nn.Module):
                 specs, self.cache_size, EMBEDDING, [IDS], score_transform=self.scale,
                 num_negatives=self.num_negatives, seed=self.seed,
                 doc_id_key=DOC_ID if self.exclude_same_text else None,
-                process_group=dist.group.WORLD if dist.is_available() and dist.is_initialized() else None,
+                process_group=dist.group.WORLD if is_distributed() else None,
                 device=device, embedding_codec=self.embedding_codec, in_batch_negatives=self.in_batch_negatives,
                 **({"cache_mode": "corpus"} if self.corpus is not None else {}), **self.handler_kwargs,
             )
@@ -368,7 +369,7 @@ class CachedNegativesRankingLoss(nn.Module):
             return {}
         sums = dict(self._metric_sums)
         total = self._in_batch_sum.reshape(1)
-        if dist.is_available() and dist.is_initialized():  # the handler's group: WORLD
+        if is_distributed():  # the handler's group: WORLD
             dist.all_reduce(total)
             total = total / dist.get_world_size()
         sums[IN_BATCH] = float(total)
@@ -485,7 +486,7 @@ class NegativeCacheCallback(TrainerCallback):
         shard = handler.layout.rows_per_rank
         if shard < args.per_device_train_batch_size:  # caught here, before any step, not at the first insert
             raise ValueError(
-                f"cache_size={self.loss.cache_size} gives {shard} rows per rank over {handler.layout.world_size} "
+                f"cache_size={self.loss.cache_size} gives {shard} rows per rank over {handler.layout.shard_size} "
                 f"rank(s), fewer than per_device_train_batch_size={args.per_device_train_batch_size}: a batch must "
                 "fit in a rank's cache shard; raise cache_size"
             )

@@ -1,4 +1,4 @@
-"""Issue 12, item 1: the sampler's uniforms lie strictly inside (0, 1) over the whole hash range.
+"""keyed_random: the sampler's uniforms lie strictly inside (0, 1) over the whole hash range.
 
 A uniform of exactly 1.0 gives a +inf Gumbel (stage 1 drops the draw) and runs stage 2's inverse CDF
 off the end of its block. The keys that produce the extreme hash values are constructed directly,
@@ -9,52 +9,51 @@ from __future__ import annotations
 import torch
 
 from sharded_negcache import keyed_random
-
-_M32 = 0xFFFFFFFF
+from sharded_negcache.keyed_random import MASK32
 
 
 def _unmix(y: int) -> int:
     """Inverse of ``lowbias32`` (Wellons' published inverse): the key whose hash is ``y``."""
-    x = y & _M32
+    x = y & MASK32
     x ^= x >> 16
-    x = (x * 0x43021123) & _M32
+    x = (x * 0x43021123) & MASK32
     x ^= (x >> 15) ^ (x >> 30)
-    x = (x * 0x1D69E2A5) & _M32
+    x = (x * 0x1D69E2A5) & MASK32
     x ^= x >> 16
     return x
 
 
 # Hash values at both ends of the 32-bit range: the 2^9 lowest and highest, which cover the extreme
 # 24-bit levels the uniform is built from (its low 8 bits are dropped) twice over.
-EDGE = list(range(512)) + list(range(_M32 - 511, _M32 + 1))
+EDGE = list(range(512)) + list(range(MASK32 - 511, MASK32 + 1))
 
 
 def test_inverse_hash_is_exact():
     for y in EDGE[:8] + EDGE[-8:] + [0x12345678, 0x80000000]:
-        assert keyed_random._mix_int(_unmix(y)) == y
-        assert int(keyed_random._mix(torch.tensor([_unmix(y)]))[0]) == y
+        assert keyed_random.mix32_int(_unmix(y)) == y
+        assert int(keyed_random.mix32(torch.tensor([_unmix(y)]))[0]) == y
 
 
-def _keys_for(hashes: list[int], items: int | None) -> torch.Tensor:
-    """Keys that make ``uniform(keys, items)`` hash to exactly ``hashes`` (see keyed_random._hash)."""
+def keys_for(hashes: list[int], items: int | None) -> torch.Tensor:
+    """Keys that make ``uniform(keys, items)`` hash to exactly ``hashes`` (see keyed_random.hash_keys)."""
     if items is None:
-        return torch.tensor([(_unmix(h) - 0x1B56C4E9) & _M32 for h in hashes], dtype=torch.int64)
-    salt = keyed_random._mix_int(items + 0x5BD1E995)
+        return torch.tensor([(_unmix(h) - 0x1B56C4E9) & MASK32 for h in hashes], dtype=torch.int64)
+    salt = keyed_random.mix32_int(items + 0x5BD1E995)
     return torch.tensor([_unmix(h) ^ salt for h in hashes], dtype=torch.int64)
 
 
 def test_uniforms_at_the_edges_of_the_hash_range_are_strictly_inside():
     for items in (None, 0, 12345):
-        keys = _keys_for(EDGE, items)
+        keys = keys_for(EDGE, items)
         item_t = None if items is None else torch.tensor([items])
-        assert torch.equal(keyed_random._hash(keys, item_t), torch.tensor(EDGE, dtype=torch.int64))
+        assert torch.equal(keyed_random.hash_keys(keys, item_t), torch.tensor(EDGE, dtype=torch.int64))
         u = keyed_random.uniform(keys) if items is None else keyed_random.uniform(keys[:, None], item_t[None, :])
         assert u.dtype == torch.float32
         assert bool((u > 0).all()) and bool((u < 1).all()), f"items={items}: min {u.min()}, max {u.max()}"
         if items is not None:
             assert bool(torch.isfinite(keyed_random.gumbel(keys, item_t)).all())
-    # The largest hash is the case the issue found: before the fix it gave exactly 1.0.
-    assert float(keyed_random.uniform(_keys_for([_M32], None))[0]) == 1.0 - 2.0**-24
+    # The largest hash: (2^24 - 1 + 0.5) / 2^24 rounds to 1.0 in float32 unless clamped.
+    assert float(keyed_random.uniform(keys_for([MASK32], None))[0]) == 1.0 - 2.0**-24
 
 
 def test_every_hash_level_maps_strictly_inside_and_monotonically():
@@ -77,7 +76,7 @@ def test_every_hash_level_maps_strictly_inside_and_monotonically():
 
 
 def test_gumbel_of_a_whole_grid_is_finite_at_the_extreme_keys():
-    keys = _keys_for([_M32, _M32 - 1, 0, 1], 7)
+    keys = keys_for([MASK32, MASK32 - 1, 0, 1], 7)
     g = keyed_random.gumbel(keys, torch.tensor([7, 8, 9]))
     assert g.shape == (4, 3) and bool(torch.isfinite(g).all())
     assert float(g[0, 0]) > 16.0  # the top hash is the largest Gumbel (-log(-log(1 - 2^-24)) = 16.6)
