@@ -53,10 +53,32 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from _common import (MB, RESULTS_DIR, SPLIT_KEYS, CheapTower, Sections, WireCounter, fill_local,
-                     hwm_mb, machine_info, make_batch, make_handler, median, parse_sizes, reset_peak, rss_mb,
-                     run_ranks, size_label, split_from_stages, split_of, stage_split, synthetic_rows, table,
-                     trim, write_json)
+from _common import (
+    MB,
+    RESULTS_DIR,
+    SPLIT_KEYS,
+    CheapTower,
+    Sections,
+    WireCounter,
+    fill_local,
+    hwm_mb,
+    machine_info,
+    make_batch,
+    make_handler,
+    median,
+    parse_sizes,
+    reset_peak,
+    rss_mb,
+    run_ranks,
+    size_label,
+    split_from_stages,
+    split_of,
+    stage_split,
+    synthetic_rows,
+    table,
+    trim,
+    write_json,
+)
 
 DESIGNS = ("sharded", "replicated", "gather")
 SCALE = 20.0
@@ -132,9 +154,9 @@ class Replicated:
     """Every rank holds and scores all rows; updates are all-gathered and applied on every replica."""
 
     def __init__(self, rows: int, dim: int, feat: int, draws: int, chunk_bytes: int, rank: int, world: int) -> None:
+        from _common import make_specs
         from sharded_negcache.codecs import make_codec
         from sharded_negcache.store import ShardStore
-        from _common import make_specs
 
         specs = make_specs(dim, feat)
         self.store = ShardStore(rows, dim, {"x": specs["x"]}, make_codec("fp32"))
@@ -173,10 +195,10 @@ class GatherEverything:
     """Rows stored sharded; each step every rank all-gathers the whole cache and scores its own queries."""
 
     def __init__(self, rows: int, dim: int, feat: int, draws: int, chunk_bytes: int, rank: int, world: int) -> None:
+        from _common import make_specs
         from sharded_negcache.codecs import make_codec
         from sharded_negcache.exchange import Comm
         from sharded_negcache.store import ShardStore
-        from _common import make_specs
 
         specs = make_specs(dim, feat)
         n = rows // world

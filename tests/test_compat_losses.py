@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from sharded_negcache.testing import run_ranks
 from sharded_negcache.compat import losses
 from sharded_negcache.compat.negative_cache import CacheManager, FixedLenFeature, NegativeCache
+from sharded_negcache.testing import run_ranks
 
 E = math.e
 TOL = dict(rtol=1e-5, atol=1e-6)

@@ -17,7 +17,6 @@ pytest.importorskip("datasets")
 from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments  # noqa: E402
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss  # noqa: E402
 from sentence_transformers.util import pairwise_cos_sim  # noqa: E402
-from st_fixtures import pairs, tiny_model  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from sharded_negcache import FieldSpec, JaggedFieldSpec, ShardedCacheLossHandler  # noqa: E402
@@ -26,6 +25,7 @@ from sharded_negcache.integrations.sentence_transformers import (  # noqa: E402
     NegativeCacheCallback,
     token_hash,
 )
+from st_fixtures import pairs, tiny_model  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -382,7 +382,8 @@ def table(rows: list[dict]) -> str:
             f"| {r['method']} | {r['global_batch']} | {r['mrr@10'][0]:.3f} ± {r['mrr@10'][1]:.3f} "
             f"| {r['recall@1'][0]:.3f} | {r['recall@10'][0]:.3f} | {r['steps'][0]:.0f} | {r['step_ms'][0]:.0f} "
             f"| {r['activation_peak_mb'][0]:.0f} | {r['cache_mb']:.1f} "
-            f"| {sp['tower_fwd']:.0f} / {sp['reencode_fwd']:.0f} / {sp['loss_rest']:.0f} / {sp['backward_opt']:.0f} / {sp['tokenize']:.0f} |"
+            f"| {sp['tower_fwd']:.0f} / {sp['reencode_fwd']:.0f} / {sp['loss_rest']:.0f} / {sp['backward_opt']:.0f} "
+            f"/ {sp['tokenize']:.0f} |"
         )
     return "\n".join(lines)
 

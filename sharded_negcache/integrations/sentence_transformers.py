@@ -48,7 +48,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 if not hasattr(MultipleNegativesRankingLoss, "compute_loss_from_embeddings"):  # added in sentence-transformers 5.0
     raise ImportError("sharded_negcache.integrations.sentence_transformers needs sentence-transformers >= 5.0 "
-                      "(MultipleNegativesRankingLoss.compute_loss_from_embeddings): pip install -U sentence-transformers")
+                      "(MultipleNegativesRankingLoss.compute_loss_from_embeddings): "
+                      "pip install -U sentence-transformers")
 
 __all__ = ["CachedNegativesRankingLoss", "NegativeCacheCallback", "token_hash"]
 
