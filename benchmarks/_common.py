@@ -4,8 +4,9 @@ Nothing here changes or wraps the engine. The engine's time split is read from i
 (``negcache/<stage>``, what a user's trace shows; :func:`stage_split`, :func:`split_from_stages`); the
 benchmarks' own code (the alternative designs of ``bench_scaling``, the user's tower) is timed with
 :class:`Sections`. Bytes are counted by wrapping the ``torch.distributed`` collectives from the benchmark
-process (:class:`WireCounter`); the engine's own per-collective counters (``handler.comm.bytes_sent``) are
-read as well and cross-checked against it.
+process for the benchmarks' own designs (:class:`WireCounter`); the engine's traffic is read from its own
+public counters (``handler.comm.bytes_sent`` and ``handler.comm.calls``, per collective tag), never by
+wrapping the engine's internals.
 
 Memory is measured as resident set size (RSS) of the process, which covers torch's CPU allocator:
 ``reset_peak()`` writes ``5`` to ``/proc/self/clear_refs`` (Linux >= 4.0), which resets the kernel's
@@ -330,12 +331,15 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 class WireCounter:
-    """Counts the bytes this rank hands to other ranks in every torch.distributed collective call.
+    """Counts the bytes this rank hands to other ranks in the ``torch.distributed`` collectives that the
+    benchmark's own code calls (the alternative designs of ``bench_scaling``).
 
     Rule (the same as the engine's ``Comm``): all-gather counts this rank's input once per other rank;
     all-to-all counts the rows sent to other ranks; all-reduce and broadcast count the tensor once.
     (A ring all-reduce physically sends about 2(W-1)/W times the tensor; the order in W is the same.)
     Use as a context manager; ``bytes`` maps the collective's name to bytes; ``calls`` counts calls.
+    It wraps the functions of the ``torch.distributed`` module, so it sees only calls that look them up
+    there: for the engine read ``handler.comm.bytes_sent`` / ``handler.comm.calls`` instead.
     """
 
     NAMES = ("all_gather_into_tensor", "all_gather_single", "all_gather", "all_to_all_single",
@@ -384,15 +388,12 @@ class WireCounter:
 
     def __enter__(self) -> "WireCounter":
         import torch.distributed as dist
-        import sharded_negcache.exchange as X
 
         items = []
-        originals = {}
         for name in self.NAMES:
             fn = getattr(dist, name, None)
             if fn is None:
                 continue
-            originals[fn] = name
 
             def make(fn: Callable, name: str) -> Callable:
                 @functools.wraps(fn)
@@ -403,11 +404,6 @@ class WireCounter:
                 return counted
 
             items.append((dist, name, make(fn, name)))
-        # exchange binds its all-gather at import time: wrap that binding too.
-        bound = getattr(X, "_all_gather_concat", None)
-        if bound is not None and bound in originals:
-            wrapped = dict((n, v) for _, n, v in items)[originals[bound]]
-            items.append((X, "_all_gather_concat", wrapped))
         self._ctx = patched(items)
         self._ctx.__enter__()
         return self

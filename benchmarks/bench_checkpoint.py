@@ -76,8 +76,10 @@ def main() -> None:
         print(f"{r['rows']:>8} {r['bytes'] / 2**20:>7.1f} {r['save_s']:>7.3f} {r['load_s']:>7.3f} {r['digest_s']:>9.3f} "
               f"{r['sha256_MB_per_s']:>6.0f} {100 * r['digest_share_of_save']:>6.1f}% {100 * r['digest_share_of_load']:>6.1f}%")
     args.out.mkdir(parents=True, exist_ok=True)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    cpu = platform.processor()
+    if Path("/proc/cpuinfo").exists():
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
     machine = f"{cpu}, {os.cpu_count()} cores, 1 torch thread, torch {torch.__version__}"
     (args.out / "checkpoint.json").write_text(json.dumps({"machine": machine, "command": " ".join(sys.argv),
                                                           "results": results}, indent=1))

@@ -39,7 +39,7 @@ import argparse
 import time
 from pathlib import Path
 
-from _common import (MB, RESULTS_DIR, CheapTower, PeakMeter, Sections, WireCounter, fill_local,
+from _common import (MB, RESULTS_DIR, CheapTower, PeakMeter, Sections, fill_local,
                      in_fresh_process, machine_info, make_batch, make_handler, median,
                      parse_sizes, protocol_bytes, run_ranks, size_label, stage_split, synthetic_rows,
                      table, trim, write_json)
@@ -284,17 +284,15 @@ def bytes_child(rank: int, world: int, sizes: list[int], cfg: dict) -> list[dict
         handler.update_cache_and_compute_loss(tower, *batches[0])
         handler.comm.reset_counters()
         times = []
-        with WireCounter() as wire:
-            for i in range(steps):
-                t0 = time.perf_counter()
-                handler.update_cache_and_compute_loss(tower, *batches[1 + i])
-                times.append(time.perf_counter() - t0)
+        for i in range(steps):
+            t0 = time.perf_counter()
+            handler.update_cache_and_compute_loss(tower, *batches[1 + i])
+            times.append(time.perf_counter() - t0)
         comm = {k: v / steps for k, v in handler.comm.bytes_sent.items()}
         out.append({
             "rows": rows, "rank": rank, "world": world, "batch_per_rank": b, "steps": steps,
             "comm_bytes_per_step": comm, "comm_total_per_step": sum(comm.values()),
-            "wire_bytes_per_step": {k: v / steps for k, v in wire.bytes.items()},
-            "wire_total_per_step": wire.total / steps, "step_s": times,
+            "step_s": times,
             "cache_bytes_per_rank": sum(t.numel() * t.element_size() for t in handler.store.buffers()),
             "row_bytes": handler.store.row_bytes(), "num_negatives": handler.num_negatives,
         })
@@ -468,8 +466,7 @@ def main(argv: list[str] | None = None) -> dict:
     b_rows = []
     for p in result["bytes"]["per_rank"]:
         row = {"cache_rows": size_label(p["rows"]), "rank": p["rank"], "B/rank": p["batch_per_rank"],
-               "bytes/step (Comm)": int(p["comm_total_per_step"]),
-               "bytes/step (wrapped dist)": int(p["wire_total_per_step"])}
+               "bytes/step (Comm)": int(p["comm_total_per_step"])}
         row.update({k: int(v) for k, v in sorted(p["comm_bytes_per_step"].items())})
         b_rows.append(row)
     cols = list(dict.fromkeys(k for r in b_rows for k in r))

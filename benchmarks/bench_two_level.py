@@ -21,8 +21,18 @@ from typing import Any
 
 import torch
 
-from _common import RESULTS_DIR, CheapTower, fill_local, machine_info, make_batch, make_handler, median, run_ranks, \
-    table, write_json
+from _common import (
+    RESULTS_DIR,
+    CheapTower,
+    fill_local,
+    machine_info,
+    make_batch,
+    make_handler,
+    median,
+    run_ranks,
+    table,
+    write_json,
+)
 from comm_model import predict_two_level
 
 WORLD, DIM, FEAT, DRAWS = 4, 128, 16, 2

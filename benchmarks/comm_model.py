@@ -108,7 +108,8 @@ def _fit_scoring(pts: list[tuple[float, float, float]]) -> tuple[float, float]:
     """Least squares ``t = t_pair * (queries x rows) + t_query * queries`` over (pairs, queries, seconds).
 
     The per-query term is the work that does not grow with the shard (stage 2 picking each draw's row
-    from the winning block's scores the scan already holds, design §9; the Gumbel keys). Falls back to a pure per-pair rate when the fit is degenerate.
+    from the winning block's scores the scan already holds, design §9; the Gumbel keys). Falls back to a
+    pure per-pair rate when the fit is degenerate.
     """
     if not pts:
         return float("nan"), 0.0

@@ -10,9 +10,9 @@ from typing import Any, Collection, Mapping
 import torch
 from torch import nn
 
-from .codecs import EmbeddingCodec
+from .codecs import EmbeddingCodec, make_codec
 from .jagged import Jagged, JaggedColumn, JaggedFieldSpec
-from .specs import AnySpec
+from .specs import AnySpec, FieldSpec
 
 __all__ = ["ShardStore", "FetchedRows", "first_occurrence", "CacheTooLarge", "check_capacity", "shard_bytes"]
 
@@ -161,6 +161,47 @@ class ShardStore(nn.Module):
             else:
                 t = torch.zeros(rows, *spec.shape, dtype=spec.dtype, device=where)
                 owner.register_buffer(key, t.pin_memory() if pin and key in self.host_keys else t)
+
+    @classmethod
+    def from_tensors(
+        cls,
+        embeddings: torch.Tensor,
+        features: Mapping[str, torch.Tensor],
+        filled: torch.Tensor | None = None,
+        age: torch.Tensor | None = None,
+    ) -> "ShardStore":
+        """A store whose rows are the caller's tensors, used in place (no copy): for callers that own the rows
+        (``compat``'s functional losses) and run the engine over them.
+
+        ``embeddings`` [rows, d] float, stored as its own dtype (the ``fp32``/``bf16``/``fp16`` codec); each
+        feature field [rows, *shape]; ``filled`` [rows] bool (default: every row holds a document); ``age``
+        [rows] int64 (default: zeros). All on one device. Writes through the store reach these tensors.
+        """
+        if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2 or not embeddings.is_floating_point():
+            got = list(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__
+            raise ValueError(f"embeddings must be a floating-point [rows, d] tensor, got {got}")
+        rows, dim = embeddings.shape
+        device = embeddings.device
+        filled = torch.ones(rows, dtype=torch.bool, device=device) if filled is None else filled
+        age = torch.zeros(rows, dtype=torch.int64, device=device) if age is None else age
+        for name, t, dtype in (("filled", filled, torch.bool), ("age", age, torch.int64)):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (rows,) or t.dtype != dtype:
+                got = f"{list(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name} must be a [{rows}] {dtype} tensor (one per row of embeddings), got {got}")
+        for key, t in features.items():
+            if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != rows:
+                got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"features[{key!r}] must be a [{rows}, ...] tensor (one row per cache row), got {got}")
+        placed = {"filled": filled, "age": age, **{f"features[{k!r}]": t for k, t in features.items()}}
+        elsewhere = {name: str(t.device) for name, t in placed.items() if t.device != device}
+        if elsewhere:
+            raise ValueError(f"every tensor must be on the embeddings' device {device}, got {elsewhere}")
+        specs = {k: FieldSpec(tuple(t.shape[1:]), t.dtype) for k, t in features.items()}
+        store = cls(rows, dim, specs, make_codec(embeddings.dtype), device="meta")  # allocates nothing
+        store.embeddings, store.filled, store.age = embeddings, filled, age
+        for key, t in features.items():
+            setattr(store.features, key, t)
+        return store
 
     @property
     def device(self) -> torch.device:
@@ -324,14 +365,22 @@ class ShardStore(nn.Module):
         return uniq
 
     def oldest_slots(self, n: int) -> torch.Tensor:
-        """The n rows to evict, oldest first: empty rows first, then highest age, ties to the lowest slot.
+        """The n rows to evict, oldest first: empty rows first, then highest age, ties to the lowest slot."""
+        return self.eviction_order(self.age, self.filled, n)
+
+    @staticmethod
+    def eviction_order(age: torch.Tensor, filled: torch.Tensor, n: int) -> torch.Tensor:
+        """The cache policy's eviction order over [rows] ages and filled flags: the n rows to write next,
+        oldest first (empty rows first, then highest age, ties to the lowest slot). One order for the engine's
+        shards and for ``compat``'s caches.
 
         One top-n of the ages finds the n-th largest age t; the rows above t are all among the n, and the
         rows at t are taken lowest slot first. (A single int64 sort key folding in the slot cost four
-        int64 passes over the shard: 10 ms per step at 1M rows.)"""
+        int64 passes over the shard.)"""
         if n == 0:
-            return torch.empty(0, dtype=torch.int64, device=self.device)
-        key = torch.where(self.filled, self.age, self.age + _EMPTY_FIRST)
+            return torch.empty(0, dtype=torch.int64, device=age.device)
+        age = age.to(torch.int64)
+        key = torch.where(filled, age, age + _EMPTY_FIRST)
         values, slots = torch.topk(key, n, sorted=False)
         t = values.min()
         above = slots[values > t]

@@ -18,12 +18,12 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from st_fixtures import pairs, tiny_model  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from sharded_negcache.integrations.sentence_transformers import CachedNegativesRankingLoss, NegativeCacheCallback  # noqa: E402
+from st_fixtures import pairs, tiny_model  # noqa: E402
 
 
 class DumpRows(TrainerCallback):

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from sharded_negcache.testing import run_ranks
 from sharded_negcache.compat import handlers, losses
 from sharded_negcache.compat.negative_cache import CacheManager, FixedLenFeature
+from sharded_negcache.testing import run_ranks
 
 E = math.e
 TOL = dict(rtol=1e-5, atol=1e-6)

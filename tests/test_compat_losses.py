@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from sharded_negcache.testing import run_ranks
 from sharded_negcache.compat import losses
 from sharded_negcache.compat.negative_cache import CacheManager, FixedLenFeature, NegativeCache
+from sharded_negcache.testing import run_ranks
 
 E = math.e
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -53,7 +53,7 @@ def local_loss(**kw) -> losses.CacheClassificationLoss:
 
 def test_training_and_interpretable_loss_per_query():
     loss = local_loss(reducer=None)
-    loss._retrieval_fn = fixed(2, 0)
+    loss.retrieval_fn = fixed(2, 0)
     out = loss(tower, Q, P, one_cache())
     close(out.training_loss, TRAIN)
     close(out.interpretable_loss, [-math.log(P0), -math.log(P1)])
@@ -64,9 +64,22 @@ def test_training_and_interpretable_loss_per_query():
     close(out.interpretable_loss, (-math.log(P0) - math.log(P1)) / 2)
 
 
+def test_the_references_spelling_of_the_retrieval_seam_replaces_the_same_function():
+    """Code written for the reference sets ``loss._retrieval_fn``: it must fix the draws exactly as
+    ``retrieval_fn`` does (q0 -> r2, q1 -> r0 gives TRAIN), in both losses."""
+    loss = local_loss(reducer=None)
+    loss._retrieval_fn = fixed(2, 0)
+    assert loss.retrieval_fn is loss._retrieval_fn
+    close(loss(tower, Q, P, one_cache()).training_loss, TRAIN)
+    engine_loss = losses.DistributedCacheClassificationLoss("emb", ("x",))
+    engine_loss._retrieval_fn = fixed(0, 0)
+    with pytest.raises(NotImplementedError, match="retrieval_fn cannot be replaced"):
+        engine_loss(tower, Q, P, one_cache())
+
+
 def test_refresh_triple():
     loss = local_loss()
-    loss._retrieval_fn = fixed(2, 0)
+    loss.retrieval_fn = fixed(2, 0)
     out = loss(tower, Q, P, one_cache())
     assert out.updated_item_indices["c"].tolist() == [2, 0]
     assert out.updated_item_mask["c"].tolist() == [True, True]
@@ -80,7 +93,7 @@ def test_gradients():
     w = torch.tensor(2.0, requires_grad=True)
     q = Q.clone().requires_grad_(True)
     loss = local_loss()
-    loss._retrieval_fn = fixed(2, 0)
+    loss.retrieval_fn = fixed(2, 0)
     loss(lambda d: w * d["x"], q, P, one_cache()).training_loss.backward()
     close(q.grad, [[(1 - P0) * 2 / 2, (1 - P0) * 1 / 2], [(1 - P1) * 1 / 2, (1 - P1) * -1 / 2]])
     close(w.grad, (1 - P0) / 2)
@@ -89,7 +102,7 @@ def test_gradients():
 def test_score_transform():
     # T(s) = s / 2: scores q0 -> [.5, 0, .5], s0 = 0; q1 -> [0, 1, 1], s1 = 1. Draws as above.
     loss = local_loss(score_transform=lambda s: 0.5 * s, reducer=None)
-    loss._retrieval_fn = fixed(2, 0)
+    loss.retrieval_fn = fixed(2, 0)
     out = loss(tower, Q, P, one_cache())
     p0 = 1.0 / (1.0 + 2 * math.exp(0.5) + 1.0)
     p1 = E / (E + 1.0 + 2 * E)
@@ -103,7 +116,7 @@ def test_several_caches_concatenate_in_sorted_key_order():
         "a": NegativeCache({"emb": ROWS[:1].clone(), "x": ROWS[:1].clone()}, [0]),
     }
     loss = local_loss(reducer=None)
-    loss._retrieval_fn = fixed(2, 0)
+    loss.retrieval_fn = fixed(2, 0)
     out = loss(tower, Q, P, caches)
     close(out.training_loss, TRAIN)
     assert out.updated_item_mask["a"].tolist() == [False, True]
@@ -119,7 +132,7 @@ ROWS4 = torch.tensor([[3.0], [4.0], [2.0], [1.0]])
 def test_top_k_is_the_block_max_of_the_reference():
     # Groups [3, 4] and [2, 1]: candidates 4 (row 1) and 2 (row 2), not the exact top-2 {4, 3}.
     loss = local_loss(top_k=2, reducer=None)
-    loss._retrieval_fn = fixed(1)  # the second candidate: row 2, fresh 4, s- = 4
+    loss.retrieval_fn = fixed(1)  # the second candidate: row 2, fresh 4, s- = 4
     out = loss(tower, torch.tensor([[1.0]]), torch.tensor([[0.0]]), one_cache(ROWS4))
     p = 1.0 / (1.0 + E**4 + E**2)
     close(out.interpretable_loss, [-math.log(p)])
@@ -136,7 +149,7 @@ def test_top_k_with_rows_not_divisible_by_k():
 
 def test_return_topk_gives_the_best_candidates_per_query():
     loss = local_loss(top_k=2)
-    loss._retrieval_fn = fixed(0)
+    loss.retrieval_fn = fixed(0)
     out = loss(tower, torch.tensor([[1.0]]), torch.tensor([[0.0]]), one_cache(ROWS4), return_topk=5)
     assert len(out.topk_features) == 1
     assert out.topk_features[0]["x"].tolist() == [[4.0], [2.0]]  # min(5, k) candidates, best first
@@ -184,8 +197,8 @@ def test_bad_settings_and_inputs():
     with pytest.raises(ValueError, match="pos_doc_embeddings"):
         local_loss()(tower, Q, P[:1], one_cache())
     loss = local_loss()
-    loss._retrieval_fn = fixed(7, 0)
-    with pytest.raises(ValueError, match="_retrieval_fn"):
+    loss.retrieval_fn = fixed(7, 0)
+    with pytest.raises(ValueError, match="retrieval_fn"):
         loss(tower, Q, P, one_cache())
 
 
@@ -242,8 +255,8 @@ def test_distributed_loss_refuses_what_the_engine_cannot_do():
     loss = dist_loss()
     with pytest.raises(NotImplementedError, match="return_topk"):
         loss(tower, DQ, DP, one_cache(), return_topk=2)
-    loss._retrieval_fn = fixed(0, 0)
-    with pytest.raises(NotImplementedError, match="_retrieval_fn"):
+    loss.retrieval_fn = fixed(0, 0)
+    with pytest.raises(NotImplementedError, match="retrieval_fn"):
         loss(tower, DQ, DP, one_cache())
 
 

@@ -68,6 +68,26 @@ def test_insertion_order_empty_first_then_oldest_ties_to_lowest_slot():
     assert c.age.dtype == torch.int32
 
 
+def test_inserts_follow_the_engines_eviction_order_on_random_caches():
+    """compat writes new items where the engine's shards would (``ShardStore.eviction_order``), checked against
+    the order written as one sort key: empty rows first, then the highest age, ties to the lowest slot; with and
+    without ``filled`` (None: every row holds a document), many ties, int32 ages."""
+    g = torch.Generator().manual_seed(1)
+    for trial in range(100):
+        rows = int(torch.randint(1, 40, (), generator=g))
+        m = ids_manager(rows)
+        age = torch.randint(0, 4, (rows,), generator=g, dtype=torch.int32)
+        filled = (torch.rand(rows, generator=g) < 0.6) if trial % 2 else None
+        cache = NegativeCache({"id": torch.full((rows, 1), -1), "emb": torch.zeros(rows, 2)}, age, filled)
+        n = int(torch.randint(0, rows + 1, (), generator=g))
+        empty = torch.zeros(rows, dtype=torch.int64) if filled is None else (~filled).to(torch.int64)
+        key = empty * (1 << 62) + age.to(torch.int64) * rows + (rows - 1 - torch.arange(rows))
+        want = torch.topk(key, n, sorted=True).indices
+        out = m.update_cache(cache, new_items=items(*range(100, 100 + n)))
+        assert out.data["id"][want, 0].tolist() == list(range(100, 100 + n)), trial
+        assert int((out.data["id"][:, 0] >= 100).sum()) == n
+
+
 def full_cache(ids: list[int], ages: list[int]) -> NegativeCache:
     t = torch.tensor(ids)
     data = {"id": t[:, None].clone(), "emb": t[:, None].float().repeat(1, 2)}

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sharded_negcache.testing import run_ranks
 from sharded_negcache.compat import util
+from sharded_negcache.testing import run_ranks
 
 INF = float("inf")
 

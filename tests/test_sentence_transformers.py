@@ -17,7 +17,6 @@ pytest.importorskip("datasets")
 from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments  # noqa: E402
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss  # noqa: E402
 from sentence_transformers.util import pairwise_cos_sim  # noqa: E402
-from st_fixtures import pairs, tiny_model  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from sharded_negcache import FieldSpec, JaggedFieldSpec, ShardedCacheLossHandler  # noqa: E402
@@ -26,6 +25,7 @@ from sharded_negcache.integrations.sentence_transformers import (  # noqa: E402
     NegativeCacheCallback,
     token_hash,
 )
+from st_fixtures import pairs, tiny_model  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -131,15 +131,25 @@ def test_token_hash_ignores_padding_and_separates_texts():
     assert h[0] == h[1] and h[0] != h[2] and bool((h >= 0).all())
 
 
-def test_left_padded_token_ids_are_cached_real_tokens_first():
-    from sharded_negcache.integrations.sentence_transformers import _left_align
-
-    ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 1]])
-    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
-    assert _left_align(ids, mask).tolist() == [[5, 6, 0, 0], [7, 8, 9, 1]]
-    right = torch.tensor([[5, 6, 0, 0], [7, 8, 9, 1]])
-    # the same texts right-padded: the same document ids (the positive's copy is excluded whatever the padding)
-    assert torch.equal(token_hash(ids, mask), token_hash(right, torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])))
+def test_left_padded_token_ids_are_cached_real_tokens_first(model):
+    """A left-padded batch caches each positive's real tokens first, exactly as its right-padded tokenization,
+    and hashes to the same document ids (the positive's copy is excluded whatever the padding)."""
+    m = copy.deepcopy(model)
+    texts = ["alpha beta", "gamma delta epsilon zeta eta", "theta"]
+    m.tokenizer.padding_side = "left"
+    left = features(m, texts)
+    m.tokenizer.padding_side = "right"
+    right = features(m, texts)
+    assert not bool(left["attention_mask"][:, 0].all()), "the batch must really be left-padded"
+    loss = CachedNegativesRankingLoss(m, cache_size=8, in_batch_negatives=True)
+    loss([features(m, ["read", "write open", "close parse load"]), left], None)
+    cached = loss.handler.store.export_rows()  # an empty cache: item i went into row i
+    lengths = right["attention_mask"].sum(1)
+    assert cached["input_ids:lengths"][:3].tolist() == lengths.tolist()
+    for i, n in enumerate(lengths.tolist()):
+        assert cached["input_ids"][i, :n].tolist() == right["input_ids"][i, :n].tolist()
+    assert torch.equal(token_hash(left["input_ids"], left["attention_mask"]),
+                       token_hash(right["input_ids"], right["attention_mask"]))
 
 
 def test_evaluation_leaves_the_cache_alone(model):
@@ -369,6 +379,29 @@ def test_in_batch_loss_is_mnrls_loss_of_each_training_batch(model):
     # the cache's -log P runs over more candidates than the batch once the cache holds rows
     assert metrics["negcache/interpretable_loss"] > metrics["negcache/in_batch_loss"]
     assert ours.pop_metrics() == {}
+
+
+def test_a_wrapped_encode_rows_is_the_tower_the_cache_calls(model):
+    """``encode_rows`` wrapped on the instance (as the efficiency study times re-encoding) receives exactly
+    the rows the engine re-encodes: one call per step once the cache holds rows, as many rows as the
+    distinct rows sampled, and none before (an empty cache samples nothing)."""
+    m = copy.deepcopy(model)
+    ours = CachedNegativesRankingLoss(m, cache_size=32, num_negatives=2, in_batch_negatives=False)
+    plain, seen = ours.encode_rows, []
+
+    def counted(rows, **kwargs):
+        seen.append(rows["input_ids"][1].numel())  # (padded ids, lengths): one length per row
+        return plain(rows, **kwargs)
+
+    ours.encode_rows = counted
+    calls = []
+    for seed in (1, 2):
+        a, p = pairs(8, seed=seed)
+        ours([features(m, a), features(m, p)], None)
+        sampled = ours.handler.last_step.sampled_rows
+        calls.append(torch.unique(sampled[sampled >= 0]).numel())
+    assert calls[0] == 0 and calls[1] > 0
+    assert seen == [calls[1]]
 
 
 @pytest.mark.parametrize("corpus", [False, True], ids=["stream-pairs", "corpus-triplets"])

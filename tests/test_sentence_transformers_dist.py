@@ -65,7 +65,7 @@ def _ddp_worker(rank: int, world: int, directory: str) -> dict:
                 for m in (model, plain)]
         out["ddp"].append(flat[0])
         out["manual"].append(flat[1])
-        rows = [l.handler.last_step.sampled_rows for l in (ddp_loss, plain_loss)]
+        rows = [loss.handler.last_step.sampled_rows for loss in (ddp_loss, plain_loss)]
         out["same_samples"].append(torch.equal(*rows))
         out["sampled"].append(int((rows[0] >= 0).sum()))
         for opt in opts:

@@ -42,7 +42,14 @@ from examples.code_search import data as code_data  # noqa: E402
 from examples.efficiency.cost_model import EncoderShape, calls_time_s, step_time_s  # noqa: E402
 from examples.efficiency.stats import paired_bootstrap  # noqa: E402
 from examples.efficiency.study import (  # noqa: E402
-    RunResult, SavedTensorMeter, Split, cache_megabytes, eval_subset, evaluate, instrument, summarise,
+    RunResult,
+    SavedTensorMeter,
+    Split,
+    cache_megabytes,
+    eval_subset,
+    evaluate,
+    instrument,
+    summarise,
 )
 
 
@@ -452,7 +459,8 @@ def report(runs: list[dict], compared: dict | None) -> str:
     for row in rows:
         rs = by[row["method"]]
         sp = row["split_pct"]
-        split = " / ".join(f"{sp[k]:.0f}" for k in ("tower_fwd", "reencode_fwd", "loss_rest", "backward_opt", "tokenize")) if sp else "—"
+        parts = ("tower_fwd", "reencode_fwd", "loss_rest", "backward_opt", "tokenize")
+        split = " / ".join(f"{sp[k]:.0f}" for k in parts) if sp else "—"
         eq = at_steps.get(row["method"])
         h100 = sum(r["h100_step_ms"].get("total", 0.0) for r in rs) / len(rs)
         setup = sum(r["setup_s"] for r in rs) / len(rs)

@@ -96,7 +96,7 @@ class _Held:
     def __init__(self, tensor: torch.Tensor, meter: "SavedTensorMeter") -> None:
         self.tensor, self.size, self.meter = tensor, tensor.numel() * tensor.element_size(), meter
         meter.alive += self.size
-        meter._rise()
+        meter.record_peak()
 
     def __del__(self) -> None:
         self.meter.alive -= self.size
@@ -117,7 +117,8 @@ class SavedTensorMeter:
     def _pack(self, t: torch.Tensor) -> _Held:
         return _Held(t, self)
 
-    def _rise(self) -> None:
+    def record_peak(self) -> None:
+        """Raises ``peak`` to the saved bytes alive now above the step's start (called as each tensor is saved)."""
         self.peak = max(self.peak, self.alive - self._base)
 
     @staticmethod
@@ -177,8 +178,8 @@ def instrument(loss_fn, ddp, split: Split, model_wrapper=None) -> None:
     the timed model once more (e.g. to count tokens)."""
     timed = _timed_model(ddp, split, "tower_fwd")
     loss_fn.model = model_wrapper(timed) if model_wrapper is not None else timed
-    if hasattr(loss_fn, "_reencode"):  # book the cache's re-encoding separately from the batch's towers
-        plain = loss_fn._reencode
+    plain = getattr(loss_fn, "encode_rows", None)  # the cache's tower: its re-encoding booked apart from the batch's
+    if plain is not None:
 
         def reencode(rows, _plain=plain, **kwargs):
             with split.time("reencode_fwd"):
@@ -187,7 +188,7 @@ def instrument(loss_fn, ddp, split: Split, model_wrapper=None) -> None:
                 split.s["tower_fwd"] = before  # the inner tower call belongs to re-encoding
             return out
 
-        loss_fn._reencode = reencode
+        loss_fn.encode_rows = reencode
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -381,7 +382,8 @@ def table(rows: list[dict]) -> str:
             f"| {r['method']} | {r['global_batch']} | {r['mrr@10'][0]:.3f} ± {r['mrr@10'][1]:.3f} "
             f"| {r['recall@1'][0]:.3f} | {r['recall@10'][0]:.3f} | {r['steps'][0]:.0f} | {r['step_ms'][0]:.0f} "
             f"| {r['activation_peak_mb'][0]:.0f} | {r['cache_mb']:.1f} "
-            f"| {sp['tower_fwd']:.0f} / {sp['reencode_fwd']:.0f} / {sp['loss_rest']:.0f} / {sp['backward_opt']:.0f} / {sp['tokenize']:.0f} |"
+            f"| {sp['tower_fwd']:.0f} / {sp['reencode_fwd']:.0f} / {sp['loss_rest']:.0f} / {sp['backward_opt']:.0f} "
+            f"/ {sp['tokenize']:.0f} |"
         )
     return "\n".join(lines)
 

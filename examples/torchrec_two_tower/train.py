@@ -34,7 +34,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
-from tqdm import tqdm
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -42,6 +41,7 @@ from torchrec.distributed.sharding_plan import construct_module_sharding_plan, r
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.optim.optimizers import in_backward_optimizer_filter
+from tqdm import tqdm
 
 from sharded_negcache import FieldSpec, ShardedCacheLossHandler
 

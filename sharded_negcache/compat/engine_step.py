@@ -2,12 +2,18 @@
 
 The reference's API is functional: the loss reads the cache and *returns* the updates, and the
 caller applies them with ``CacheManager``. So the engine reads this rank's rows in place, without
-copying (``BorrowedShard``), and runs :meth:`ShardedCacheLossHandler.score`, the engine's public
-"score and sample without writing" step: all queries scored against every rank's shard in chunks,
-exact merge of the partials, fetch of the sampled rows from their owners, and the fresh embeddings
-sent back to the owners, which return them (``refreshes``) for the caller to write. The
-engine inserts nothing (the caller inserts its own positives); the step that keys the random
-numbers is counted here, one per call.
+copying (``ShardStore.from_tensors``: a store over the caller's tensors), and runs
+:meth:`ShardedCacheLossHandler.score`, the engine's "score and sample without writing" step: every
+query scored against every rank's shard, exact merge of the partials, the sampled rows fetched from
+their owners and re-encoded, and with ``return_refreshes`` the fresh embeddings sent back to their
+owners, which receive them as ``StepResult.refreshes`` for the caller to write. The engine inserts
+nothing (the caller inserts its own positives); the step that keys the random numbers is counted
+here, one per call.
+
+Each query's fresh negative (with gradient) is the tower's output for its sampled row. To find it,
+every row carries its global row id in one more feature field (``ROW_ID``), read by the tower wrapper
+and stripped before the caller's network sees the rows: nothing depends on the order in which the
+engine hands rows to the tower.
 """
 from __future__ import annotations
 
@@ -17,31 +23,14 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-from ..codecs import make_codec
 from ..handler import ShardedCacheLossHandler
 from ..specs import FieldSpec
 from ..store import ShardStore
 from ..topology import is_distributed
 
-__all__ = ["BorrowedShard", "EngineOutcome", "EngineStep"]
+__all__ = ["EngineOutcome", "EngineStep", "ROW_ID"]
 
-
-class BorrowedShard(ShardStore):
-    """A ShardStore whose rows are the caller's tensors (read only: the engine runs ``score``, which writes nothing)."""
-
-    def __init__(
-        self, rows: int, dim: int, feature_specs: Mapping[str, FieldSpec], embedding_dtype: torch.dtype
-    ) -> None:
-        super().__init__(rows, dim, feature_specs, make_codec(embedding_dtype), device="meta")  # allocates nothing
-
-    def bind(self, embeddings: torch.Tensor, features: Mapping[str, torch.Tensor], filled: torch.Tensor) -> None:
-        """Points the store at this step's rows (no copy). Ages are not part of the loss: zeros."""
-        self.embeddings = embeddings
-        for key in self.feature_specs:
-            setattr(self.features, key, features[key])
-        self.filled = filled.to(torch.bool)
-        if self.age.device != embeddings.device:
-            self.age = torch.zeros(self.rows, dtype=torch.int64, device=embeddings.device)
+ROW_ID = "compat_row_id"  # the extra feature field: each cached row's global row id
 
 
 @dataclass
@@ -57,15 +46,29 @@ class EngineOutcome:
     refreshed_embeddings: torch.Tensor  # their fresh embeddings (detached)
 
 
-class _Capture:
-    """Wraps the document network to keep its output (the engine re-encodes the sampled rows in sorted id order)."""
+class _Tower:
+    """The caller's document network as the engine calls it: the row-id field is stripped from the rows and
+    kept, with the network's output, so each output row is known by its global id."""
 
     def __init__(self, fn: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> None:
-        self.fn, self.output = fn, None
+        self.fn = fn
+        self.ids: torch.Tensor | None = None
+        self.output: torch.Tensor | None = None
 
     def __call__(self, data: dict[str, torch.Tensor]) -> torch.Tensor:
-        self.output = self.fn(data)
+        self.ids = data[ROW_ID].reshape(-1)
+        self.output = self.fn({k: v for k, v in data.items() if k != ROW_ID})
         return self.output
+
+    def rows_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """The output rows of the given global row ids (every one must have been encoded)."""
+        if self.ids is None or self.output is None or self.ids.numel() == 0:
+            raise RuntimeError("the engine sampled rows but did not re-encode them")
+        order = torch.argsort(self.ids)
+        at = order[torch.searchsorted(self.ids[order], ids).clamp(max=self.ids.numel() - 1)]
+        if not bool((self.ids[at] == ids).all()):
+            raise RuntimeError("the engine did not re-encode every sampled row")
+        return self.output[at]
 
 
 def world_size(group: dist.ProcessGroup | None) -> int:
@@ -79,6 +82,8 @@ class EngineStep:
         self._engine: ShardedCacheLossHandler | None = None
         self._key: tuple | None = None
         self._step = 0
+        self._ages: torch.Tensor | None = None  # zeros: ages are not part of the loss
+        self._row_ids: torch.Tensor | None = None  # [rows] this shard's global row ids
 
     def run(
         self,
@@ -97,30 +102,29 @@ class EngineStep:
         process_group: dist.ProcessGroup | None,
     ) -> EngineOutcome:
         """Loss partials of this rank's queries against the shards of every rank; nothing is written."""
+        if ROW_ID in data_keys or ROW_ID == embedding_key:
+            raise ValueError(f"{ROW_ID!r} names the row ids the distributed loss adds to the cache rows; rename "
+                             "that cache field")
         engine = self._engine_for(
             embeddings, features, embedding_key, data_keys, score_transform, top_k, seed, process_group
         )
-        store: BorrowedShard = engine.store  # type: ignore[assignment]
-        store.bind(embeddings, features, filled)
+        fields = {**{k: features[k] for k in data_keys}, ROW_ID: self._row_ids}
+        engine.store = store = ShardStore.from_tensors(embeddings, fields, filled.to(torch.bool), self._ages)
         batch = query_embeddings.shape[0]
         placeholders = {  # the engine validates the positives' features; score() inserts nothing
             k: torch.zeros((batch, *s.shape), dtype=s.dtype, device=embeddings.device)
             for k, s in store.feature_specs.items()
         }
-        capture = _Capture(doc_network)
-        res = engine.score(capture, query_embeddings, pos_doc_embeddings, placeholders,
+        tower = _Tower(doc_network)
+        res = engine.score(tower, query_embeddings, pos_doc_embeddings, placeholders,
                            step=self._step, return_refreshes=True)
         self._step += 1
         rows = res.sampled_rows[:, 0]
         sampled = rows >= 0
         fresh = query_embeddings.new_zeros((batch, embeddings.shape[1]))
-        if capture.output is not None:
-            uniq = torch.unique(rows[sampled])
-            if capture.output.shape[0] != uniq.numel():
-                raise RuntimeError("engine re-encoded rows in an unexpected order; compat needs sorted unique rows")
-            which = torch.searchsorted(uniq, rows[sampled])
-            fresh = fresh.index_put((sampled.nonzero().squeeze(1),), capture.output[which].to(fresh.dtype))
-        assert res.refreshes is not None
+        if bool(sampled.any()):
+            fresh = fresh.index_put((sampled.nonzero().squeeze(1),), tower.rows_of(rows[sampled]).to(fresh.dtype))
+        assert res.refreshes is not None  # score(return_refreshes=True) always returns them
         slots, written = res.refreshes
         return EngineOutcome(
             prob_positive=res.prob_positive,
@@ -150,15 +154,17 @@ class EngineStep:
         key = (rows, dim, embeddings.dtype, embeddings.device, tuple(feature_specs.items()),
                id(score_transform), top_k, seed, id(process_group))
         if key != self._key:
-            specs = {embedding_key: FieldSpec((dim,), embeddings.dtype), **feature_specs}
+            specs = {embedding_key: FieldSpec((dim,), embeddings.dtype), **feature_specs,
+                     ROW_ID: FieldSpec((), torch.int64)}
             engine = ShardedCacheLossHandler(
-                specs, rows * world_size(process_group), embedding_key, tuple(data_keys), score_transform, top_k,
-                num_negatives=1, seed=seed, process_group=process_group, device="meta",
+                specs, rows * world_size(process_group), embedding_key, (*data_keys, ROW_ID), score_transform,
+                top_k, num_negatives=1, seed=seed, process_group=process_group, device="meta",
                 embedding_codec=embeddings.dtype,
             )
-            engine.store = BorrowedShard(rows, dim, feature_specs, embeddings.dtype)
             for name, buf in list(engine.named_buffers(recurse=False)):  # counters: off the meta device
                 setattr(engine, name, torch.zeros_like(buf, device=embeddings.device))
             self._engine, self._key, self._step = engine, key, 0
+            self._ages = torch.zeros(rows, dtype=torch.int64, device=embeddings.device)
+            self._row_ids = engine.layout.to_global(torch.arange(rows, device=embeddings.device))
         assert self._engine is not None
         return self._engine

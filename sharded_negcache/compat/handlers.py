@@ -24,7 +24,7 @@ from .negative_cache import CacheManager, NegativeCache
 __all__ = ["CacheLossHandler"]
 
 _CACHE_KEY = "cache"
-_SYNCED = ("score_transform", "top_k", "reducer", "_retrieval_fn")
+_SYNCED = ("score_transform", "top_k", "reducer", "retrieval_fn")
 
 
 class _CacheBuffers(nn.Module):

@@ -56,6 +56,18 @@ class CacheLoss(metaclass=abc.ABCMeta):
     ) -> CacheLossReturn:
         ...
 
+    # ``retrieval_fn`` ([B, C'] scores -> [B, 1] indices) picks the sampled rows; the reference spelled this seam
+    # ``_retrieval_fn``, so that name reads and replaces the same attribute.
+    retrieval_fn: Callable[[torch.Tensor], torch.Tensor]
+
+    @property
+    def _retrieval_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return self.retrieval_fn
+
+    @_retrieval_fn.setter
+    def _retrieval_fn(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.retrieval_fn = fn
+
 
 def _check_settings(
     embedding_key: Any, data_keys: Any, score_transform: Any, top_k: Any, reducer: Any
@@ -128,7 +140,7 @@ class CacheClassificationLoss(CacheLoss):
 
     ``top_k`` keeps the reference's meaning: the maximum of each of top_k consecutive row groups
     (``util.approximate_top_k_with_indices``), not the exact top-k. Rows not ``filled`` are never
-    candidates. Replace ``_retrieval_fn`` ([B, C'] scores -> [B, 1] indices) to fix the sampled rows.
+    candidates. Replace ``retrieval_fn`` ([B, C'] scores -> [B, 1] indices) to fix the sampled rows.
     """
 
     def __init__(
@@ -144,7 +156,7 @@ class CacheClassificationLoss(CacheLoss):
         self.score_transform = score_transform
         self.top_k = top_k
         self.reducer = reducer
-        self._retrieval_fn: Callable[[torch.Tensor], torch.Tensor] = retrieval_fns.GumbelMaxRetrievalFn()
+        self.retrieval_fn = retrieval_fns.GumbelMaxRetrievalFn()
 
     def __call__(
         self,
@@ -175,10 +187,10 @@ class CacheClassificationLoss(CacheLoss):
             else:
                 cand_scores = scores
                 cand_rows = torch.arange(scores.shape[1], device=scores.device).expand_as(scores)
-            pick = torch.as_tensor(self._retrieval_fn(cand_scores), device=q.device).reshape(-1, 1).long()
+            pick = torch.as_tensor(self.retrieval_fn(cand_scores), device=q.device).reshape(-1, 1).long()
             if pick.shape[0] != q.shape[0] or (pick.numel() and (pick.min() < 0 or pick.max() >= cand_scores.shape[1])):
                 raise ValueError(
-                    f"_retrieval_fn must return [{q.shape[0]}, 1] indices in [0, {cand_scores.shape[1]}), "
+                    f"retrieval_fn must return [{q.shape[0]}, 1] indices in [0, {cand_scores.shape[1]}), "
                     f"got {pick.tolist()}"
                 )
             sampled = torch.isfinite(cand_scores.gather(1, pick)).squeeze(1)
@@ -217,7 +229,7 @@ class DistributedCacheClassificationLoss(CacheLoss):
     negative per query is sampled from the softmax over the whole cache, ``top_k`` is the exact global
     top-k, and the returned ``updated_item_*`` are the refreshes of *this rank's own rows* (re-encoded by
     whichever rank sampled them), ready for ``CacheManager.update_cache``. Every rank must call it together.
-    Sampling is keyed by ``seed`` and a step counter, so ``_retrieval_fn`` cannot be replaced.
+    Sampling is keyed by ``seed`` and a step counter, so ``retrieval_fn`` cannot be replaced.
     """
 
     def __init__(
@@ -240,7 +252,7 @@ class DistributedCacheClassificationLoss(CacheLoss):
         self.reducer = reducer
         self.seed = seed
         self.process_group = process_group
-        self._retrieval_fn: Any = retrieval_fns.GumbelMaxRetrievalFn()
+        self.retrieval_fn = retrieval_fns.GumbelMaxRetrievalFn()
         self._engine = EngineStep()
 
     def __call__(
@@ -255,10 +267,10 @@ class DistributedCacheClassificationLoss(CacheLoss):
         if return_topk:
             raise NotImplementedError("return_topk is not supported by the engine-backed "
                                       "DistributedCacheClassificationLoss")
-        fn = self._retrieval_fn
+        fn = self.retrieval_fn
         if type(fn) is not retrieval_fns.GumbelMaxRetrievalFn or fn.inv_temp != 1.0:
             raise NotImplementedError("DistributedCacheClassificationLoss samples inside the sharded engine "
-                                      "(keyed Gumbel-max); _retrieval_fn cannot be replaced. Use seed=..., "
+                                      "(keyed Gumbel-max); retrieval_fn cannot be replaced. Use seed=..., "
                                       "or top_k=1 for a deterministic negative.")
         caches = as_cache_dict(cache)
         fields, filled, offsets = concat_sources(caches, (self.embedding_key, *self.data_keys))

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..specs import FieldSpec
+from ..store import ShardStore
 
 __all__ = ["FixedLenFeature", "NegativeCache", "CacheManager", "CacheUpdateError"]
 
@@ -139,16 +140,6 @@ def _last_occurrence(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return uniq, last
 
 
-def eviction_order(age: torch.Tensor, filled: torch.Tensor | None, count: int) -> torch.Tensor:
-    """The ``count`` rows to write next: empty rows first, then the highest age, ties to the lowest slot."""
-    rows = age.shape[0]
-    slot = torch.arange(rows, device=age.device)
-    key = age.to(torch.int64) * rows + (rows - 1 - slot)  # composite key: torch.topk does not order ties
-    if filled is not None:
-        key = key + (~filled).to(torch.int64) * (1 << 62)
-    return torch.topk(key, count, sorted=True).indices
-
-
 class CacheManager:
     """Creates a cache from ``specs`` and applies update calls (FIFO, or LRU with ``use_lru``)."""
 
@@ -243,7 +234,8 @@ class CacheManager:
                 cache.age[rows] = -1  # the +1 below makes it 0, like a new item
         if insert is not None:
             values, count = insert
-            slots = eviction_order(cache.age, cache.filled, count)
+            filled = cache.filled if cache.filled is not None else torch.ones_like(cache.age, dtype=torch.bool)
+            slots = ShardStore.eviction_order(cache.age, filled, count)  # the engine's order
             for key, value in values.items():
                 cache.data[key][slots] = value
             cache.age[slots] = -1

@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 import warnings
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -34,6 +34,10 @@ from ..specs import FieldSpec
 from ..topology import is_distributed
 
 try:  # sentence-transformers is an optional dependency: `pip install sharded_negcache[sentence-transformers]`
+    try:  # its loss modules moved in 6.0; the old path still imports there, with a deprecation warning
+        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    except ImportError:
+        from sentence_transformers.losses import MultipleNegativesRankingLoss
     from sentence_transformers.util import cos_sim, dot_score
     from transformers import Trainer, TrainerCallback
     from transformers.trainer_utils import get_last_checkpoint
@@ -42,6 +46,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "sharded_negcache.integrations.sentence_transformers needs sentence-transformers: "
         "pip install 'sharded_negcache[sentence-transformers]'"
     ) from exc
+if not hasattr(MultipleNegativesRankingLoss, "compute_loss_from_embeddings"):  # added in sentence-transformers 5.0
+    raise ImportError("sharded_negcache.integrations.sentence_transformers needs sentence-transformers >= 5.0 "
+                      "(MultipleNegativesRankingLoss.compute_loss_from_embeddings): "
+                      "pip install -U sentence-transformers")
 
 __all__ = ["CachedNegativesRankingLoss", "NegativeCacheCallback", "token_hash"]
 
@@ -161,6 +169,9 @@ class CachedNegativesRankingLoss(nn.Module):
         self.cache_size, self.num_negatives, self.seed = cache_size, num_negatives, seed
         self.in_batch_negatives, self.embedding_codec = in_batch_negatives, embedding_codec
         self.exclude_same_text = exclude_same_text
+        # MNRL itself, on the embeddings this loss computes: the in-batch loss of evaluation and of the
+        # negcache/in_batch_loss metric (its scale, similarity and candidate conventions, not a copy of them)
+        self.mnrl = MultipleNegativesRankingLoss(model, scale=self.scale, similarity_fct=similarity_fct)
         self.handler_kwargs = dict(handler_kwargs or {})
         self.handler: ShardedCacheLossHandler | None = None
         self._feature_keys: tuple[str, ...] | None = None
@@ -223,7 +234,7 @@ class CachedNegativesRankingLoss(nn.Module):
         was_training = base.training
         base.eval()
         try:
-            handler.prefill(doc_ids, {IDS: tokens}, functools.partial(self._reencode, model=base),
+            handler.prefill(doc_ids, {IDS: tokens}, functools.partial(self.encode_rows, model=base),
                             batch_size=self.prefill_batch_size)
         finally:
             base.train(was_training)
@@ -269,7 +280,7 @@ class CachedNegativesRankingLoss(nn.Module):
         negatives = [self._embed(f) for f in negative_features]
         if not training:
             # Evaluation: MNRL's in-batch loss on this rank's batch; the cache is neither read nor written.
-            return _in_batch_loss(self.scale, anchors, positives, negatives)
+            return self.mnrl.compute_loss_from_embeddings([anchors, positives, *negatives], labels)
         if not self._callback_checked:
             self._ensure_callback()
         handler = self.handler_for(anchors.device)
@@ -280,9 +291,10 @@ class CachedNegativesRankingLoss(nn.Module):
         if self.exclude_same_text:
             data[DOC_ID] = token_hash(ids, mask)[:, None]
         extra = torch.stack(negatives, dim=1) if negatives else None  # [B, n, d], fresh, with gradient
-        loss = handler.update_cache_and_compute_loss(self._reencode, anchors, positives, data, extra_negatives=extra)
+        loss = handler.update_cache_and_compute_loss(self.encode_rows, anchors, positives, data, extra_negatives=extra)
         step = handler.last_step
-        in_batch = _in_batch_loss(self.scale, anchors.detach(), positives.detach(), [n.detach() for n in negatives])
+        with torch.no_grad():
+            in_batch = self.mnrl.compute_loss_from_embeddings([anchors, positives, *negatives], labels)
         self._accumulate(step.metrics, in_batch)
         # The value shown is the cross-entropy estimate -log P (what MNRL reports), reduced like the loss;
         # the gradient is the engine's estimator's. (The estimator's own value is not a cross-entropy.)
@@ -326,8 +338,10 @@ class CachedNegativesRankingLoss(nn.Module):
         self._extra = {k: v for k, v in positive_features.items() if not isinstance(v, Tensor)}
         self._with_token_types = "token_type_ids" in positive_features
 
-    def _reencode(self, rows: dict[str, Any], model: nn.Module | None = None) -> Tensor:
-        """The current model's embeddings of cached rows, rebuilt from their unpadded token ids."""
+    def encode_rows(self, rows: dict[str, Any], model: nn.Module | None = None) -> Tensor:
+        """The current model's embeddings of cached rows, rebuilt from their unpadded token ids: the document
+        tower the cache calls (on sampled rows with gradient, and by :meth:`prefill`). Wrapping it on the
+        instance (e.g. to time re-encoding apart from the batch's own forward) is supported."""
         padded, lengths = rows[IDS]
         width = max(int(lengths.max()), 1) if lengths.numel() else 1
         padded = padded[:, :width]
@@ -388,13 +402,6 @@ def _corpus_texts(corpus: Iterable[str]) -> list[str]:
     if not texts:
         raise ValueError("corpus is empty")
     return texts
-
-
-def _in_batch_loss(scale: float, anchors: Tensor, positives: Tensor, negatives: Sequence[Tensor] = ()) -> Tensor:
-    """MNRL's cross-entropy of each anchor against this rank's positives and negative columns (what ``eval_loss``
-    reports)."""
-    scores = scale * anchors @ torch.cat([positives, *negatives]).t()
-    return F.cross_entropy(scores, torch.arange(scores.shape[0], device=scores.device))
 
 
 def _calling_trainer(loss: nn.Module) -> Any:
