@@ -547,3 +547,11 @@ def test_corpus_is_prefilled_by_the_first_training_step_in_a_plain_loop(model):
     loss([features(m, anchors), features(m, positives)], None).backward()
     assert int(loss.handler.gather_global_rows()["filled"].sum()) == 14 and loss.handler.steps_done == 1
     assert loss.handler.last_step.metrics["sampled"] == 16  # 8 anchors x 2 draws from the prefilled rows
+
+
+def test_the_model_appears_once_in_the_losss_state_dict(model):
+    loss = CachedNegativesRankingLoss(model, cache_size=64)
+    model_keys = set(model.state_dict())
+    keys = list(loss.state_dict())
+    assert not any(k.startswith("mnrl.") for k in keys), keys[:5]
+    assert sum(k.startswith("model.") for k in keys) == len(model_keys)

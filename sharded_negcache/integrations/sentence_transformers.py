@@ -170,8 +170,9 @@ class CachedNegativesRankingLoss(nn.Module):
         self.in_batch_negatives, self.embedding_codec = in_batch_negatives, embedding_codec
         self.exclude_same_text = exclude_same_text
         # MNRL itself, on the embeddings this loss computes: the in-batch loss of evaluation and of the
-        # negcache/in_batch_loss metric (its scale, similarity and candidate conventions, not a copy of them)
-        self.mnrl = MultipleNegativesRankingLoss(model, scale=self.scale, similarity_fct=similarity_fct)
+        # negcache/in_batch_loss metric (its scale, similarity and candidate conventions, not a copy of them).
+        # Kept out of the module tree: it holds the same model, whose parameters must appear once in state_dict.
+        self.__dict__["mnrl"] = MultipleNegativesRankingLoss(model, scale=self.scale, similarity_fct=similarity_fct)
         self.handler_kwargs = dict(handler_kwargs or {})
         self.handler: ShardedCacheLossHandler | None = None
         self._feature_keys: tuple[str, ...] | None = None
