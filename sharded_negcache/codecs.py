@@ -109,7 +109,9 @@ def _fbgemm_ops_on(device_type: str) -> bool:
         return False
 
 
-def _use_fbgemm(t: torch.Tensor) -> bool:
+def use_fbgemm(t: torch.Tensor) -> bool:
+    """Whether fbgemm-gpu's row-wise kernels encode and decode ``t`` (loaded for its device); else the pure-torch
+    codec writes the same bytes (tests switch it off to compare the two)."""
     return t.device.type in ("cpu", "cuda") and _fbgemm_ops_on(t.device.type)
 
 
@@ -124,7 +126,7 @@ class RowwiseInt8Codec(EmbeddingCodec):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         x = x.detach().float().contiguous()
-        if _use_fbgemm(x):
+        if use_fbgemm(x):
             return torch.ops.fbgemm.FloatToFused8BitRowwiseQuantized(x)
         lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
         inv = 255.0 / (hi - lo + 1e-8)
@@ -133,7 +135,7 @@ class RowwiseInt8Codec(EmbeddingCodec):
         return torch.cat([q, sb], dim=1)
 
     def decode(self, stored: torch.Tensor, dim: int) -> torch.Tensor:
-        if stored.shape[0] and _use_fbgemm(stored):
+        if stored.shape[0] and use_fbgemm(stored):
             return torch.ops.fbgemm.Fused8BitRowwiseQuantizedToFloat(stored.contiguous())
         # a fresh copy of the 8 bytes per row: a slice's own offset and row stride need not be multiples of
         # 4 (any width d, any first row, an empty slice), which a view as fp32 requires
@@ -156,7 +158,7 @@ class RowwiseInt4Codec(EmbeddingCodec):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         x = x.detach().float().contiguous()
-        if _use_fbgemm(x):
+        if use_fbgemm(x):
             return torch.ops.fbgemm.FloatToFusedNBitRowwiseQuantizedSBHalf(x, 4)
         lo = x.amin(1, keepdim=True).half()
         hi = x.amax(1, keepdim=True)
@@ -168,7 +170,7 @@ class RowwiseInt4Codec(EmbeddingCodec):
         return torch.cat([packed, sb], dim=1)
 
     def decode(self, stored: torch.Tensor, dim: int) -> torch.Tensor:
-        if stored.shape[0] and _use_fbgemm(stored):
+        if stored.shape[0] and use_fbgemm(stored):
             return torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(stored.contiguous(), 4)
         half = dim // 2
         packed = stored[:, :half]

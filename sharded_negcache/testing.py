@@ -32,6 +32,8 @@ def _worker(rank: int, world_size: int, port: int, threads: int, use_dist: bool,
     import torch
     import torch.distributed as dist
 
+    from .topology import is_distributed
+
     torch.set_num_threads(threads)
     result: Any
     try:
@@ -43,7 +45,7 @@ def _worker(rank: int, world_size: int, port: int, threads: int, use_dist: bool,
     except BaseException as exc:  # reported to the caller, which raises
         result = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
     finally:
-        if dist.is_initialized():
+        if is_distributed():
             dist.destroy_process_group()
     with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
         pickle.dump(result, f)

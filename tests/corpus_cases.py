@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from engine_cases import DIM, FEAT, Tower, make_handler
-from two_level_cases import _expect
+from two_level_cases import expect_error
 
 N_DOCS, ID_BASE = 22, 1000
 
@@ -98,15 +98,15 @@ def corpus_layouts(rank: int, world_size: int, root: str) -> dict:
             res = {"docs": enc.docs, "calls": enc.calls, "inference": enc.inference, "rows": rows,
                    "after": snapshot(h), "sampled": h.last_step.sampled_rows}
             bad = {"x": x[:1], "doc_id": torch.tensor([[7 if rank == size - 1 else int(ids[0])]])}
-            res["unknown"] = _expect(lambda: h.update_cache_and_compute_loss(tower, torch.randn(1, DIM), tower(bad), bad),
+            res["unknown"] = expect_error(lambda: h.update_cache_and_compute_loss(tower, torch.randn(1, DIM), tower(bad), bad),
                                      BatchRejected)
             res["unknown_unchanged"] = all(torch.equal(v, res["after"][k]) for k, v in snapshot(h).items())
             if name == "w2":
                 save({"cache": CacheCheckpoint(h)}, os.path.join(root, "w2"), process_group=g2)
                 other = ids + 1 if rank == 1 else ids
-                res["different_ids"] = _expect(lambda: h.prefill(other, {"x": x}, tower), ValueError)
+                res["different_ids"] = expect_error(lambda: h.prefill(other, {"x": x}, tower), ValueError)
                 broken = Recorder(tower, fail=rank == 1)
-                res["encoder_failed"] = _expect(lambda: h.prefill(ids, {"x": x}, broken), DocumentNetworkFailed)
+                res["encoder_failed"] = expect_error(lambda: h.prefill(ids, {"x": x}, broken), DocumentNetworkFailed)
                 res["failed_unchanged"] = all(torch.equal(v, res["after"][k]) for k, v in snapshot(h).items())
                 # extra negatives, in-batch: the group's positives and extra negatives are every query's candidates
                 inp = {k: v.requires_grad_(True) for k, v in extra_inputs(rank).items()}

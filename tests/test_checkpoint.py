@@ -513,7 +513,7 @@ def mixed_checkpoints_worker(rank: int, world: int, root: str) -> dict:
         except CheckpointError as exc:
             error = str(exc)
         except CheckpointException as exc:  # DCP wraps what load_state_dict raises
-            error = " ".join(str(e) for e in getattr(exc, "_failures", {}).values()) or str(exc)
+            error = " ".join(str(e) for e in exc.failures.values()) or str(exc)
         after = handler.state_dict()
         out[case] = {"error": error, "unchanged": all(torch.equal(after[k], v) for k, v in before.items()),
                      "steps": handler.steps_done}

@@ -54,7 +54,7 @@ def test_torch_path_writes_fbgemm_bytes(name, monkeypatch):
     c = make_codec(name)
     x = rows(seed=3)
     with_fbgemm = c.encode(x)
-    monkeypatch.setattr(codecs, "_use_fbgemm", lambda t: False)
+    monkeypatch.setattr(codecs, "use_fbgemm", lambda t: False)
     pure = c.encode(x)
     assert torch.equal(pure, with_fbgemm)
     torch.testing.assert_close(c.decode(pure, 32), c.decode(with_fbgemm, 32))

@@ -67,7 +67,7 @@ def _unchanged(h, before: dict, steps: int) -> bool:
     return h.steps_done == steps and all(torch.equal(before[k], v) for k, v in h.gather_global_rows().items())
 
 
-def _expect(fn, exc_type) -> str:
+def expect_error(fn, exc_type) -> str:
     try:
         fn()
     except exc_type as exc:
@@ -111,14 +111,14 @@ def two_level(rank: int, world_size: int, root: str) -> dict:
     # faults: each raises on all four ranks and leaves every cache as it was
     before, steps = h.gather_global_rows(), h.steps_done
     bad_q = torch.randn(2, DIM + 1) if rank == 3 else q
-    out["bad_batch"] = _expect(lambda: h.update_cache_and_compute_loss(tower, bad_q, tower(data), data), BatchRejected)
+    out["bad_batch"] = expect_error(lambda: h.update_cache_and_compute_loss(tower, bad_q, tower(data), data), BatchRejected)
     out["bad_batch_unchanged"] = _unchanged(h, before, steps)
     nan_tower = (lambda d: tower(d) * float("nan")) if rank == 1 else tower
-    out["nan"] = _expect(lambda: h.update_cache_and_compute_loss(nan_tower, q, tower(data), data), NonFiniteRows)
+    out["nan"] = expect_error(lambda: h.update_cache_and_compute_loss(nan_tower, q, tower(data), data), NonFiniteRows)
     out["nan_unchanged"] = _unchanged(h, before, steps)
     odd = make_handler(CACHE, seed=SEED, shard_group_size=G, **{**CONFIG, "num_negatives": 2 if rank == 2 else 3})
-    out["config"] = _expect(lambda: odd.update_cache_and_compute_loss(tower, q, tower(data), data), BatchRejected)
-    out["group_size"] = _expect(lambda: make_handler(CACHE, shard_group_size=4 if rank == 0 else 2), ValueError)
+    out["config"] = expect_error(lambda: odd.update_cache_and_compute_loss(tower, q, tower(data), data), BatchRejected)
+    out["group_size"] = expect_error(lambda: make_handler(CACHE, shard_group_size=4 if rank == 0 else 2), ValueError)
 
     out["checkpoint"] = checkpoint_part(rank, root)
 
@@ -127,7 +127,7 @@ def two_level(rank: int, world_size: int, root: str) -> dict:
     slow.load_global_rows(global_cache(CACHE, tower, seed=7, with_ids=True))
     stall = (lambda d: (time.sleep(6), tower(d))[1]) if rank == 3 else tower
     start = time.monotonic()
-    out["stalled"] = _expect(lambda: slow.update_cache_and_compute_loss(stall, q, tower(data), data), CollectiveFailed)
+    out["stalled"] = expect_error(lambda: slow.update_cache_and_compute_loss(stall, q, tower(data), data), CollectiveFailed)
     out["stalled_s"] = time.monotonic() - start
     return out
 
