@@ -16,7 +16,8 @@ each case runs with the eager fetch (rows ride with the partials: 3 collectives)
 The handler's stages (its ``negcache/<stage>`` ranges) are timed two ways: by the clock during the timed
 repeats (``sharded_negcache.stages.stage_times``: two clock reads per stage), and by a profiled run, which
 shows where the time goes but charges every tensor op the profiler's own few microseconds (a step at 16
-queries runs a few hundred ops, so the profiled totals run high). The engine's own counters give the collectives launched per step (``Comm.calls``). On CUDA, host synchronisations per step
+queries runs a few hundred ops, so the profiled totals run high). The engine's own counters give the
+collectives launched per step (``Comm.calls``). On CUDA, host synchronisations per step
 are counted with ``torch.cuda.set_sync_debug_mode("warn")``; on CPU there is no stream to stall, and
 ``docs/design.md`` lists the sync points a GPU step would have.
 
@@ -31,11 +32,20 @@ import time
 import warnings
 from typing import Any
 
-from _common import (RESULTS_DIR, CheapTower, fill_local, machine_info, make_handler, parse_sizes, run_ranks,
-                     table, write_json)
-
 import torch
 import torch.nn.functional as F
+
+from _common import (
+    RESULTS_DIR,
+    CheapTower,
+    fill_local,
+    machine_info,
+    make_handler,
+    parse_sizes,
+    run_ranks,
+    table,
+    write_json,
+)
 
 DIM, FEAT, SCALE, DRAWS = 128, 64, 20.0, 2
 

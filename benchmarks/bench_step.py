@@ -39,12 +39,30 @@ import argparse
 import time
 from pathlib import Path
 
-from _common import (MB, RESULTS_DIR, CheapTower, PeakMeter, Sections, fill_local,
-                     in_fresh_process, machine_info, make_batch, make_handler, median,
-                     parse_sizes, protocol_bytes, run_ranks, size_label, stage_split, synthetic_rows,
-                     table, trim, write_json)
-
 import torch
+
+from _common import (
+    MB,
+    RESULTS_DIR,
+    CheapTower,
+    PeakMeter,
+    Sections,
+    fill_local,
+    in_fresh_process,
+    machine_info,
+    make_batch,
+    make_handler,
+    median,
+    parse_sizes,
+    protocol_bytes,
+    run_ranks,
+    size_label,
+    stage_split,
+    synthetic_rows,
+    table,
+    trim,
+    write_json,
+)
 
 # issue 11: one step against the chunked bare product (wall, min over reps, same run): <= 1.5x at
 # 16K rows, <= 1.3x at 128K and 1M

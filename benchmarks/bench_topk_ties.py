@@ -10,8 +10,9 @@ import argparse
 import json
 import time
 
-from _common import RESULTS_DIR, make_handler, synthetic_rows
 import torch
+
+from _common import RESULTS_DIR, make_handler, synthetic_rows
 
 
 def best_of(fn, reps: int) -> float:
@@ -52,9 +53,10 @@ def main() -> None:
         scan = {be: best_of(lambda: score_shard(handler.store, handler.layout, q, handler.score_fn, num_draws=1,
                                                 top_k=k, seed=0, step=0, chunk_rows=chunk, backend=be), args.reps)
                 for be in ("torch", "native")}
-        out.append({"k": k, "chunk_topk_s": topk, "chunk_rule_s": rule, "chunk_stable_sort_s": stable, "torch_scan_s": scan["torch"],
-                    "fused_scan_s": scan["native"]})
-        print(f"{k:>4} {topk * 1e3:>14.2f} {rule * 1e3:>14.2f} {stable * 1e3:>21.2f} {scan['torch'] * 1e3:>14.2f} {scan['native'] * 1e3:>14.2f}")
+        out.append({"k": k, "chunk_topk_s": topk, "chunk_rule_s": rule, "chunk_stable_sort_s": stable,
+                    "torch_scan_s": scan["torch"], "fused_scan_s": scan["native"]})
+        print(f"{k:>4} {topk * 1e3:>14.2f} {rule * 1e3:>14.2f} {stable * 1e3:>21.2f} "
+              f"{scan['torch'] * 1e3:>14.2f} {scan['native'] * 1e3:>14.2f}")
     RESULTS_DIR.mkdir(exist_ok=True)
     meta = {"args": vars(args), "load_average": __import__("os").getloadavg(), "torch": torch.__version__}
     (RESULTS_DIR / "topk_ties.json").write_text(json.dumps({**meta, "rows": out}, indent=1))

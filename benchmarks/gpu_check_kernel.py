@@ -145,7 +145,7 @@ def run(device: str, rows: int, dim: int, batches: list[int], reps: int, gpu_key
             chunk = h.chunk_rows(b)
             kw = dict(num_draws=2, top_k=None, seed=1, step=0, chunk_rows=chunk)
             with torch.no_grad():
-                scan = {be: (lambda be=be: score_shard(h.store, h.layout, q, h.score_fn, backend=be, **kw))
+                scan = {be: (lambda be=be, h=h: score_shard(h.store, h.layout, q, h.score_fn, backend=be, **kw))
                         for be in ("torch", "triton")}
                 res = {be: fn() for be, fn in scan.items()}
                 trusted = triton_scan.TRUSTED.get((str(q.device), codec, dim, bs), False)

@@ -599,7 +599,8 @@ def _file_problems(root: Path, manifest: Mapping[str, Any], digests: bool, share
                 continue
             if not same:
                 problems.append(f"file {name} does not match its sha256 in the manifest: it was changed after "
-                                f"the save or comes from another checkpoint (the manifest is checkpoint {manifest['checkpoint_id']})")
+                                "the save or comes from another checkpoint (the manifest is checkpoint "
+                                f"{manifest['checkpoint_id']})")
     return problems
 
 
@@ -761,13 +762,13 @@ def load(
     """Verified ``dcp.load(state)``: refuses incomplete, damaged or mixed checkpoints and mismatched caches
     before reading rows.
 
-    Collective over the caches' handler's process group (see :func:`save` for ``process_group``). Raises :class:`CheckpointError` on every rank when the manifest
-    is missing or damaged, a file is missing or has another size or digest, a cache record does not
-    match the manifest (its digest, its checkpoint id) or differs from its handler (each difference
-    named), DCP fails to read, or a row fails its hash; :class:`CollectiveFailed` when a rank died. The
-    checks before DCP runs leave every object in ``state`` untouched; a :class:`CacheCheckpoint` is
-    untouched in every case. Each rank digests 1/W of the files. The load's own collectives run under the
-    handler's ``collective_timeout_s``, as :func:`save`'s do.
+    Collective over the caches' handler's process group (see :func:`save` for ``process_group``). Raises
+    :class:`CheckpointError` on every rank when the manifest is missing or damaged, a file is missing or has
+    another size or digest, a cache record does not match the manifest (its digest, its checkpoint id) or
+    differs from its handler (each difference named), DCP fails to read, or a row fails its hash;
+    :class:`CollectiveFailed` when a rank died. The checks before DCP runs leave every object in ``state``
+    untouched; a :class:`CacheCheckpoint` is untouched in every case. Each rank digests 1/W of the files. The
+    load's own collectives run under the handler's ``collective_timeout_s``, as :func:`save`'s do.
     """
     path = str(checkpoint_id)
     caches = _caches(state)

@@ -19,14 +19,20 @@ from torch import nn
 from . import metrics
 from .codecs import EmbeddingCodec, finite_rows, make_codec
 from .combine import HomePartials, merge_partials, own_partials, pack_partials
-from .corpus import (CORPUS_KEY, CorpusIndex, content_keys, corpus_columns, ids_checksum, place, row_batches,
-                     select_rows)
+from .corpus import CORPUS_KEY, CorpusIndex, content_keys, corpus_columns, ids_checksum, place, row_batches, select_rows
 from .exchange import DEFAULT_TIMEOUT_S, BatchRejected, CollectiveFailed, Comm, RowRoute
 from .jagged import Jagged, JaggedColumn
 from .keyed_random import Stream, draw_keys, uniform
 from .layout import ShardLayout
 from .loss import (
-    in_batch_mask, loss_scale, nonfinite_queries, overflowing, query_losses, reduce_loss, scale_gradient, spread,
+    in_batch_mask,
+    loss_scale,
+    nonfinite_queries,
+    overflowing,
+    query_losses,
+    reduce_loss,
+    scale_gradient,
+    spread,
     zero_rows,
 )
 from .scoring import LocalPartials, ScoreFn, make_score_fn, resolve_backend, score_shard

@@ -46,7 +46,8 @@ def main(steps: int, logdir: str) -> None:
         q, d = model(qx, dx)
         # The handler calls the inner doc tower on sampled rows; DDP's gradient hooks sit on the
         # parameters, so those gradients are all-reduced in the same backward.
-        loss = handler.update_cache_and_compute_loss(lambda f: model.module.doc(f["x"]), q, d, {"x": dx}, writer)
+        doc = model.module.doc
+        loss = handler.update_cache_and_compute_loss(lambda f: doc(f["x"]), q, d, {"x": dx}, writer)
         opt.zero_grad()
         loss.backward()
         opt.step()

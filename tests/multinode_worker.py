@@ -91,6 +91,8 @@ def main() -> None:
         dx = docs[ids]
         q, d = model(qx, dx)
 
+        doc = model.module.doc
+
         def document_network(rows: dict[str, torch.Tensor]) -> torch.Tensor:
             if rank == args.die_rank and step == args.die_step and attempt == 0:
                 if args.fault == "stall":
@@ -98,7 +100,7 @@ def main() -> None:
                     time.sleep(600)
                 log_event(args.out, attempt=attempt, rank=rank, step=step, event="dying")
                 os._exit(13)
-            return model.module.doc(rows["x"])
+            return doc(rows["x"])
 
         start = time.monotonic()
         try:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from corpus_cases import DIM, FEAT, ID_BASE, N_DOCS, Recorder, Tower, corpus, corpus_handler, rows_by_id
+from corpus_cases import DIM, FEAT, N_DOCS, Recorder, Tower, corpus, corpus_handler, rows_by_id
+from engine_cases import make_handler
 from sharded_negcache import ShardedCacheLossHandler
 from sharded_negcache.handler import BatchRejected, DocumentNetworkFailed
-from engine_cases import make_handler
 
 SCALE = 0.8
 

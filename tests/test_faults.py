@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 
-from sharded_negcache.testing import run_ranks
 from engine_cases import DIM, FEAT, Tower, global_cache, make_handler
 from sharded_negcache import CacheTooLarge, CollectiveFailed, FieldSpec, NonFiniteRows, ShardedCacheLossHandler
+from sharded_negcache.testing import run_ranks
 
 CACHE = 16
 

@@ -116,7 +116,8 @@ def test_lru_refresh_resets_age_and_fifo_keeps_it():
     for use_lru, want_age in ((True, 0), (False, 3)):
         s = _store()
         _insert(s, [1, 2, 3, 4])  # ages 0
-        s.tick(); s.tick()  # ages 2
+        s.tick()
+        s.tick()  # ages 2
         s.refresh(torch.tensor([1, 1]), torch.tensor([[7.0, 7.0], [8.0, 8.0]]), use_lru)
         s.tick()
         assert s.age[1].item() == want_age

@@ -47,7 +47,8 @@ def _env(**extra: str) -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(dict.fromkeys(path)), **extra)
 
 
-def launch(commands: list[tuple[list[str], dict[str, str]]], logs: Path, timeout: float = LAUNCH_TIMEOUT_S) -> list[tuple[int, str]]:
+def launch(commands: list[tuple[list[str], dict[str, str]]], logs: Path,
+           timeout: float = LAUNCH_TIMEOUT_S) -> list[tuple[int, str]]:
     """Starts every command at once (each in its own session), waits for all; returns (exit code, log)."""
     logs.mkdir(parents=True, exist_ok=True)
     procs, files = [], []

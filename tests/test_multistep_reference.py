@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sharded_negcache.testing import run_ranks
 from engine_cases import DIM, FEAT, Tower, make_handler
+from sharded_negcache.testing import run_ranks
 
 CACHE, SCALE, DRAWS = 12, 2.0, 2
 SPLITS = {

@@ -16,9 +16,9 @@ import time
 import pytest
 import torch
 
-from sharded_negcache.testing import run_ranks
 from engine_cases import DIM, FEAT
 from sharded_negcache import BatchRejected, CollectiveFailed, FieldSpec, ShardedCacheLossHandler
+from sharded_negcache.testing import run_ranks
 
 WORLD, CACHE, ODD = 3, 24, 2  # rank 2 is the odd one out
 

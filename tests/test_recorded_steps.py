@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sharded_negcache.testing import run_ranks
 from engine_cases import Tower, global_batch, global_cache, make_handler, run_step
+from sharded_negcache.testing import run_ranks
 
 RECORD = Path(__file__).parent / "data" / "recorded_steps.json"
 CACHE, BATCH, STEPS = 48, 12, 3

@@ -19,8 +19,8 @@ def test_torchrun_two_ranks_with_ddp(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
-    lines = [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
-    steps = [l for l in lines if "step" in l]
+    lines = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    steps = [line for line in lines if "step" in line]
     assert [s["step"] for s in steps] == list(range(6))
     assert all(abs(s["loss"]) < 1e6 for s in steps) and steps[-1]["fill_fraction"] > 0
     assert steps[0]["sampled"] == 0 and steps[1]["sampled"] > 0  # empty cache first, then negatives

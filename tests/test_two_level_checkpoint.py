@@ -1,11 +1,11 @@
 """Checkpoints of the two-level layout reshard across group counts (issue 14).
 
-A 4 = 2x2 run (two groups of two ranks) trains two steps and saves; its third step is the reference.
-The checkpoint is loaded as 4 = 4x1 (four groups of one rank: new group j reads saved group j mod 2),
-which saves again and is loaded back as 2x2 (groups 0 and 1 of the four), as 2 = 1x2 (the flat
-layout: group 0), and as 2x2 again after one byte of group 1's rows was flipped. Checked: each new group holds its source group's rows bit for bit, groups that keep their
-index continue exactly as the saved run (same samples and losses), copies draw their own stream, and
-a corrupted group is refused on every rank of the job with every cache unchanged.
+A 4 = 2x2 run (two groups of two ranks) trains two steps and saves; its third step is the reference. The
+checkpoint is loaded as 4 = 4x1 (four groups of one rank: new group j reads saved group j mod 2), which saves
+again and is loaded back as 2x2 (groups 0 and 1 of the four), as 2 = 1x2 (the flat layout: group 0), and as
+2x2 again after one byte of group 1's rows was flipped. Checked: each new group holds its source group's rows
+bit for bit, groups that keep their index continue exactly as the saved run (same samples and losses), copies
+draw their own stream, and a corrupted group is refused on every rank of the job with every cache unchanged.
 """
 from __future__ import annotations
 

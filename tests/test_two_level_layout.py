@@ -19,7 +19,7 @@ import two_level_cases
 from engine_cases import DIM, make_handler
 from sharded_negcache.layout import stream_seed
 from sharded_negcache.topology import Topology
-from two_level_cases import CACHE, G, SPLITS
+from two_level_cases import CACHE, SPLITS, G
 
 
 @pytest.fixture(scope="module")

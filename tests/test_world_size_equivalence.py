@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sharded_negcache.testing import run_ranks
 from engine_cases import Tower, global_batch, global_cache, make_handler, run_step
+from sharded_negcache.testing import run_ranks
 
 CACHE = 48  # divides by 1, 2, 3, 4; rows per rank a multiple of block_size=4
 BATCH = 12
@@ -64,7 +64,8 @@ def one_step(rank: int, world_size: int) -> dict:
 
 def collect(results: list[dict], name: str) -> dict:
     per = [r[name] for r in results]
-    cat = {k: torch.cat([p[k] for p in per]) for k in ("training", "interpretable", "lse", "sampled", "refreshed", "refreshed_emb")}
+    keys = ("training", "interpretable", "lse", "sampled", "refreshed", "refreshed_emb")
+    cat = {k: torch.cat([p[k] for p in per]) for k in keys}
     order = torch.argsort(cat["refreshed"])
     cat["refreshed"], cat["refreshed_emb"] = cat["refreshed"][order], cat["refreshed_emb"][order]
     cat["metrics"] = per[0]["metrics"]

@@ -19,11 +19,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from sharded_negcache.testing import run_ranks
 from engine_cases import DIM, Tower, global_batch, global_cache, make_handler, run_step
 from sharded_negcache import BatchRejected, CollectiveFailed, NonFiniteRows
 from sharded_negcache.checkpoint import CacheCheckpoint, CheckpointError, load, save
 from sharded_negcache.layout import stream_seed
+from sharded_negcache.testing import run_ranks
 
 CACHE, G, SEED = 16, 2, 5  # 8 rows per rank, blocks of 4
 # per group, per step: the batch size of each rank of the group (zero included; the groups differ)
