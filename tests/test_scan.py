@@ -323,7 +323,7 @@ def _backend_disagreement(rank: int, world_size: int) -> str | None:
 def test_ranks_running_different_kernels_are_refused_naming_the_backend():
     """What runs is part of the configuration: a rank whose C++ kernel is off (or did not build) would sample
     with other exp bits, so the step is refused on every rank, naming what each runs and why."""
-    from dist_utils import run_ranks
+    from sharded_negcache.testing import run_ranks
 
     messages = run_ranks(2, _backend_disagreement, timeout=120)
     off = f"{native_scan.ENV_NATIVE} turns the C++ kernel off"
