@@ -77,7 +77,8 @@ class DocumentNetworkFailed(ValueError):
 
 @dataclass
 class StepResult:
-    """What one step did, for this rank (detached). ``metrics`` holds global means (same on every rank)."""
+    """What one step did, for this rank (detached but for ``loss`` and ``reencoded``). ``metrics`` holds global
+    means (the same on every rank)."""
 
     loss: torch.Tensor
     training_loss: torch.Tensor  # [B] per query
@@ -95,6 +96,10 @@ class StepResult:
     # (unique local slots, fresh fp32 embeddings) this rank, as owner, refreshes in place: what a training step
     # wrote, or with score(return_refreshes=True) what it would write (for callers that own the rows: compat)
     refreshes: tuple[torch.Tensor, torch.Tensor] | None = None
+    # the rows this rank re-encoded (as home of their draws): global ids [U] ascending, and the tower's embeddings
+    # of them [U, d] with its gradient, as the loss scored them (a subset with ``reencode_negatives`` < 'all')
+    reencoded_rows: torch.Tensor | None = None
+    reencoded: torch.Tensor | None = None
 
 
 @dataclass
@@ -121,6 +126,7 @@ class _Fetch:
     """Step 4's rows: the unique sampled rows (global id order) and how they map to draws and owners."""
 
     fetched: FetchedRows
+    global_rows: torch.Tensor  # [U] their global ids, ascending
     which: torch.Tensor  # each sampled (query, draw) → its row among ``fetched``
     owners: torch.Tensor  # [U] owner rank of each row (ascending)
     slots: torch.Tensor  # [U] its local slot there
@@ -558,7 +564,7 @@ class ShardedCacheLossHandler(nn.Module):
             fetched = self.store.unpack(packed, jagged)
         else:  # one process: the rows are read where they lie, nothing is packed for a transfer
             fetched, route = self.store.read(slots), RowRoute([slots.numel()], [slots.numel()], slots)
-        return _Fetch(fetched, which, owners, slots, route)
+        return _Fetch(fetched, unique_rows, which, owners, slots, route)
 
     def _reencode_sampled(
         self, document_network: Callable[[dict[str, torch.Tensor]], torch.Tensor], batch: _Batch,
@@ -621,6 +627,7 @@ class ShardedCacheLossHandler(nn.Module):
             training_loss=losses.training.detach(), interpretable_loss=losses.interpretable.detach(),
             prob_positive=losses.prob_positive, lse=home.lse, sampled_rows=home.rows,
             staleness=losses.staleness, refreshed_rows=home.rows.new_empty(0), inserted_rows=home.rows.new_empty(0),
+            reencoded_rows=rows.global_rows if rows.chosen is None else rows.global_rows[rows.chosen], reencoded=fresh,
         )
         return result, fresh_ok, bad
 

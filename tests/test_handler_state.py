@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from engine_cases import DIM, FEAT, Tower, cache_state, changed, global_cache, make_handler, rank_batch
+from engine_cases import DIM, FEAT, Tower, cache_state, changed, global_batch, global_cache, make_handler, rank_batch
 from sharded_negcache import BatchRejected, FieldSpec, ShardedCacheLossHandler
 from sharded_negcache.testing import run_ranks
 
@@ -380,3 +380,21 @@ def test_loading_a_state_dict_with_missing_keys_changes_nothing():
     assert not changed(before, small)
     small.load_state_dict(sd, strict=False)  # non-strict: the user asked for a partial load
     assert small.steps_done == 7
+
+
+def test_step_result_names_the_reencoded_rows_and_the_towers_embeddings_of_them():
+    tower = Tower()
+    rows = global_cache(32, tower)
+    h = make_handler(32, num_negatives=3)
+    h.load_global_rows(rows)
+    batch = global_batch(6, tower)
+    q = batch["q"].clone().requires_grad_(True)
+    h.update_cache_and_compute_loss(tower, q, tower({"x": batch["x"]}), {"x": batch["x"]})
+    res = h.last_step
+    sampled = res.sampled_rows[res.sampled_rows >= 0]
+    assert sampled.numel() > 0
+    assert torch.equal(res.reencoded_rows, torch.unique(sampled))  # every distinct sampled row, ascending
+    with torch.no_grad():
+        want = tower({"x": rows["x"][res.reencoded_rows]})
+    torch.testing.assert_close(res.reencoded.detach(), want, rtol=0, atol=0)  # the tower's output for those rows
+    assert res.reencoded.requires_grad  # as the loss scored them: the tower's gradient flows through them
