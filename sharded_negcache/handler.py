@@ -50,7 +50,7 @@ __all__ = [
 _log = logging.getLogger("sharded_negcache")
 
 # Score-matrix bytes per chunk: bounds scoring memory. On CPU a small chunk stays cache-friendly
-# (2-8 MB measured best, 32 MB 35-45% slower); a GPU wants few, large kernels.
+# (benchmarks/results/cpu_scan.md has the chunk sizes measured); a GPU wants few, large kernels.
 DEFAULT_CHUNK_BYTES = {"cpu": 8 << 20, "cuda": 256 << 20}
 
 

@@ -4,8 +4,8 @@ fused scan (:func:`fused_scan`), which does the same straight from the rows, com
 scores for a group of queries in registers and reducing them while they are in L1 (no score chunk).
 
 Why native code: on CPU the product runs at the FMA peak, and the eager block LSE (max, subtract, exp,
-sum as separate passes) costs 40-70% of it; inductor's fused loop still spends about twice the kernel's
-time per score in its exp. The kernel's exp is the Cephes exp2f polynomial on the shifted scores (<= 0),
+sum as separate passes) and inductor's fused loop (its exp) cost a large share of it
+(benchmarks/results/cpu_scan.md). The kernel's exp is the Cephes exp2f polynomial on the shifted scores (<= 0),
 and the Gumbel noise of stage 1 (a hash and two logs per query, block and draw) moves out of a dozen int64
 tensor ops per chunk into the same loop.
 

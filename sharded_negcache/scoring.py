@@ -437,8 +437,8 @@ def chunk_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     """The k best of each row of ``scores`` [B, n] (values, indices; unordered), equal values at the k-th
     going to the lower index. ``torch.topk`` picks among ties at the k-th value arbitrarily: it runs for
     k + 1, and only rows whose (k+1)-th value equals the k-th (duplicated rows: rare otherwise) are
-    redone, their tied places given to the lowest indices (a stable sort of the chunk would cost ~40x the
-    top-k). A -inf k-th value (the rest are rows without a candidate, -1) or a NaN: topk's choice stands."""
+    redone, their tied places given to the lowest indices (a stable sort of the chunk would cost far more
+    than the top-k). A -inf k-th value (the rest are rows without a candidate, -1) or a NaN: topk's choice stands."""
     val, idx = scores.topk(min(k + 1, scores.shape[1]), dim=1)
     if val.shape[1] == k:
         return val, idx

@@ -236,7 +236,7 @@ class ShardStore(nn.Module):
     def filled_per_chunk(self, chunk_rows: int) -> list[int]:
         """Filled rows in each scoring chunk (one host sync): full chunks skip the empty-row mask."""
         full, rest = divmod(self.rows, chunk_rows)
-        flags = self.filled.view(torch.uint8)  # an int32 sum of bytes: 4x faster than a bool sum (int64)
+        flags = self.filled.view(torch.uint8)  # an int32 sum of bytes: cheaper than a bool sum, which accumulates in int64
         counts = flags[: full * chunk_rows].view(full, chunk_rows).sum(1, dtype=torch.int32)
         if rest:
             counts = torch.cat([counts, flags[full * chunk_rows :].sum(dtype=torch.int32).view(1)])
@@ -375,7 +375,7 @@ class ShardStore(nn.Module):
         shards and for ``compat``'s caches.
 
         One top-n of the ages finds the n-th largest age t; the rows above t are all among the n, and the
-        rows at t are taken lowest slot first. (A single int64 sort key folding in the slot cost four
+        rows at t are taken lowest slot first. (A single int64 sort key folding in the slot would take four
         int64 passes over the shard.)"""
         if n == 0:
             return torch.empty(0, dtype=torch.int64, device=age.device)

@@ -30,7 +30,7 @@
 namespace {
 
 // Lanes: the target's native vector width (GCC lowers wider vector types piecewise or, for selects and
-// conversions, lane by lane: 16 lanes on AVX2 ran 7x slower than 8).
+// conversions, lane by lane, several times slower than the native width).
 #if defined(__AVX512F__)
 #define LANES 16
 #elif defined(__AVX__)
@@ -222,8 +222,8 @@ __attribute__((always_inline)) inline float block_lse(const float* s, int64_t bs
 }
 
 // The block LSEs of one query's row of `nblk` blocks. Software-pipelined: the maximum of block k+1 (read
-// from L2/L3) is taken while block k's exps run on data already in L1 (10% faster than block by block
-// on AVX-512; the same values: each block's sums are formed exactly as in block_lse).
+// from L2/L3) is taken while block k's exps run on data already in L1 (faster than block by block;
+// the same values: each block's sums are formed exactly as in block_lse).
 __attribute__((always_inline)) inline void row_block_lse(const float* s, int64_t nblk, int64_t bs, float* out) {
   if (bs % (4 * L) != 0) {
     for (int64_t k = 0; k < nblk; ++k) out[k] = block_lse(s + k * bs, bs);
