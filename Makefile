@@ -3,7 +3,7 @@
 #   make test    - lint (make lint: ruff) and then the whole test suite
 PY := .venv/bin/python
 
-.PHONY: setup train lint test bench study study-pretrained clean
+.PHONY: setup train lint test test-heavy bench study study-pretrained clean
 
 setup:
 	./scripts/setup.sh
@@ -16,7 +16,11 @@ lint: setup
 	$(PY) -m ruff check .
 
 test: lint
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not heavy" tests
+
+# The costliest variants (marked heavy: ~2 min), kept out of `make test` so that it stays under 10 minutes.
+test-heavy: setup
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m heavy tests
 
 bench: setup
 	$(PY) benchmarks/run_all.py

@@ -135,6 +135,7 @@ TINY_METHODS = ["zero_shot", "mnrl_b32", "cmnrl_b64", "mined_b32", "stream_b32",
 CACHE_METHODS = [m for m in TINY_METHODS if m.startswith(("stream", "corpus"))]
 
 
+@pytest.mark.heavy
 def test_tiny_pretrained_study_two_ranks(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv-backend=c10d",
            f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "examples.efficiency.pretrained", "--tiny",

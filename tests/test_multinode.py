@@ -218,7 +218,7 @@ def _flatten(value, path: str = "") -> dict:
 
 
 # ---- a rank dies or stalls mid-step under --max-restarts ------------------------------------------------
-@pytest.mark.parametrize("fault,timeout_s", [("die", 10.0), ("stall", 4.0)])
+@pytest.mark.parametrize("fault,timeout_s", [("die", 10.0), pytest.param("stall", 4.0, marks=pytest.mark.heavy)])
 def test_lost_rank_fails_the_step_and_torchrun_restarts(single_node, tmp_path, fault, timeout_s):
     out = tmp_path / "restart"
     cmd = worker_cmd(

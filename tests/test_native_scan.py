@@ -215,7 +215,7 @@ def test_built_once_per_machine_then_loaded_from_the_cache(tmp_path):
     assert "available True" in out2 and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
 
 
-def test_without_a_compiler_one_warning_and_the_torch_ops_give_the_same_samples(tmp_path):
+def test_without_a_compiler_one_warning_and_the_torch_ops_give_the_same_samples(built_cache, tmp_path):
     code = _PROBE + """
 from engine_cases import Tower, global_cache, make_handler
 tower = Tower()
@@ -233,7 +233,7 @@ print("lse", p.lse.tolist())
     assert broken.count("WARNING") == 1 and "native CPU scan kernel is unavailable" in broken
     off = _probe({**env, native_scan.ENV_NATIVE: "0"}, code)
     assert "available False" in off and "WARNING" not in off  # disabled: no attempt, no warning
-    native = _probe(env, code)
+    native = _probe({**env, "SHARDED_NEGCACHE_CACHE_DIR": str(built_cache)}, code)  # this machine's build
     assert "available True" in native
     pick = lambda out, key: next(line for line in out.splitlines() if line.startswith(key))  # noqa: E731
     assert pick(broken, "rows") == pick(native, "rows") == pick(off, "rows")
@@ -262,7 +262,8 @@ def built_cache(tmp_path_factory) -> Path:
     return cache
 
 
-@pytest.mark.parametrize("damage", ["truncated", "foreign", "foreign_with_its_digest"])
+@pytest.mark.parametrize("damage", ["truncated", pytest.param("foreign", marks=pytest.mark.heavy),
+                                    pytest.param("foreign_with_its_digest", marks=pytest.mark.heavy)])
 def test_a_damaged_library_in_the_cache_is_rebuilt_not_loaded(damage, built_cache, tmp_path):
     """A library cut short (a crash before it reached the disk: loading it raised SIGBUS) or another ELF under
     the kernel's name (AttributeError at the first call), even one with a matching digest beside it: the
@@ -319,6 +320,7 @@ def _script(path: Path, body: str) -> str:
     return str(path)
 
 
+@pytest.mark.heavy
 @pytest.mark.skipif(shutil.which("g++-11") is None, reason="no g++-11 on PATH")
 def test_gcc_11_builds_the_kernel_with_the_same_bits(built_cache, tmp_path):
     """GCC 11 (Ubuntu 22.04's default) has no __builtin_shufflevector; the lane permutations use
@@ -602,6 +604,7 @@ def test_row_lse_against_logsumexp():
 
 
 @pytest.mark.skipif(__import__("platform").machine() not in ("x86_64", "AMD64"), reason="x86 -march levels")
+@pytest.mark.heavy
 @pytest.mark.parametrize("arch", ["x86-64-v3", "x86-64"], ids=["avx2", "sse2"])
 def test_narrower_builds_pass_the_same_checks(arch, tmp_path):
     """The kernel's 8-lane (AVX2) and 4-lane (SSE2) builds, which an AVX-512 machine does not otherwise run,
