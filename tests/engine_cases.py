@@ -15,6 +15,16 @@ def specs(with_ids: bool = False) -> dict[str, FieldSpec]:
     return out
 
 
+class ScalarRecorder:
+    """A SummaryWriter stand-in (``add_scalar``) that records every call as (tag, value, step)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, float, int]] = []
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.calls.append((tag, value, step))
+
+
 class Tower(torch.nn.Module):
     """A fixed linear document tower: the same weights in every process."""
 

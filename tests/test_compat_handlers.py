@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from engine_cases import ScalarRecorder
 from sharded_negcache.compat import handlers, losses
 from sharded_negcache.compat.negative_cache import CacheManager, FixedLenFeature
 from sharded_negcache.testing import run_ranks
@@ -48,14 +49,6 @@ class StubLoss(losses.CacheLoss):
         )
 
 
-class Writer:
-    def __init__(self) -> None:
-        self.scalars: list[tuple[str, float, int]] = []
-
-    def add_scalar(self, tag: str, value: float, step: int) -> None:
-        self.scalars.append((tag, value, step))
-
-
 def test_cache_is_zero_buffers_that_move_and_checkpoint():
     h = handler(4, dim=3)
     assert torch.equal(h.cache.data["emb"], torch.zeros(4, 3))
@@ -94,16 +87,16 @@ def test_two_steps_with_the_real_loss_and_a_writer():
     assert loss.item() == 0.0  # an empty cache has no candidate: P = 1
     assert h.cache.data["emb"][:, 0].tolist() == [1.0, 0.0, 0.0] and h.cache.age.tolist() == [0, 1, 1]
     # Step 2: the only candidate is row 0 (score 1), s+ = .5, P = e^.5 / (e^.5 + e); re-encoded 2, s- = 2.
-    writer = Writer()
+    writer = ScalarRecorder()
     loss = h.update_cache_and_compute_loss(
         tower, torch.tensor([[1.0]]), torch.tensor([[0.5]]), {"x": torch.tensor([[3.0]])}, writer=(writer, 7)
     )
     p = math.exp(0.5) / (math.exp(0.5) + E)
     close(loss, (1 - p) * (2.0 - 0.5))
-    assert writer.scalars[0][0] == "cache/interpretable_prediction_loss" and writer.scalars[0][2] == 7
-    close(writer.scalars[0][1], -math.log(p))
-    assert writer.scalars[1][0] == "cache/staleness"
-    close(writer.scalars[1][1], 0.25)  # |1 - 2|^2 / |2|^2
+    assert writer.calls[0][0] == "cache/interpretable_prediction_loss" and writer.calls[0][2] == 7
+    close(writer.calls[0][1], -math.log(p))
+    assert writer.calls[1][0] == "cache/staleness"
+    close(writer.calls[1][1], 0.25)  # |1 - 2|^2 / |2|^2
     # Row 0 refreshed to 2 (age reset), the new item in the oldest empty row, 1.
     assert h.cache.data["emb"][:, 0].tolist() == [2.0, 0.5, 0.0]
     assert h.cache.data["x"][:, 0].tolist() == [1.0, 3.0, 0.0]

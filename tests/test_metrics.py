@@ -7,21 +7,12 @@ from __future__ import annotations
 
 import pytest
 
+from engine_cases import ScalarRecorder
 from sharded_negcache.metrics import TAGS, resolve_writer, write_scalars
 
 
-class Recorder:
-    """Has ``add_scalar`` like a SummaryWriter; records every call."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, float, int]] = []
-
-    def add_scalar(self, tag: str, value: float, step: int) -> None:
-        self.calls.append((tag, value, step))
-
-
 def test_resolve_writer_forms():
-    w = Recorder()
+    w = ScalarRecorder()
     assert resolve_writer(None, 7) == (None, 7)
     assert resolve_writer(w, 7) == (w, 7)
     assert resolve_writer((w, 41), 7) == (w, 41)  # the reference's (writer, global_step) form
@@ -30,8 +21,8 @@ def test_resolve_writer_forms():
 
 
 @pytest.mark.parametrize("writer,error,message", [
-    ((Recorder(), 1, 2), ValueError, r"a \(SummaryWriter, global_step\) tuple"),
-    ((Recorder(),), ValueError, r"a \(SummaryWriter, global_step\) tuple"),
+    ((ScalarRecorder(), 1, 2), ValueError, r"a \(SummaryWriter, global_step\) tuple"),
+    ((ScalarRecorder(),), ValueError, r"a \(SummaryWriter, global_step\) tuple"),
     ("runs/x", TypeError, "writer must have add_scalar .*got str"),
     (42, TypeError, "got int"),
 ])
@@ -41,7 +32,7 @@ def test_resolve_writer_refuses_other_values(writer, error, message):
 
 
 def test_rank_0_writes_the_known_metrics_under_their_tags():
-    w = Recorder()
+    w = ScalarRecorder()
     values = {"fill_fraction": 0.5, "interpretable_loss": 1.25, "staleness": 0.0, "unknown": 9.0}
     write_scalars(w, 12, values, rank=0)
     # in TAGS order, unknown names left out, absent metrics not written
@@ -50,7 +41,7 @@ def test_rank_0_writes_the_known_metrics_under_their_tags():
 
 
 def test_every_metric_has_a_distinct_tag():
-    w = Recorder()
+    w = ScalarRecorder()
     write_scalars(w, 0, {name: float(i) for i, name in enumerate(TAGS)}, rank=0)
     assert [c[0] for c in w.calls] == list(TAGS.values())
     assert len(set(TAGS.values())) == len(TAGS) == 6
@@ -58,7 +49,7 @@ def test_every_metric_has_a_distinct_tag():
 
 
 def test_other_ranks_and_no_writer_write_nothing():
-    w = Recorder()
+    w = ScalarRecorder()
     for rank in (1, 3):
         write_scalars(w, 5, {"fill_fraction": 1.0}, rank=rank)
     write_scalars(None, 5, {"fill_fraction": 1.0}, rank=0)

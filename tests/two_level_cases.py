@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from engine_cases import DIM, Tower, global_batch, global_cache, make_handler, run_step
+from engine_cases import DIM, ScalarRecorder, Tower, global_batch, global_cache, make_handler, run_step
 from sharded_negcache import BatchRejected, CollectiveFailed, NonFiniteRows
 from sharded_negcache.checkpoint import CacheCheckpoint, CheckpointError, load, save
 from sharded_negcache.layout import stream_seed
@@ -75,16 +75,6 @@ def expect_error(fn, exc_type) -> str:
     return "no error"
 
 
-class Recorder:
-    """A SummaryWriter stand-in that records its calls."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, float, int]] = []
-
-    def add_scalar(self, tag: str, value: float, step: int) -> None:
-        self.calls.append((tag, value, step))
-
-
 def two_level(rank: int, world_size: int, root: str) -> dict:
     group, mine = rank // G, rank % G
     h = make_handler(CACHE, seed=SEED, shard_group_size=G, **CONFIG)
@@ -104,7 +94,7 @@ def two_level(rank: int, world_size: int, root: str) -> dict:
     run_step(same, tower, batches(0)[1], *[(0, 0), (0, 6)][mine], with_ids=True)
     out["same_input_sampled"] = same.last_step.sampled_rows
     # metrics are global: only rank 0 of the job writes them, not rank 0 of every group
-    log = Recorder()
+    log = ScalarRecorder()
     same.update_cache_and_compute_loss(tower, q, tower(data), data, writer=log)
     out["logged"] = log.calls
 
