@@ -421,6 +421,22 @@ def run_ranks(world: int, fn: Callable, *args: Any, threads: int = 1, use_dist: 
     return testing.run_ranks(world, fn, *args, threads=threads, use_dist=use_dist, timeout=timeout)
 
 
+def pin_to_core(rank: int) -> int | None:
+    """Binds every thread of this process (the main thread, and gloo's already running) to core
+    ``rank mod cores``, as a deployment with a core set per rank does; threads started later inherit it.
+
+    Without it, on a machine with as many cores as ranks, each rank's main thread and its gloo threads
+    migrate across cores and wake each other up late (a collective then waits for the OS scheduler, not
+    for the wire). Returns the core, or None where affinity cannot be set (not Linux)."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    core = sorted(os.sched_getaffinity(0))[rank % len(os.sched_getaffinity(0))]
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(tid), {core})
+    return core
+
+
 def in_fresh_process(fn: Callable, *args: Any, threads: int = 1, timeout: float = 900.0) -> Any:
     """``fn(0, 1, *args)`` in one fresh process without torch.distributed (clean peak-memory counters)."""
     return run_ranks(1, fn, *args, threads=threads, use_dist=False, timeout=timeout)[0]

@@ -42,6 +42,7 @@ from _common import (
     machine_info,
     make_handler,
     parse_sizes,
+    pin_to_core,
     run_ranks,
     table,
     write_json,
@@ -79,9 +80,12 @@ def _sync_count(fn) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def _rank_main(rank: int, world: int, batch: int, cache_size: int, repeats: int, eager: bool) -> dict[str, Any]:
+def _rank_main(rank: int, world: int, batch: int, cache_size: int, repeats: int, eager: bool,
+               pin: bool) -> dict[str, Any]:
     from sharded_negcache.stages import STAGE_PREFIX, STAGES, stage_times
 
+    if pin:
+        pin_to_core(rank)
     device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
     handler = make_handler(cache_size, DIM, FEAT, num_negatives=DRAWS, device=device,
                            **({} if eager else {"eager_fetch_bytes": 0}))
@@ -141,15 +145,16 @@ def _rank_main(rank: int, world: int, batch: int, cache_size: int, repeats: int,
     }
 
 
-def run_case(world: int, batch: int, cache_size: int, repeats: int, eager: bool = True) -> dict[str, Any]:
-    per_rank = run_ranks(world, _rank_main, batch, cache_size, repeats, eager, threads=1, use_dist=world > 1)
+def run_case(world: int, batch: int, cache_size: int, repeats: int, eager: bool = True,
+             pin: bool = True) -> dict[str, Any]:
+    per_rank = run_ranks(world, _rank_main, batch, cache_size, repeats, eager, pin, threads=1, use_dist=world > 1)
     # the step time of the job is the slowest rank's, repeat by repeat
     cache = [max(r["cache_s"][i] for r in per_rank) for i in range(repeats)]
     in_batch = [max(r["in_batch_s"][i] for r in per_rank) for i in range(repeats)]
     overhead = [c - b for c, b in zip(cache, in_batch)]
     stages = per_rank[0]["stages_s"]
     return {
-        "world": world, "rows_by": "eager" if eager and world > 1 else ("request" if world > 1 else "local"),
+        "world": world, "pinned": pin, "rows_by": "eager" if eager and world > 1 else ("request" if world > 1 else "local"),
         "queries_per_rank": batch, "cache_rows": cache_size, "repeats": repeats,
         "cache_ms": 1e3 * statistics.median(cache), "in_batch_ms": 1e3 * statistics.median(in_batch),
         "overhead_ms": 1e3 * statistics.median(overhead),
@@ -170,6 +175,8 @@ def main() -> None:
     ap.add_argument("--worlds", default="1,2")
     ap.add_argument("--cases", default="16:4K,256:64K", help="queries per rank : cache rows, comma-separated")
     ap.add_argument("--out", default=str(RESULTS_DIR / "overhead.json"))
+    ap.add_argument("--no-pin", dest="pin", action="store_false",
+                    help="leave the ranks' threads unbound (default: each rank and its gloo threads on one core)")
     ap.add_argument("--eager-only", action="store_true", help="skip the request/response fetch rows at W > 1")
     args = ap.parse_args()
     cases = [(int(b), parse_sizes(rows)[0]) for b, rows in (c.split(":") for c in args.cases.split(","))]
@@ -178,7 +185,7 @@ def main() -> None:
     for batch, rows_n in cases:
         for world in (int(w) for w in args.worlds.split(",")):
             for eager in ((True, False) if world > 1 and not args.eager_only else (True,)):
-                r = run_case(world, batch, rows_n, args.repeats, eager)
+                r = run_case(world, batch, rows_n, args.repeats, eager, args.pin)
                 # the fixed cost: what the cache step adds beyond the in-batch step and its own scan
                 r["fixed_ms"] = r["overhead_ms"] - r["score_ms"]
                 r["fixed_vs_score"] = r["fixed_ms"] / r["score_ms"] if r["score_ms"] else float("nan")

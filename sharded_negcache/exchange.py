@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from .topology import Topology
 
-__all__ = ["Comm", "RowRoute", "BatchRejected", "CollectiveFailed", "DEFAULT_TIMEOUT_S"]
+__all__ = ["Comm", "CandidateRows", "RowRoute", "BatchRejected", "CollectiveFailed", "DEFAULT_TIMEOUT_S"]
 
 DEFAULT_TIMEOUT_S = 300.0  # a step's collective that has not completed by then names itself and fails
 
@@ -42,6 +42,22 @@ _all_gather_concat = getattr(dist, "all_gather_single", None) or dist.all_gather
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+@dataclass
+class CandidateRows:
+    """The candidates' packed rows that came with the partials (the eager fetch): sender ``rank``'s
+    ``candidate``-th candidate of this rank's ``query`` is row ``rank * per_rank + head + query * n + candidate``
+    of ``table``."""
+
+    table: torch.Tensor  # [W * per_rank, row bytes] uint8
+    per_rank: int  # rows of each sender's message
+    head: int  # rows of a message taken by its partials
+    n: int  # candidates per query
+
+    def select(self, rank: torch.Tensor, query: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+        """[k, row bytes]: the packed rows of the k given (sender, query, candidate) triples."""
+        return self.table.index_select(0, rank * self.per_rank + self.head + query * self.n + candidate)
 
 
 @dataclass
@@ -249,19 +265,32 @@ class Comm:
         return out
 
     def partials_to_home(self, partials: torch.Tensor, sizes: list[int],
-                         rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                         rows: torch.Tensor | None = None) -> tuple[torch.Tensor, CandidateRows | None]:
         """[B_g, c] float64 partials of every gathered query → [W, B_own, c]: each rank's view of my queries.
 
         ``rows`` [B_g, n, row bytes] uint8 (the eager fetch): each query's n local candidates' packed rows, sent
-        in the same all-to-all; returned as [W, B_own, n, row bytes] (None without)."""
+        in the same all-to-all and returned as :class:`CandidateRows` (None without). Each message then counts
+        in rows of ``row bytes``: its queries' partials, zero-padded to whole rows, then their candidates, so
+        that every candidate received is one row of one table (a home reads the rows it needs with one
+        index_select, never a copy of all it received)."""
         own, w = sizes[self.shard_rank], self.shard_size
         if rows is None:
             return self.all_to_all(partials, sizes, [own] * w, "partials").view(w, own, partials.shape[1]), None
         cols, n, row_bytes = partials.shape[1], rows.shape[1], rows.shape[2]
-        record = torch.cat([partials.contiguous().view(torch.uint8), rows.reshape(rows.shape[0], n * row_bytes)], 1)
-        out = self.all_to_all(record, sizes, [own] * w, "partials").view(w, own, record.shape[1])
-        got = out[:, :, : 8 * cols].clone(memory_format=torch.contiguous_format).view(torch.float64)
-        return got, out[:, :, 8 * cols:].reshape(w, own, n, row_bytes)
+        head = [-(-8 * cols * b // row_bytes) for b in sizes]  # rows of each message taken by its partials
+        units = [h + b * n for h, b in zip(head, sizes)]
+        send = rows.new_zeros(sum(units), row_bytes)
+        as_bytes, flat_rows = partials.contiguous().view(torch.uint8), rows.reshape(-1, row_bytes)
+        at = first = 0
+        for b, h, u in zip(sizes, head, units):
+            send[at: at + h].view(-1)[: 8 * cols * b] = as_bytes[first: first + b].reshape(-1)
+            send[at + h: at + u] = flat_rows[first * n: (first + b) * n]
+            at, first = at + u, first + b
+        got = self.all_to_all(send, units, [units[self.shard_rank]] * w, "partials")
+        per_rank = units[self.shard_rank]
+        heads = got.view(w, per_rank * row_bytes)[:, : 8 * cols * own]
+        received = heads.contiguous().view(-1).view(torch.float64).view(w, own, cols)
+        return received, CandidateRows(got, per_rank, head[self.shard_rank], n)
 
     # ---- rows ------------------------------------------------------------------------------
     def exchange_counts(self, send_counts: list[int], device: torch.device) -> list[int]:

@@ -20,7 +20,7 @@ from . import metrics
 from .codecs import EmbeddingCodec, finite_rows, make_codec
 from .combine import HomePartials, merge_partials, own_partials, pack_partials
 from .corpus import CORPUS_KEY, CorpusIndex, content_keys, corpus_columns, ids_checksum, place, row_batches, select_rows
-from .exchange import DEFAULT_TIMEOUT_S, BatchRejected, CollectiveFailed, Comm, RowRoute
+from .exchange import DEFAULT_TIMEOUT_S, BatchRejected, CandidateRows, CollectiveFailed, Comm, RowRoute
 from .jagged import Jagged, JaggedColumn
 from .keyed_random import Stream, draw_keys, uniform
 from .layout import ShardLayout
@@ -519,7 +519,7 @@ class ShardedCacheLossHandler(nn.Module):
             capacity=[min(s * self.num_negatives, self.layout.rows_per_rank) for s in sizes],
         )
 
-    def _sample(self, batch: _Batch) -> tuple[HomePartials, torch.Tensor | None]:
+    def _sample(self, batch: _Batch) -> tuple[HomePartials, CandidateRows | None]:
         """Steps 1-3: this rank's queries' merged partials (their LSE and sampled rows), and with the eager fetch
         the candidates' rows that came with them."""
         # 1. every rank's queries (and their positives' ids): in the flat layout they came with the agreement's
@@ -548,7 +548,7 @@ class ShardedCacheLossHandler(nn.Module):
                                   step=batch.step, query_pos=batch.query_pos)
             return home, received_rows
 
-    def _fetch(self, batch: _Batch, home: HomePartials, received_rows: torch.Tensor | None) -> _Fetch:
+    def _fetch(self, batch: _Batch, home: HomePartials, received_rows: CandidateRows | None) -> _Fetch:
         """Step 4: the unique sampled rows (global id order), from the eager fetch's copies, from their owners
         (request and response), or, in one process, where they lie."""
         sampled = home.rows >= 0
@@ -649,7 +649,7 @@ class ShardedCacheLossHandler(nn.Module):
         written into their own rows at their owners (corpus mode, after the refresh budget's rows)."""
         corpus, positive_ok = batch.corpus, batch.positive_ok
         lru = self.use_lru or corpus is not None  # a corpus row's age: steps since last encoded
-        result.refreshed_rows = self.layout.to_global(self.store.refresh(*result.refreshes, lru))
+        result.refreshed_rows = self.layout.to_global(self.store.refresh(*result.refreshes, lru, distinct=True))
         if corpus is not None:
             rewritten = self._refresh_corpus_rows(corpus, document_data, document_embeddings, positive_ok, budget)
             result.refreshed_rows = torch.unique(torch.cat([result.refreshed_rows, rewritten]))
@@ -723,16 +723,20 @@ class ShardedCacheLossHandler(nn.Module):
         batch = query_embeddings.shape[0] if problem is None else 0
         # alone, a rank has no one to disagree with: the checksum (a repr of every setting) is skipped
         config_crc = zlib.crc32(repr(sorted(settings.items())).encode()) if self.comm.world_size > 1 else 0
-        status = torch.tensor([_ERR_INPUT if problem else 0, batch, config_crc], device=self.device)
-        positive_ok = None
+        positive_ok, flags = None, []
         if problem is None:
-            status[0] += (~finite_rows(query_embeddings)).any().to(torch.int64) * _ERR_QUERY_NONFINITE
             positive_ok = self.store.codec.storable(document_embeddings)
+            flags.append((~finite_rows(query_embeddings), _ERR_QUERY_NONFINITE))
             if self.nonfinite == "raise":
-                finite_docs = finite_rows(document_embeddings)
-                status[0] += (~finite_docs).any().to(torch.int64) * _ERR_DOC_NONFINITE
-                unstorable = finite_docs & ~positive_ok
-                status[0] += unstorable.any().to(torch.int64) * _ERR_DOC_UNSTORABLE
+                # fp32 storage holds every finite row: there the storable rows are the finite ones
+                lossless = self.store.codec.storage_dtype == torch.float32
+                finite_docs = positive_ok if lossless else finite_rows(document_embeddings)
+                flags += [(~finite_docs, _ERR_DOC_NONFINITE), (finite_docs & ~positive_ok, _ERR_DOC_UNSTORABLE)]
+        code = _flag_code(flags)
+        status = torch.tensor([(_ERR_INPUT if problem else 0) + (code if isinstance(code, int) else 0), batch,
+                               config_crc], device=self.device)
+        if not isinstance(code, int):
+            status[0] += code
 
         def describe(code: int) -> str:
             parts = [problem] if code & _ERR_INPUT else []
@@ -1056,17 +1060,23 @@ class ShardedCacheLossHandler(nn.Module):
         }, failed
 
 
-def _first_copies(received: torch.Tensor, home: Any, sampled: torch.Tensor, which: torch.Tensor,
+def _first_copies(received: CandidateRows, home: Any, sampled: torch.Tensor, which: torch.Tensor,
                   count: int) -> torch.Tensor:
     """[U, row bytes]: the packed bytes of each unique sampled row (``which`` maps samples to them), read from
-    the candidates ``received`` [W, B, n, row bytes] at each first sample's source."""
-    w, b, n, row_bytes = received.shape
-    per_query = received.permute(1, 0, 2, 3).reshape(b, w * n, row_bytes)
-    query = torch.arange(b, device=received.device).unsqueeze(1).expand_as(sampled)[sampled]
-    copies = per_query[query, home.source[sampled]]
+    the candidates ``received`` at each row's first sample's source (sender * n + candidate)."""
     first = torch.full((count,), which.numel(), dtype=torch.int64, device=which.device)
     first.scatter_reduce_(0, which, torch.arange(which.numel(), device=which.device), reduce="amin")
-    return copies[first]
+    draw = sampled.reshape(-1).nonzero().squeeze(1)[first]  # each row's first sample, as a flat (query, draw)
+    source = home.source.reshape(-1)[draw]
+    return received.select(source // received.n, draw // sampled.shape[1], source % received.n)
+
+
+def _flag_code(flags: list[tuple[torch.Tensor, int]]) -> int | torch.Tensor:
+    """The sum of the bits whose [n] bool mask has a True: on the host for CPU tensors (a host read is free
+    there), else on the device (no host read)."""
+    if flags and flags[0][0].device.type == "cpu":
+        return sum(bit for mask, bit in flags if bool(mask.any()))
+    return sum((mask.any().to(torch.int64) * bit for mask, bit in flags), start=0)
 
 
 def _engine_precision(device: torch.device) -> contextlib.AbstractContextManager:

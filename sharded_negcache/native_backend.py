@@ -15,10 +15,10 @@ callable transform here).
 from __future__ import annotations
 
 import torch
-from torch.profiler import record_function
 
 from . import native_scan
 from .scoring import KERNEL_RANGE, Draws, LocalPartials, ScanInputs, top_k_lower_row_wins
+from .stages import traced
 
 __all__ = ["NativeScan", "NATIVE", "TOPK_TILE_ROWS"]
 
@@ -53,11 +53,11 @@ class NativeScan:
             lse_out = lse_all[:, start // bs : end // bs]
             if fused:
                 rows = store.decode(start, end)
-                with record_function(KERNEL_RANGE):  # a trace shows the kernel apart from the decode
+                with traced(KERNEL_RANGE):  # a trace shows the kernel apart from the decode
                     native_scan.fused_scan(packed, b, rows, bs, lse_out, masks, state, **where)
             else:
                 scores = scan.scores(start, end, buf)
-                with record_function(KERNEL_RANGE):  # a trace shows the kernel apart from the product
+                with traced(KERNEL_RANGE):  # a trace shows the kernel apart from the product
                     native_scan.scan_chunk(scores, bs, lse_out, masks, state, **where)
         native_scan.pick(win_scores, win_lse, draws.u.view(-1), draws.best_key.view(-1), draws.best_row.view(-1),
                          layout.row_offset)  # global rows, -1 where nothing was found: the partials as they are
@@ -73,7 +73,7 @@ class NativeScan:
         packed = native_scan.pack_queries(scan.q)
         for start, end, filled in scan.chunks(_rows_per_call(scan)):
             masks = scan.masks(start, end, filled)
-            with record_function(KERNEL_RANGE):
+            with traced(KERNEL_RANGE):
                 native_scan.fused_topk(packed, b, scan.store.decode(start, end), TOPK_TILE_ROWS, best_val, best_row,
                                        masks, row0=scan.layout.row_offset + start)
         best_val, best_row = top_k_lower_row_wins(best_val, best_row, k)  # the heaps, in order

@@ -356,13 +356,17 @@ class ShardStore(nn.Module):
     # Every write runs under no_grad: the buffers hold copies of the values, never a node of the
     # caller's graph (a feature that requires grad would otherwise make them part of it).
     @torch.no_grad()
-    def refresh(self, slots: torch.Tensor, embeddings: torch.Tensor, use_lru: bool) -> torch.Tensor:
-        """Writes fresh embeddings in place; with duplicates the first occurrence wins. Returns unique slots."""
-        uniq, first = first_occurrence(slots)
-        self.embeddings.index_copy_(0, uniq, self.codec.encode(embeddings.index_select(0, first)))
+    def refresh(self, slots: torch.Tensor, embeddings: torch.Tensor, use_lru: bool, *,
+                distinct: bool = False) -> torch.Tensor:
+        """Writes fresh embeddings in place; with duplicates the first occurrence wins. Returns unique slots.
+        ``distinct``: the caller's slots are already unique, so the dedupe is skipped."""
+        if not distinct:
+            slots, first = first_occurrence(slots)
+            embeddings = embeddings.index_select(0, first)
+        self.embeddings.index_copy_(0, slots, self.codec.encode(embeddings))
         if use_lru:
-            self.age[uniq] = -1  # +1 at the end of the step: age 0, like a new item
-        return uniq
+            self.age[slots] = -1  # +1 at the end of the step: age 0, like a new item
+        return slots
 
     def oldest_slots(self, n: int) -> torch.Tensor:
         """The n rows to evict, oldest first: empty rows first, then highest age, ties to the lowest slot."""
