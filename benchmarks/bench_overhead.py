@@ -9,10 +9,16 @@ batch; they differ only in the loss:
   document tower), then backward.
 
 The two are interleaved (cache, in-batch, cache, ...) so that load changes hit both alike; the table
-quotes medians. ``overhead = cache - in-batch`` is what the cache costs beyond the in-batch softmax, and
-``fixed = overhead - score`` what it costs beyond that and its own scan (the handler's fixed cost). At W > 1
-each case runs with the eager fetch (rows ride with the partials: 3 collectives) and without it
-(``eager_fetch_bytes=0``: request/response, 6 collectives).
+quotes medians over the repeats, each repeat taking the slowest rank (the job's step). ``overhead = cache -
+in-batch`` is what the cache costs beyond the in-batch softmax, and ``fixed = overhead - score`` what it
+costs beyond that and its own scan (the handler's fixed cost), repeat by repeat. ``score`` is the slowest
+rank's scan by the clock: a rank whose scan ends first waits for the others at the partials exchange, so
+the job's scan takes the longest rank's. At W > 1 each case runs with the eager fetch (rows ride with the
+partials: 3 collectives) and without it (``eager_fetch_bytes=0``: request/response, 6 collectives).
+
+Each rank and its gloo threads run pinned to one core (``--no-pin`` leaves them free), for both steps: with
+as many ranks as cores, unpinned threads migrate and wake each other late, and a collective then waits on
+the OS scheduler rather than on the wire (a deployment gives each rank its own cores).
 The handler's stages (its ``negcache/<stage>`` ranges) are timed two ways: by the clock during the timed
 repeats (``sharded_negcache.stages.stage_times``: two clock reads per stage), and by a profiled run, which
 shows where the time goes but charges every tensor op the profiler's own few microseconds (a step at 16
@@ -120,14 +126,15 @@ def _rank_main(rank: int, world: int, batch: int, cache_size: int, repeats: int,
     for s in range(3):  # warm-up: the CPU kernel's first call, allocator caches
         timed(cache_step, s)
         timed(in_batch_step, s)
-    cache_t, in_batch_t = [], []
+    cache_t, in_batch_t, steps = [], [], []
     handler.comm.reset_counters()
-    with stage_times() as clock:  # the stages by the clock (two clock reads per stage; no per-op cost)
-        for s in range(repeats):
+    for s in range(repeats):
+        with stage_times() as clock:  # the stages by the clock (two clock reads per stage; no per-op cost)
             cache_t.append(timed(cache_step, 100 + s))
-            in_batch_t.append(timed(in_batch_step, 100 + s))
+        steps.append(dict(clock))
+        in_batch_t.append(timed(in_batch_step, 100 + s))
     calls = dict(handler.comm.calls)
-    clock = {k: clock.get(k, 0.0) / repeats for k in STAGES}
+    clock = {k: sum(st.get(k, 0.0) for st in steps) / repeats for k in STAGES}
 
     stage_steps = max(5, repeats // 4)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -141,6 +148,7 @@ def _rank_main(rank: int, world: int, batch: int, cache_size: int, repeats: int,
     syncs = _sync_count(lambda: cache_step(2000)) if device.type == "cuda" else None
     return {
         "cache_s": cache_t, "in_batch_s": in_batch_t, "stages_s": stages, "clock_s": clock,
+        "score_s": [st.get("score", 0.0) for st in steps],
         "collective_calls": {k: v / repeats for k, v in calls.items()}, "cuda_syncs_per_step": syncs,
     }
 
@@ -152,6 +160,9 @@ def run_case(world: int, batch: int, cache_size: int, repeats: int, eager: bool 
     cache = [max(r["cache_s"][i] for r in per_rank) for i in range(repeats)]
     in_batch = [max(r["in_batch_s"][i] for r in per_rank) for i in range(repeats)]
     overhead = [c - b for c, b in zip(cache, in_batch)]
+    # the job's scan lasts as long as its slowest rank's: a faster rank waits for it at the partials exchange
+    score = [max(r["score_s"][i] for r in per_rank) for i in range(repeats)]
+    fixed = [o - sc for o, sc in zip(overhead, score)]
     stages = per_rank[0]["stages_s"]
     return {
         "world": world, "pinned": pin, "rows_by": "eager" if eager and world > 1 else ("request" if world > 1 else "local"),
@@ -162,7 +173,8 @@ def run_case(world: int, batch: int, cache_size: int, repeats: int, eager: bool 
         "stages_total_ms": 1e3 * sum(stages.values()),
         "clock_ms": {k: 1e3 * v for k, v in per_rank[0]["clock_s"].items()},
         "clock_total_ms": 1e3 * sum(per_rank[0]["clock_s"].values()),
-        "score_ms": 1e3 * stages["score"],
+        "score_ms": 1e3 * statistics.median(score),
+        "fixed_ms": 1e3 * statistics.median(fixed),
         "collectives_per_step": sum(per_rank[0]["collective_calls"].values()),
         "collective_calls": per_rank[0]["collective_calls"],
         "cuda_syncs_per_step": per_rank[0]["cuda_syncs_per_step"],
@@ -186,8 +198,6 @@ def main() -> None:
         for world in (int(w) for w in args.worlds.split(",")):
             for eager in ((True, False) if world > 1 and not args.eager_only else (True,)):
                 r = run_case(world, batch, rows_n, args.repeats, eager, args.pin)
-                # the fixed cost: what the cache step adds beyond the in-batch step and its own scan
-                r["fixed_ms"] = r["overhead_ms"] - r["score_ms"]
                 r["fixed_vs_score"] = r["fixed_ms"] / r["score_ms"] if r["score_ms"] else float("nan")
                 rows.append(r)
                 print(f"W={world} B={batch} rows={rows_n} rows_by={r['rows_by']}: cache {r['cache_ms']:.2f} ms, in-batch "

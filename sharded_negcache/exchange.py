@@ -279,11 +279,13 @@ class Comm:
         cols, n, row_bytes = partials.shape[1], rows.shape[1], rows.shape[2]
         head = [-(-8 * cols * b // row_bytes) for b in sizes]  # rows of each message taken by its partials
         units = [h + b * n for h, b in zip(head, sizes)]
-        send = rows.new_zeros(sum(units), row_bytes)
+        send = rows.new_empty(sum(units), row_bytes)
         as_bytes, flat_rows = partials.contiguous().view(torch.uint8), rows.reshape(-1, row_bytes)
         at = first = 0
         for b, h, u in zip(sizes, head, units):
-            send[at: at + h].view(-1)[: 8 * cols * b] = as_bytes[first: first + b].reshape(-1)
+            partial_rows = send[at: at + h].view(-1)
+            partial_rows[8 * cols * b:].zero_()
+            partial_rows[: 8 * cols * b] = as_bytes[first: first + b].reshape(-1)
             send[at + h: at + u] = flat_rows[first * n: (first + b) * n]
             at, first = at + u, first + b
         got = self.all_to_all(send, units, [units[self.shard_rank]] * w, "partials")
@@ -366,33 +368,33 @@ class Comm:
         Every message opens with the sender's ``stats`` (float64), so each rank sums the same W vectors in rank
         order: the all-reduce's result, one collective fewer. ``rows`` [k, c] float32 go to ``owners`` [k]
         (sorted ascending) at ``local_slots``, padded to ``capacity[r]`` per owner (the rows rank r can send
-        one owner, the same on every rank) with slot -1, so no size needs a host read or a count exchange.
+        one owner, the same on every rank) with slot -1, so no size needs a count exchange. A message is
+        [stats | slots | rows], zero-padded to a multiple of 8 bytes so that every field is read in place.
         Returns (summed stats, local slots, rows) received, in rank order then the sender's order.
         """
-        w, c = self.shard_size, rows.shape[1]
-        cap = capacity[self.shard_rank]
-        first = torch.searchsorted(owners, owners)  # owners are sorted: where each owner's rows start
-        place = torch.arange(owners.numel(), device=owners.device) - first
-        slots = torch.full((w, cap), -1, dtype=torch.int64, device=rows.device)
-        slots[owners, place] = local_slots
-        table = rows.new_zeros(w, cap, c)
+        w, c, head = self.shard_size, rows.shape[1], 8 * stats.numel()
+        size = [-(-(head + r * (8 + 4 * c)) // 8) * 8 for r in capacity]  # bytes of rank r's message
+        cap, mine = capacity[self.shard_rank], size[self.shard_rank]
+        send = torch.zeros(w, mine, dtype=torch.uint8, device=rows.device)
+        slots, table = _message_fields(send, head, cap, c)
+        send[:, :head].view(torch.float64).copy_(stats.to(torch.float64).reshape(1, -1))
+        place = torch.arange(owners.numel(), device=owners.device) - torch.searchsorted(owners, owners)
+        slots.fill_(-1)
+        slots[owners, place] = local_slots  # each owner's rows first, in order: the valid slots are a prefix
         table[owners, place] = rows
-        header = stats.to(torch.float64).reshape(1, -1).expand(w, -1)
-        parts = [header.contiguous().view(torch.uint8), slots.view(torch.uint8), table.reshape(w, cap * c).view(torch.uint8)]
-        send = torch.cat(parts, 1)
-        size = [8 * stats.numel() + r * (8 + 4 * c) for r in capacity]  # bytes of rank r's message
-        got = self.all_to_all(send.reshape(-1), [size[self.shard_rank]] * w, size, "stats")
+        got = self.all_to_all(send.view(-1), [mine] * w, size, "stats")
         total, got_slots, got_rows, at = None, [], [], 0
         for r in range(w):
-            msg = got[at: at + size[r]].clone()
+            msg = got[at: at + size[r]].view(1, size[r])
             at += size[r]
-            s = msg[: 8 * stats.numel()].view(torch.float64)
+            s = msg[0, :head].view(torch.float64)
             total = s if total is None else total + s
-            got_slots.append(msg[8 * stats.numel(): 8 * stats.numel() + 8 * capacity[r]].view(torch.int64))
-            got_rows.append(msg[8 * stats.numel() + 8 * capacity[r]:].view(torch.float32).view(capacity[r], c))
-        slots, rows = torch.cat(got_slots), torch.cat(got_rows)
-        valid = slots >= 0  # a shape that depends on data: the rows actually sent
-        return total.view(stats.shape), slots[valid], rows[valid]
+            r_slots, r_rows = _message_fields(msg, head, capacity[r], c)
+            got_slots.append(r_slots[0])
+            got_rows.append(r_rows[0])
+        counts = torch.stack([(t >= 0).sum() for t in got_slots]).tolist()  # a shape that depends on data
+        return (total.view(stats.shape), torch.cat([t[:n] for t, n in zip(got_slots, counts)]),
+                torch.cat([t[:n] for t, n in zip(got_rows, counts)]))
 
     # ---- statistics ------------------------------------------------------------------------
     def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
@@ -401,6 +403,14 @@ class Comm:
             self._run("stats", lambda: dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.world_group, async_op=True))
             self.bytes_sent["stats"] += _nbytes(x)
         return x
+
+
+def _message_fields(msg: torch.Tensor, head: int, cap: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of the slots [n, cap] int64 and rows [n, cap, c] float32 of n statistics messages ``msg``
+    [n, bytes] uint8 (:meth:`Comm.stats_and_rows_to_owners`: ``head`` bytes of statistics first)."""
+    slots = msg[:, head: head + 8 * cap].view(torch.int64)
+    rows = msg[:, head + 8 * cap: head + 8 * cap + 4 * cap * c].view(torch.float32).view(msg.shape[0], cap, c)
+    return slots, rows
 
 
 def _segment_sums(values: torch.Tensor, counts: list[int]) -> list[int]:
