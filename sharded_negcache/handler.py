@@ -973,22 +973,23 @@ class ShardedCacheLossHandler(nn.Module):
         would wait in the next collective): it gives zero rows and (message, exception) for step 6.
         """
         count = fetched.embeddings.shape[0]
-        zeros = query_embeddings.new_zeros(count, self.schema.dim, dtype=torch.float32)
+
+        def zeros() -> torch.Tensor:  # what a failed or skipped re-encoding gives
+            return query_embeddings.new_zeros(count, self.schema.dim, dtype=torch.float32)
+
         if count == 0 and not self.reencode_on_every_rank:
-            return zeros, None
+            return zeros(), None
         try:
             fresh = document_network(self.schema.network_input(fetched.features))
         except Exception as exc:  # reported on every rank after the statistics all-reduce
-            return zeros, (f"{type(exc).__name__}: {exc}", exc)
+            return zeros(), (f"{type(exc).__name__}: {exc}", exc)
+        if (isinstance(fresh, torch.Tensor) and fresh.is_floating_point()
+                and tuple(fresh.shape) == (count, self.schema.dim) and fresh.device == self.device):
+            return fresh, None
         want = f"a floating-point tensor of shape [{count}, {self.schema.dim}] on {self.device}"
-        if not isinstance(fresh, torch.Tensor):
-            return zeros, (f"document_network must return {want} (one embedding per row given), "
-                           f"got {type(fresh).__name__}", None)
-        if (not fresh.is_floating_point() or tuple(fresh.shape) != (count, self.schema.dim)
-                or fresh.device != self.device):
-            return zeros, (f"document_network must return {want} (one embedding per row given), got shape "
-                           f"{list(fresh.shape)} dtype {fresh.dtype} on {fresh.device}", None)
-        return fresh, None
+        got = (f"got shape {list(fresh.shape)} dtype {fresh.dtype} on {fresh.device}" if isinstance(fresh, torch.Tensor)
+               else f"got {type(fresh).__name__}")
+        return zeros(), (f"document_network must return {want} (one embedding per row given), {got}", None)
 
     def _advance_step(self) -> None:
         self._step += 1

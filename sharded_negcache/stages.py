@@ -30,7 +30,7 @@ _UNTRACED = contextlib.nullcontext()
 
 def traced(name: str) -> contextlib.AbstractContextManager:
     """The profiler range ``name`` while a profiler runs; otherwise a context that costs nothing."""
-    return record_function(name) if torch._C._autograd._profiler_enabled() else _UNTRACED
+    return record_function(name) if torch.autograd._profiler_enabled() else _UNTRACED
 
 
 @contextlib.contextmanager

@@ -25,6 +25,9 @@ ALLOWED = {
     "_handle",
     # torch: the compiler's namespace (torch._dynamo.reset) and the module that torch.compile wraps
     "_dynamo", "_orig_mod",
+    # torch: whether a profiler records; torch's own ranges (data pipes, rpc) test it before opening one,
+    # and torch has no public spelling of it
+    "_profiler_enabled",
     # compat: the reference's losses spell their retrieval seam ``_retrieval_fn``; code written for them sets it
     "_retrieval_fn",
 }
