@@ -59,6 +59,7 @@ CacheMode = Literal["stream", "corpus"]
 
 _ERR_INPUT, _ERR_QUERY_NONFINITE, _ERR_DOC_NONFINITE, _ERR_DOC_UNSTORABLE = 1, 2, 4, 8
 _PREFILL_BAR_MIN_DOCS = 4096  # a smaller corpus encodes in moments: no progress bar
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: a nullcontext holds no state
 
 
 class NonFiniteRows(FloatingPointError):
@@ -501,12 +502,14 @@ class ShardedCacheLossHandler(nn.Module):
         corpus: CorpusIndex | None, extra_negatives: torch.Tensor | None,
     ) -> _Batch:
         """Step 0: the agreement (see :meth:`_agree_on_inputs`) and what every later stage needs of the batch."""
-        settings = {**self.config(), "step": step, "writes": write, "returns_refreshes": route_back and not write}
-        if extra_negatives is not None:  # n must match on every rank (the in-batch gather sizes by it)
-            shaped = isinstance(extra_negatives, torch.Tensor) and extra_negatives.dim() == 3
-            settings["extra_negatives"] = extra_negatives.shape[1] if shaped else -1
-        else:
-            settings["extra_negatives"] = None
+        def settings() -> dict[str, Any]:
+            extra = None
+            if extra_negatives is not None:  # n must match on every rank (the in-batch gather sizes by it)
+                shaped = isinstance(extra_negatives, torch.Tensor) and extra_negatives.dim() == 3
+                extra = extra_negatives.shape[1] if shaped else -1
+            return {**self.config(), "step": step, "writes": write, "returns_refreshes": route_back and not write,
+                    "extra_negatives": extra}
+
         sizes, features, positive_ok, to_gather, payload = self._agree_on_inputs(
             query_embeddings, document_embeddings, document_data, settings, corpus,
             lambda: self._check_step_extras(document_data, query_embeddings, extra_negatives, corpus))
@@ -703,12 +706,13 @@ class ShardedCacheLossHandler(nn.Module):
         query_embeddings: torch.Tensor,
         document_embeddings: torch.Tensor,
         document_data: Mapping[str, torch.Tensor],
-        settings: Mapping[str, Any],
+        settings: Callable[[], Mapping[str, Any]],
         corpus: CorpusIndex | None = None,
         extra_check: Callable[[], str | None] | None = None,
     ) -> tuple[list[int], dict[str, Any], torch.Tensor | None, list[torch.Tensor], torch.Tensor | None]:
-        """Validates locally, then one all-gather makes every rank raise together or go on; ``settings``
-        (the configuration, the step and the mode) must be the same on every rank.
+        """Validates locally, then one all-gather makes every rank raise together or go on; ``settings()``
+        (the configuration, the step and the mode) must be the same on every rank (built only where there
+        is another rank to compare with).
 
         Returns the batch sizes of this shard group's ranks, this batch's features (jagged fields normalised),
         which positives the codec can store (finite and representable: the rows the step inserts), and what
@@ -722,7 +726,7 @@ class ShardedCacheLossHandler(nn.Module):
             problem = extra_check()
         batch = query_embeddings.shape[0] if problem is None else 0
         # alone, a rank has no one to disagree with: the checksum (a repr of every setting) is skipped
-        config_crc = zlib.crc32(repr(sorted(settings.items())).encode()) if self.comm.world_size > 1 else 0
+        config_crc = zlib.crc32(repr(sorted(settings().items())).encode()) if self.comm.world_size > 1 else 0
         positive_ok, flags = None, []
         if problem is None:
             positive_ok = self.store.codec.storable(document_embeddings)
@@ -752,10 +756,11 @@ class ShardedCacheLossHandler(nn.Module):
 
         to_gather = self._rows_to_gather(query_embeddings, document_data, batch, corpus)
         table, payload = self.comm.agree(status, describe, to_gather)
-        if len(set(table[:, 2].tolist())) > 1:
-            self._raise_config_mismatch(settings)
-        self._global_batch = int(table[:, 1].sum())  # every group's batch: the denominator of global_mean
-        return table[self.comm.members, 1].tolist(), features, positive_ok, to_gather, payload
+        _, batches, crcs = zip(*table.tolist())  # one host read of the agreement: (code, batch, crc) per rank
+        if len(set(crcs)) > 1:
+            self._raise_config_mismatch(settings())
+        self._global_batch = sum(batches)  # every group's batch: the denominator of global_mean
+        return [batches[r] for r in self.comm.members], features, positive_ok, to_gather, payload
 
     def _raise_config_mismatch(self, settings: Mapping[str, Any]) -> None:
         configs = self.comm.all_gather_object(dict(settings))
@@ -1083,9 +1088,9 @@ def _flag_code(flags: list[tuple[torch.Tensor, int]]) -> int | torch.Tensor:
 def _engine_precision(device: torch.device) -> contextlib.AbstractContextManager:
     """Scoring and the losses run at the engine's precision (fp32 products of the decoded codec), not at the
     caller's autocast dtype: autocast is switched off inside (the tower call keeps it)."""
-    if torch.amp.is_autocast_available(device.type):
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
+    return _NO_CONTEXT
 
 
 def _check_state_dict_before_loading(module: nn.Module, state_dict: Mapping[str, Any], prefix: str,
