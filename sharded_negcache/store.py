@@ -5,9 +5,6 @@ No collectives here: the exchange layer moves the packed bytes this module produ
 """
 from __future__ import annotations
 
-import ctypes
-import functools
-import sys
 from typing import Any, Collection, Mapping
 
 import torch
@@ -20,28 +17,6 @@ from .specs import AnySpec, FieldSpec
 __all__ = ["ShardStore", "FetchedRows", "first_occurrence", "CacheTooLarge", "check_capacity", "shard_bytes"]
 
 _EMPTY_FIRST = 1 << 62  # added to an empty row's age: it sorts before every filled row
-_HUGE_PAGE = 2 << 20  # x86-64 and arm64 transparent huge pages
-_MADV_HUGEPAGE = 14
-
-
-@functools.lru_cache(maxsize=None)
-def _libc() -> Any:
-    return ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-
-
-def _zeros(*shape: int, dtype: torch.dtype, device: torch.device | str | None) -> torch.Tensor:
-    """A zeroed shard buffer. On a Linux CPU, the 2 MiB-aligned interior of a buffer of several huge pages is
-    advised as transparent huge pages before its pages are first touched (``madvise``; a no-op where the
-    kernel has them off): the row reads and writes of a step (fetches, refreshes, inserts) land at random in
-    the shard, and with 4 KiB pages nearly each one misses the TLB (a page walk costs more than the row)."""
-    t = torch.empty(*shape, dtype=dtype, device=device)
-    libc = _libc()
-    if t.device.type == "cpu" and libc is not None and t.nbytes >= 2 * _HUGE_PAGE:
-        start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
-        end = (t.data_ptr() + t.nbytes) // _HUGE_PAGE * _HUGE_PAGE
-        if end > start:
-            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_HUGEPAGE)
-    return t.zero_()
 
 
 class CacheTooLarge(MemoryError):
@@ -172,9 +147,9 @@ class ShardStore(nn.Module):
         self.rows, self.dim, self.codec = rows, dim, codec
         self.feature_specs = dict(feature_specs)
         self.host_keys = frozenset(host_keys)
-        self.register_buffer("embeddings", _zeros(rows, codec.width(dim), dtype=codec.storage_dtype, device=device))
-        self.register_buffer("age", _zeros(rows, dtype=torch.int64, device=device))
-        self.register_buffer("filled", _zeros(rows, dtype=torch.bool, device=device))
+        self.register_buffer("embeddings", torch.zeros(rows, codec.width(dim), dtype=codec.storage_dtype, device=device))
+        self.register_buffer("age", torch.zeros(rows, dtype=torch.int64, device=device))
+        self.register_buffer("filled", torch.zeros(rows, dtype=torch.bool, device=device))
         self.features = nn.Module()
         self.host_features = _HostResident()
         pin = torch.cuda.is_available()
@@ -184,7 +159,7 @@ class ShardStore(nn.Module):
             if isinstance(spec, JaggedFieldSpec):
                 owner.add_module(key, JaggedColumn(rows, spec, where))
             else:
-                t = _zeros(rows, *spec.shape, dtype=spec.dtype, device=where)
+                t = torch.zeros(rows, *spec.shape, dtype=spec.dtype, device=where)
                 owner.register_buffer(key, t.pin_memory() if pin and key in self.host_keys else t)
 
     @classmethod
