@@ -59,7 +59,6 @@ CacheMode = Literal["stream", "corpus"]
 
 _ERR_INPUT, _ERR_QUERY_NONFINITE, _ERR_DOC_NONFINITE, _ERR_DOC_UNSTORABLE = 1, 2, 4, 8
 _PREFILL_BAR_MIN_DOCS = 4096  # a smaller corpus encodes in moments: no progress bar
-_NO_CONTEXT = contextlib.nullcontext()  # reusable: a nullcontext holds no state
 
 
 class NonFiniteRows(FloatingPointError):
@@ -1090,7 +1089,7 @@ def _engine_precision(device: torch.device) -> contextlib.AbstractContextManager
     caller's autocast dtype: autocast is switched off inside (the tower call keeps it)."""
     if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
-    return _NO_CONTEXT
+    return contextlib.nullcontext()
 
 
 def _check_state_dict_before_loading(module: nn.Module, state_dict: Mapping[str, Any], prefix: str,
