@@ -407,10 +407,10 @@ _BAD_SCANS = [
     ("scores on meta", dict(scores=torch.empty(3, 32, device="meta")), ValueError, "scores must be on the CPU"),
     ("block 0", dict(block=0), ValueError, "block must be >= 1, got 0"),
     ("block a bool", dict(block=True), TypeError, "block must be an int, got a bool"),
-    ("block 5", dict(block=5, lse_out=torch.empty(3, 6)), ValueError, "not a multiple of block=5"),
-    ("lse_out too narrow", dict(lse_out=torch.empty(3, 3)), ValueError,
+    ("block 5", dict(block=5, lse_out=torch.full((3, 6), 5.0)), ValueError, "not a multiple of block=5"),
+    ("lse_out too narrow", dict(lse_out=torch.full((3, 3), 5.0)), ValueError,
      r"lse_out must have shape \[3, 4\], got \[3, 3\]"),
-    ("lse_out rows overlap", dict(lse_out=torch.empty(4).expand(3, 4)), ValueError, "lse_out must be a row-major"),
+    ("lse_out rows overlap", dict(lse_out=torch.full((4,), 5.0).expand(3, 4)), ValueError, "lse_out must be a row-major"),
     ("filled too short", dict(masks__filled=torch.ones(31, dtype=torch.bool)), ValueError,
      r"masks.filled must have shape \[32\], got \[31\]"),
     ("filled float", dict(masks__filled=torch.ones(32)), TypeError, "masks.filled must have dtype torch.bool or "
