@@ -755,7 +755,7 @@ class ShardedCacheLossHandler(nn.Module):
 
         to_gather = self._rows_to_gather(query_embeddings, document_data, batch, corpus)
         table, payload = self.comm.agree(status, describe, to_gather)
-        _, batches, crcs = zip(*table.tolist())  # one host read of the agreement: (code, batch, crc) per rank
+        _, batches, crcs = zip(*table.tolist())  # the host table as ints: (code, batch, crc) per rank
         if len(set(crcs)) > 1:
             self._raise_config_mismatch(settings())
         self._global_batch = sum(batches)  # every group's batch: the denominator of global_mean
